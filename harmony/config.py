@@ -101,7 +101,7 @@ class ModelConfig:
     variant: str = _f("agnostic", "one shared Transformer (agnostic) or one per modality (specific)",
                       choices=("agnostic", "specific"))
     video_patch: list = _f([2, 8, 8], "video 3D patch size [t, h, w]")
-    audio_patch: int = _f(128, "audio waveform patch length (samples)", lo=1)
+    audio_patch: int = _f(160, "audio waveform patch length (samples)", lo=1)
     vocab_buckets: int = _f(65536, "hashed word vocabulary size", lo=2)
     d_va: int = _f(0, "dimension of the video–audio space S_va (0: size default, 512 at VATT size)", lo=0)
     d_vt: int = _f(0, "dimension of the video–text space S_vt (0: size default, 256 at VATT size)", lo=0)
