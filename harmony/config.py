@@ -74,6 +74,8 @@ class HarmonyConfig:
     temperature: float = _f(0.1, "soft curriculum: sigmoid temperature", lo=1e-9)
     min_keep: float = _f(0.25, "guard: never keep fewer than this fraction of valid samples", lo=0.0, hi=1.0)
     memory_decay: float = _f(0.9, "score memory: EMA decay of each item's cosine across epochs", lo=0.0, hi=1.0)
+    memory_schedule: str = _f("ratio", "memory curriculum: which schedule is applied to the items' memory scores",
+                              choices=("threshold", "ratio", "soft"))
     memory_use: str = _f("weights", "memory curriculum: item weights or a prioritized sampler",
                          choices=("weights", "sampler"))
     buffer_dtype: str = _f("float32", "materialize mode: dtype of the per-sample gradient buffers",
