@@ -145,3 +145,124 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         validate_section(self, "data")
         return self
+
+
+def _parse_step_range(text: str, name: str):
+    """A step range 'start:stop' -> (start, stop) with 0 <= start < stop; '' -> None."""
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        start, stop = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not allowed; give a step range 'start:stop' (e.g. '10:20') or ''")
+    if not 0 <= start < stop:
+        raise ConfigError(f"{name}={text!r} must satisfy 0 <= start < stop")
+    return start, stop
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (SPEC §7, §13).
+
+    ``batch_size`` is the GLOBAL batch of one optimizer step: every rank takes
+    batch_size / (world_size · grad_accum) samples per micro-step, so a run means the same thing on
+    any number of GPUs (it must divide evenly; the trainer says so before any work otherwise).
+    """
+
+    steps: int = _f(300, "optimizer steps of the run", lo=1)
+    batch_size: int = _f(64, "GLOBAL batch per optimizer step (split over ranks and grad_accum micro-steps)", lo=1)
+    lr: float = _f(5e-4, "peak learning rate (AdamW) after the warm-up", lo=0.0)
+    min_lr_ratio: float = _f(0.0, "learning rate at the end of the cosine decay, as a fraction of lr", lo=0.0, hi=1.0)
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay on matrices (biases, norms, 1-D tables: none)",
+                             lo=0.0)
+    beta1: float = _f(0.9, "AdamW β1", lo=0.0, hi=1.0)
+    beta2: float = _f(0.999, "AdamW β2", lo=0.0, hi=1.0)
+    warmup_steps: int = _f(20, "linear warm-up steps before the cosine decay (VATT schedule)", lo=0)
+    grad_accum: int = _f(1, "micro-steps per optimizer step (DDP: no gradient sync on all but the last)", lo=1)
+    clip_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping, the norm is still logged)",
+                          lo=0.0)
+    precision: str = _f("fp32", "fp32, or bf16 autocast (FSDP: a bf16 MixedPrecisionPolicy)",
+                        choices=("fp32", "bf16"))
+    parallel: str = _f("none", "none (one process), ddp, or fsdp (FSDP2 fully_shard per Transformer block)",
+                       choices=("none", "ddp", "fsdp"))
+    device: str = _f("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    optimizer: str = _f("adamw", "adamw (torch, fused where supported) or apex (apex FusedAdam; only if "
+                        "apex is installed)", choices=("adamw", "apex"))
+    seed: int = _f(0, "seed of model init (same on every rank) and of per-rank randomness (seed + rank)")
+    resume: str = _f("", "'' (fresh run), 'auto' (latest checkpoint of the run dir, if any) or a checkpoint path")
+    ckpt_every: int = _f(100, "save a checkpoint every this many steps (0: only at the end)", lo=0)
+    keep_last: int = _f(3, "checkpoints kept in run_dir/checkpoints (older ones are deleted)", lo=1)
+    max_bad_steps: int = _f(20, "abort after this many CONSECUTIVE skipped (non-finite) steps (0: never)", lo=0)
+
+    def validate(self) -> "TrainConfig":
+        validate_section(self, "train")
+        return self
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (SPEC §10): retrieval, linear probe, noise-detection AUC."""
+
+    every: int = _f(0, "evaluate every this many steps (0: only the final evaluation)", lo=0)
+    size: int = _f(512, "held-out items embedded per evaluation (0: the whole eval split)", lo=0)
+    batch_size: int = _f(128, "GLOBAL batch of the evaluation loader", lo=1)
+    probe: bool = _f(True, "fit a linear probe (closed-form ridge) on frozen pooled features")
+    probe_ridge: float = _f(1.0, "ridge penalty of the linear probe (on standardised features)", lo=0.0)
+    final: bool = _f(True, "evaluate at the end of training and write summary.json")
+    noise_window: int = _f(50, "noise AUC: the last this many TRAINING steps' cosines are scored", lo=1)
+
+    def validate(self) -> "EvalConfig":
+        validate_section(self, "eval")
+        return self
+
+
+@dataclass
+class LogConfig:
+    """Outputs of a run (SPEC §11)."""
+
+    run_dir: str = _f("", "output folder ('': runs/<config name>-<UTC time>; with train.resume=auto, the newest "
+                      "such folder that holds a checkpoint)")
+    every: int = _f(10, "write one metrics.jsonl line every this many steps", lo=1)
+    progress: bool = _f(True, "rank-0 progress bar on a TTY (otherwise one log line per logged step)")
+    tensorboard: bool = _f(False, "also write TensorBoard scalars (only when tensorboard is installed)")
+    plots: bool = _f(True, "write PNG plots to run_dir/plots at the end")
+    hist_bins: int = _f(20, "bins of the per-step cosine histogram over [-1, 1]", lo=2)
+
+    def validate(self) -> "LogConfig":
+        validate_section(self, "log")
+        return self
+
+
+@dataclass
+class ProfileConfig:
+    """Profiling hooks (Nsight Systems, torch.profiler, NVTX)."""
+
+    nsys: str = _f("", "step range 'start:stop' bracketed by torch.cuda.profiler.start/stop "
+                   "(for nsys --capture-range=cudaProfilerApi); '' off")
+    torch: str = _f("", "step range 'start:stop' traced by torch.profiler into run_dir/profile; '' off")
+    nvtx: bool = _f(True, "open an NVTX range around every trainer phase")
+
+    def validate(self) -> "ProfileConfig":
+        validate_section(self, "profile")
+        _parse_step_range(self.nsys, "profile.nsys")
+        _parse_step_range(self.torch, "profile.torch")
+        return self
+
+
+@dataclass
+class Config:
+    """The whole run: one section per CLI prefix (``--train.steps=...``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harmony: HarmonyConfig = field(default_factory=HarmonyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
