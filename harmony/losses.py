@@ -1,0 +1,151 @@
+"""The two cross-modality alignment (CMA) losses (SPEC §1): per-sample asymmetric NCE / MIL-NCE.
+
+For anchors e_i [B, d] and candidates c_{j,l} [B, L, d] (L = 1: NCE; L > 1: MIL-NCE), all L2-normalised,
+s(x, y) = x̂·ŷ / τ and, over the GLOBAL batch (gathered from every rank with gradient):
+
+    pos_i = logsumexp_l s(e_i, c_{i,l})
+    all_i = logsumexp( [s(e_i, c_{j,l}) : all j, l]  ++  [s(e_j, c_{i,l}) : all j, l] )
+    ℓ_i   = all_i − pos_i
+
+As in the reference code the two sets are concatenated, so the positives appear in both halves. A candidate
+is invalid when its sample is masked or the candidate itself is; invalid candidates enter every set as −inf.
+An invalid sample (masked, or with no valid candidate) gets ℓ_i = 0 with a zero, finite gradient. Anchors of
+masked samples still serve as negatives: the mask says the *pair* is unusable, not the anchor.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from harmony.nvtx import nvtx_range
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_sizes(b: int, device: torch.device) -> List[int]:
+    """Local batch sizes of every rank."""
+    size = torch.tensor([b], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(_world())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def _gather_rows(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """All-gather x [b, ...] from every rank WITH gradient -> [Σ sizes, ...] in rank order.
+
+    Ranks may hold different b: rows are zero-padded to max(sizes) for the collective and cut off after it.
+    The backward of the collective sums every rank's gradient for a row into the rank that owns it.
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    pad = max(sizes) - x.shape[0]
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
+    parts = all_gather(x)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _gather_global(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local e [b, d], c [b, L, d], valid [b, L] -> the global e [G, d], c [G, L, d], valid [G, L].
+
+    Embeddings and masks travel in one packed collective; the mask columns carry no gradient.
+    """
+    b, cands, d = c.shape
+    sizes = _gather_sizes(b, e.device)
+    packed = torch.cat([e, c.reshape(b, cands * d), valid.to(e.dtype).detach()], dim=1)
+    full = _gather_rows(packed, sizes)
+    g = full.shape[0]
+    e_all = full[:, :d]
+    c_all = full[:, d:d + cands * d].reshape(g, cands, d)
+    valid_all = full[:, d + cands * d:] > 0.5
+    return e_all, c_all, valid_all
+
+
+def _logsumexp_rows(scores: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 1 of scores [b, K] (−inf allowed); rows that are not valid give 0 instead.
+
+    Rows of an invalid sample may be all −inf: their logsumexp is −inf and its gradient NaN (0·NaN survives a
+    later torch.where), so such rows are replaced by zeros BEFORE the reduction.
+    """
+    safe = torch.where(row_valid[:, None], scores, torch.zeros_like(scores))
+    return torch.logsumexp(safe, dim=1)
+
+
+def asymmetric_nce(anchor: torch.Tensor, cands: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                   cand_mask: Optional[torch.Tensor] = None, temperature: float = 0.07,
+                   gather: bool = True) -> torch.Tensor:
+    """Per-sample asymmetric NCE ℓ [B] of anchors [B, d] against candidates [B, L, d] (see module doc).
+
+    mask [B] bool: sample i is valid; cand_mask [B, L] bool: candidate (i, l) is valid. With torch.distributed
+    initialised, world > 1 and ``gather``, negatives come from the global batch and the local samples' ℓ is
+    returned. Computed in float32 at least (float64 stays float64).
+    """
+    if anchor.dim() != 2 or cands.dim() != 3 or cands.shape[0] != anchor.shape[0] \
+            or cands.shape[2] != anchor.shape[1]:
+        raise ValueError(f"asymmetric_nce needs anchor [B, d] and cands [B, L, d], got {list(anchor.shape)} "
+                         f"and {list(cands.shape)}")
+    b, cands_per, _ = cands.shape
+    with nvtx_range("losses/asymmetric_nce"):
+        dtype = torch.promote_types(torch.promote_types(anchor.dtype, cands.dtype), torch.float32)
+        valid = torch.ones(b, cands_per, dtype=torch.bool, device=cands.device)
+        if mask is not None:
+            valid = valid & mask.to(device=cands.device, dtype=torch.bool).reshape(b, 1)
+        if cand_mask is not None:
+            valid = valid & cand_mask.to(device=cands.device, dtype=torch.bool).reshape(b, cands_per)
+        e = F.normalize(anchor.to(dtype), dim=-1)
+        # Invalid candidates are zeroed before use: a garbage (even non-finite) embedding of a masked sample
+        # then cannot reach anyone's loss or gradient.
+        c = F.normalize(torch.where(valid[..., None], cands.to(dtype), torch.zeros((), dtype=dtype,
+                                                                                     device=cands.device)), dim=-1)
+        if gather and _world() > 1:
+            e_all, c_all, valid_all = _gather_global(e, c, valid)
+        else:
+            e_all, c_all, valid_all = e, c, valid
+        return _per_sample_nce(e, c, valid, e_all, c_all, valid_all, temperature)
+
+
+def _per_sample_nce(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor, e_all: torch.Tensor,
+                    c_all: torch.Tensor, valid_all: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ℓ [b] of the local rows. e [b, d], c [b, L, d], valid [b, L]; *_all: the same over the global batch [G, ...]."""
+    b, cands, d = c.shape
+    g = e_all.shape[0]
+    neg_inf = torch.tensor(float("-inf"), dtype=e.dtype, device=e.device)
+    # s(e_i, c_{j,l}) for all global (j, l): [b, G·L]
+    rows = torch.where(valid_all.reshape(1, g * cands), e @ c_all.reshape(g * cands, d).T / temperature, neg_inf)
+    # s(e_j, c_{i,l}) for all global j: [b, L, G] -> [b, L·G]
+    cols = torch.where(valid[..., None], (c.reshape(b * cands, d) @ e_all.T).reshape(b, cands, g) / temperature,
+                       neg_inf).reshape(b, cands * g)
+    # s(e_i, c_{i,l}): [b, L]
+    pos = torch.where(valid, (e[:, None, :] * c).sum(-1) / temperature, neg_inf)
+    row_valid = valid.any(dim=1)
+    loss = _logsumexp_rows(torch.cat([rows, cols], dim=1), row_valid) - _logsumexp_rows(pos, row_valid)
+    return torch.where(row_valid, loss, torch.zeros_like(loss))
+
+
+def nce(z_v: torch.Tensor, z_a: torch.Tensor, mask: Optional[torch.Tensor] = None, temperature: float = 0.07,
+        gather: bool = True) -> torch.Tensor:
+    """Video–audio NCE: z_v [B, d], z_a [B, d], mask [B] -> ℓ^va [B] (asymmetric NCE with L = 1)."""
+    return asymmetric_nce(z_v, z_a[:, None], mask=mask, temperature=temperature, gather=gather)
+
+
+def mil_nce(z_vt: torch.Tensor, z_t: torch.Tensor, mask: Optional[torch.Tensor] = None,
+            cand_mask: Optional[torch.Tensor] = None, temperature: float = 0.07, gather: bool = True) -> torch.Tensor:
+    """Video–text MIL-NCE: z_vt [B, d], z_t [B, L, d] or [B, d], mask [B], cand_mask [B, L] -> ℓ^vt [B]."""
+    if z_t.dim() == 2:
+        z_t = z_t[:, None]
+    return asymmetric_nce(z_vt, z_t, mask=mask, cand_mask=cand_mask, temperature=temperature, gather=gather)
+
+
+def masked_mean(losses: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ m_i ℓ_i / Σ m_i over losses [B], mask [B] (None: all valid) -> scalar; 0 (not NaN) when nothing is valid."""
+    if mask is None:
+        mask = torch.ones_like(losses, dtype=torch.bool)
+    mask = mask.to(device=losses.device, dtype=torch.bool)
+    total = torch.where(mask, losses, torch.zeros_like(losses)).sum()
+    return total / mask.sum().clamp_min(1).to(losses.dtype)
