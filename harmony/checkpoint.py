@@ -1,0 +1,195 @@
+"""Checkpoints that make resume exact (SPEC §13).
+
+One checkpoint is a folder ``<run_dir>/checkpoints/step_<8 digits>/``:
+
+* ``state.pt`` (one process / DDP, written by rank 0): model and optimizer state;
+  or ``dcp/`` (FSDP2): the sharded model and optimizer state written by every rank with
+  torch.distributed.checkpoint;
+* ``meta.pt`` (rank 0): step, scheduler state, the resolved config, world size, parallel mode;
+* ``rank_<5 digits>.pt`` (one per rank): RNG states of torch (CPU and CUDA), numpy and Python, the
+  harmonizer's state (score memory, GradVac EMA) and the trainer's per-rank counters — these differ per
+  rank, so each rank keeps its own.
+
+Everything is written under ``.tmp-step_...`` first (each file itself through a temp file and
+``os.replace``), and the folder is renamed into place only when every rank is done, so a folder named
+``step_*`` is always complete. Files are read with ``torch.load(weights_only=True)``: only tensors and
+plain Python containers are stored.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from harmony import distributed as hd
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path, device: Optional[torch.device] = None) -> Any:
+    return torch.load(path, map_location=device or "cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+def rng_state() -> Dict[str, Any]:
+    """RNG states of this process as tensors and plain containers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].cpu().numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------------- discovery
+
+def step_dirs(ckpt_root: Path) -> List[Path]:
+    """Complete checkpoint folders under ``ckpt_root``, oldest step first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(path: Path) -> Optional[Path]:
+    """The newest checkpoint under a run folder, its checkpoints/ folder, or ``path`` itself if it is one."""
+    path = Path(path)
+    if _STEP_DIR.match(path.name) and (path / "meta.pt").is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    dirs = step_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def step_of(ckpt: Path) -> int:
+    return int(_STEP_DIR.match(Path(ckpt).name).group(1))
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer):
+    return hd.unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, config: Dict[str, Any], harmonizer=None, rank_extra: Optional[dict] = None,
+                    keep_last: int = 3) -> Path:
+    """Write the checkpoint of ``step`` (collective: every rank calls it) and prune to ``keep_last``.
+
+    ``rank_extra``: this rank's own plain state (trainer counters, noise window), stored in its rank file.
+    Returns the final folder.
+    """
+    env_rank, world = hd.get_rank(), hd.get_world_size()
+    root = Path(ckpt_root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if env_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    hd.barrier()
+
+    sharded = hd.is_fsdp(model)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    elif env_rank == 0:
+        msd, osd = _model_optim_state(model, optimizer)
+        atomic_torch_save({"model": msd, "optim": osd}, tmp / "state.pt")
+
+    per_rank = {"rng": rng_state(), "harmonizer": harmonizer.state_dict() if harmonizer is not None else None,
+                "extra": rank_extra or {}}
+    atomic_torch_save(per_rank, tmp / f"rank_{env_rank:05d}.pt")
+    if env_rank == 0:
+        meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "config": config, "world_size": world, "sharded": sharded}
+        atomic_torch_save(meta, tmp / "meta.pt")
+    hd.barrier()
+    if env_rank == 0:
+        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in step_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    hd.barrier()
+    return final
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], scheduler,
+                    harmonizer=None, device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote into live objects; returns the meta dict with this
+    rank's ``extra`` added. The RNG states are restored last, so nothing here disturbs them."""
+    ckpt = Path(ckpt)
+    rank, world = hd.get_rank(), hd.get_world_size()
+    meta = load(ckpt / "meta.pt")
+    if meta["sharded"]:
+        if not hd.is_fsdp(model):
+            raise RuntimeError(f"{ckpt} was written by an FSDP run; resume it with train.parallel=fsdp")
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    else:
+        if hd.is_fsdp(model):
+            raise RuntimeError(f"{ckpt} was written by a non-FSDP run; resume it with train.parallel=none or ddp")
+        state = load(ckpt / "state.pt", device)
+        hd.unwrap(model).load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optim"])
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+
+    rank_file = ckpt / f"rank_{rank:05d}.pt"
+    if meta["world_size"] != world or not rank_file.is_file():
+        warnings.warn(f"{ckpt} was written by {meta['world_size']} ranks, this run has {world}: per-rank RNG and "
+                      "harmonizer state come from rank 0's file, so the resumed run is not bit-exact")
+        rank_file = ckpt / "rank_00000.pt"
+    per_rank = load(rank_file)  # on the CPU: RNG states must be CPU tensors; the harmonizer copies its own
+    if harmonizer is not None and per_rank["harmonizer"] is not None:
+        harmonizer.load_state_dict(per_rank["harmonizer"])
+    set_rng_state(per_rank["rng"])
+    meta["extra"] = per_rank["extra"]
+    return meta

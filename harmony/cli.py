@@ -1,0 +1,227 @@
+"""Command line and YAML into a typed, validated :class:`~harmony.config.Config` (SPEC §11).
+
+``train.py [--config FILE.yaml] [--section.key=value | --section.key value ...]``: defaults, then the
+YAML file (a mapping of sections), then the overrides, in that order. Every value is converted by the
+type of its dataclass field (bool accepts true/false/yes/no/on/off/1/0; lists accept ``2,8,8`` or
+``[2,8,8]``). An unknown section or key is an error that lists the valid ones; a bad value is an error
+naming the field and what is allowed — all before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from harmony.config import Config, ConfigError
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+# torchrun/launch may pass these; they carry nothing the config needs (LOCAL_RANK comes from the env).
+_IGNORED_FLAGS = ("--local-rank", "--local_rank")
+
+
+def _sections(cfg: Config) -> Dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _field_types(section_obj) -> Dict[str, Any]:
+    """Field name -> resolved type of one section dataclass (annotations are strings here)."""
+    return typing.get_type_hints(type(section_obj))
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name}={text!r} is not a boolean; use one of {list(_TRUE + _FALSE)}")
+
+
+def _parse_list(text: str) -> list:
+    """'2,8,8' or '[2,8,8]' -> [2, 8, 8]; each element read as a YAML scalar (numbers become numbers)."""
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    if not body.strip():
+        return []
+    return [yaml.safe_load(tok.strip()) for tok in body.split(",")]
+
+
+def convert(value: Any, typ: Any, name: str) -> Any:
+    """Convert a CLI string or a YAML value to the field's type; ConfigError names the field on failure."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]: None stays None, anything else converts as X
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        return convert(value, args[0], name)
+    if typ is Any:
+        return yaml.safe_load(value) if isinstance(value, str) else value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return _parse_bool(value, name)
+        raise ConfigError(f"{name}={value!r} is not a boolean; use true or false")
+    if typ in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return _parse_list(value)
+        raise ConfigError(f"{name}={value!r} is not a list; write it as 2,8,8 or [2,8,8]")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not a number")
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}={value!r} is not a string")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{name}: unsupported field type {typ!r}")
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` on ``cfg`` with type conversion; unknown names list the valid ones."""
+    sections = _sections(cfg)
+    if "." not in dotted:
+        raise ConfigError(f"--{dotted}: expected --section.key=value with section one of {sorted(sections)}")
+    section, key = dotted.split(".", 1)
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} (in {dotted!r}); valid sections: {sorted(sections)}")
+    obj = sections[section]
+    types = _field_types(obj)
+    if key not in types:
+        raise ConfigError(f"unknown config key {dotted!r}; valid keys of [{section}]: {sorted(types)}")
+    setattr(obj, key, convert(value, types[key], dotted))
+
+
+def apply_mapping(cfg: Config, mapping: Dict[str, Any], origin: str = "config") -> None:
+    """Apply a {section: {key: value}} mapping (a parsed YAML file) to ``cfg``."""
+    if mapping is None:
+        return
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
+    for section, values in mapping.items():
+        if section not in _sections(cfg):
+            raise ConfigError(f"{origin}: unknown config section {section!r}; valid sections: {sorted(_sections(cfg))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of key: value")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """Read a YAML config file; a missing file or a syntax error is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})")
+
+
+def _split_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """argv -> (config files, [(section.key, raw value)]), keeping the order of the overrides."""
+    configs, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE and --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:  # "--key value" form, or a bare flag
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            elif "--" + name in _IGNORED_FLAGS:
+                value = ""
+            else:
+                raise ConfigError(f"--{name} needs a value (--{name}=VALUE)")
+        if "--" + name in _IGNORED_FLAGS:
+            pass
+        elif name == "config":
+            configs.append(value)
+        else:
+            overrides.append((name, value))
+        i += 1
+    return configs, overrides
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str]:
+    """argv (without the program name) -> (validated Config, config name for the run folder).
+
+    The config name is the stem of the last ``--config`` file, or ``default``.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configs, overrides = _split_args(argv)
+    cfg = Config()
+    for path in configs:
+        apply_mapping(cfg, load_yaml(path), origin=path)
+    for dotted, value in overrides:
+        set_value(cfg, dotted, value)
+    cfg.validate()
+    name = Path(configs[-1]).stem if configs else "default"
+    return cfg, name
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Dict[str, Any]]:
+    """{section: {key: value}} of plain YAML types (a non-plain value, e.g. a parameter list, becomes its repr)."""
+    out = {}
+    for section, obj in _sections(cfg).items():
+        out[section] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            plain = isinstance(value, (str, int, float, bool, type(None))) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value))
+            out[section][f.name] = (list(value) if isinstance(value, tuple) else value) if plain else repr(value)
+    return out
+
+
+def config_from_dict(mapping: Dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict` (used when a checkpoint's config is read back)."""
+    cfg = Config()
+    apply_mapping(cfg, mapping, origin="saved config")
+    return cfg.validate()
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def format_help() -> str:
+    """One line per field: --section.key (type, default): help [choices]."""
+    lines = ["usage: train.py [--config FILE.yaml] [--section.key=value ...]", ""]
+    cfg = Config()
+    for section, obj in _sections(cfg).items():
+        lines.append(f"[{section}] {type(obj).__doc__.strip().splitlines()[0]}")
+        types = _field_types(obj)
+        for f in dataclasses.fields(obj):
+            typ = getattr(types[f.name], "__name__", str(types[f.name]))
+            choices = f.metadata.get("choices")
+            extra = f" {{{'|'.join(map(str, choices))}}}" if choices else ""
+            lines.append(f"  --{section}.{f.name} ({typ}, default {getattr(obj, f.name)!r}){extra}: "
+                         f"{f.metadata.get('help', '')}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""Process groups, parallel wrappers and collectives for the trainer (SPEC §7).
+
+Launch with ``torchrun [--nproc_per_node N] train.py ...``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT come from torchrun's environment; without them the run is one process and every helper here
+degrades to the identity. gloo on the CPU, NCCL on CUDA. Multi-node is torchrun's own (``--nnodes``,
+``--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT``), e.g. under SLURM::
+
+    srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-id=$SLURM_JOB_ID \\
+         --rdzv-backend=c10d --rdzv-endpoint=$(scontrol show hostnames | head -n1):29500 train.py ...
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits: rank among world_size, its local rank and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = ""  # "" when no process group was created
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK when a GPU is visible, else cpu; 'cuda' without a GPU is an error."""
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_pref: str = "auto") -> DistEnv:
+    """Read torchrun's env and create the default process group when WORLD_SIZE > 1 (gloo CPU, NCCL CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_pref, local_rank)
+    backend = ""
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    elif dist.is_initialized():
+        backend = dist.get_backend()
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of ``t`` with op sum|mean|max|min; identity in one process. Returns ``t``."""
+    if not is_dist():
+        return t
+    ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    dist.all_reduce(t, op=ops[op])
+    if op == "mean":
+        t.div_(dist.get_world_size())
+    return t
+
+
+def reduce_scalars(values: Iterable[float], op: str = "sum", device=None) -> List[float]:
+    """All-reduce a list of Python numbers in one float64 collective."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    return all_reduce(t, op).tolist()
+
+
+def any_nonfinite(*tensors: Optional[torch.Tensor], device=None) -> bool:
+    """True on EVERY rank if any rank has a NaN/inf in any of ``tensors`` (None entries are ignored).
+
+    The flag is one MAX all-reduce, so all ranks take the same branch (skip the step or not) and the
+    collectives that follow stay matched.
+    """
+    bad = any(t is not None and not bool(torch.isfinite(t.detach()).all()) for t in tensors)
+    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    return bool(all_reduce(flag, "max").item() > 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (e.g. the run folder, whose name has rank 0's clock in it)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``t`` [n_r, ...] along dim 0 -> [Σ n_r, ...] in rank order (n_r may differ).
+
+    Without gradient (evaluation); rows are padded to the largest n_r for the collective and trimmed after.
+    """
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    pad = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
+    pad[: t.shape[0]] = t
+    bufs = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(bufs, pad.contiguous())
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes)], dim=0)
+
+
+# ----------------------------------------------------------------------------------------------- wrapping
+
+def fsdp_units(model: nn.Module) -> List[nn.Module]:
+    """Modules sharded as their own FSDP2 unit: ``model.fsdp_units()`` if the model defines it, else every
+    element of every nn.ModuleList (the Transformer blocks), innermost lists first."""
+    if hasattr(model, "fsdp_units"):
+        return list(model.fsdp_units())
+    units = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            units.extend(m for m in module if sum(p.numel() for p in m.parameters()) > 0)
+    # fully_shard must see children before parents: sort by depth, deepest first
+    depth = {id(m): name.count(".") for name, m in model.named_modules()}
+    return sorted(dict.fromkeys(units), key=lambda m: -depth.get(id(m), 0))
+
+
+def wrap_model(model: nn.Module, parallel: str, env: DistEnv, precision: str = "fp32") -> nn.Module:
+    """none: the model; ddp: DistributedDataParallel; fsdp: FSDP2 ``fully_shard`` on each unit and the root
+    (bf16 params / fp32 gradient reduction when precision=bf16). The model must already be on env.device
+    and have identical weights on every rank (same seed; DDP also broadcasts rank 0's)."""
+    if parallel == "none":
+        if env.world_size > 1:
+            raise RuntimeError("train.parallel=none with WORLD_SIZE > 1: use train.parallel=ddp or fsdp under torchrun")
+        return model
+    if parallel == "ddp":
+        if not is_dist():
+            return model  # one process: DDP would only add hooks
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
+        for unit in fsdp_units(model):
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        return model
+    raise ValueError(f"train.parallel={parallel!r}; choose one of ['none', 'ddp', 'fsdp']")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under a DDP wrapper (FSDP2 shards in place: the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Gradient reduction on (final micro-step) or off (earlier micro-steps of gradient accumulation)."""
+    if enabled:
+        yield
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
+
+
+def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global gradient L2 norm (a plain tensor on every rank), clipping to ``max_norm`` when > 0.
+
+    Works on DTensor gradients (FSDP2: the norm is reduced over the shards). Non-finite norms are returned,
+    not raised: the caller skips the step."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm
+
+
+def scale_grads(params: List[nn.Parameter], factor: float) -> None:
+    """grad *= factor for every parameter with a gradient (the 1/grad_accum of accumulated micro-steps)."""
+    if factor == 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)

@@ -1,0 +1,660 @@
+"""The trainer: a loop of named phases (data, forward, harmonize, step, eval, checkpoint) over VATT with
+per-sample gradient harmonization, inside DDP or FSDP2 (SPEC §7, §10, §11, §13).
+
+``python train.py --config configs/default.yaml --train.steps=100`` or, on N processes,
+``torchrun --nproc_per_node N train.py ... --train.parallel=ddp``.
+
+Decisions worth knowing:
+* ``train.batch_size`` is the GLOBAL batch of one optimizer step; every rank takes
+  batch_size / (world_size · grad_accum) samples per micro-step. The contrastive losses gather negatives
+  over ranks, so one step on N ranks sees the same batch as one process (the tests check that).
+* Randomness: model init uses ``train.seed`` on every rank (identical weights); afterwards each rank reseeds
+  with seed + 100003·rank (dropout differs per rank). DropToken draws its one permutation per micro-step
+  from a generator seeded by (seed, micro-step index) that is the SAME on every rank, so DropToken does
+  not depend on the number of ranks, and needs no saved state.
+* Gradient accumulation: the micro-steps' gradients are summed (no DDP/FSDP sync before the last one)
+  and scaled by 1/grad_accum before clipping; the harmonizer's ``backward`` must therefore ADD into .grad
+  like autograd does.
+* Non-finite loss or gradient norm on any rank: the step is skipped on every rank (one all-reduced flag),
+  counted in metrics (``skipped_steps``); ``train.max_bad_steps`` consecutive skips abort the run.
+* Fault tolerance: under ``torchrun --max-restarts=K`` use ``--train.resume=auto`` (and a fixed
+  ``--log.run_dir``, or the default one, which auto-resume finds as the newest ``runs/<config>-*``
+  folder with a checkpoint): a restarted group continues from the last checkpoint, exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from harmony import checkpoint as ckpt
+from harmony import distributed as hd
+from harmony.cli import config_to_dict, dump_yaml, format_help, parse_args
+from harmony.config import Config, ConfigError, _parse_step_range
+from harmony.evaluate import evaluate, flatten_metrics, noise_detection_auc, roc_auc
+from harmony.metrics import MetricsWriter, Progress, truncate_after, write_json
+from harmony.nvtx import nvtx_range
+from harmony.schedule import build_scheduler
+
+_RANK_SEED_STRIDE = 100003
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+@dataclass
+class Parts:
+    """What the trainer drives. ``default_parts()`` gives the project's own; tests may pass small ones with
+    the same interfaces."""
+
+    build_model: Callable[[Config], nn.Module]                 # cfg -> model(video, audio, text) -> outputs
+    build_loader: Callable[..., Iterable[dict]]                # (data_cfg, split, batch, rank, world, seed, start_step[, sampler])
+    nce: Callable[..., torch.Tensor]                           # (z_v, z_a, mask=) -> ℓ^va [B]
+    mil_nce: Callable[..., torch.Tensor]                       # (z_vt, z_t, mask=, cand_mask=) -> ℓ^vt [B]
+    masked_mean: Callable[..., torch.Tensor]                   # (ℓ [B], mask [B]) -> scalar
+    build_harmonizer: Optional[Callable[[nn.Module, Any], Any]] = None  # (model, harmony_cfg) -> harmonizer
+
+
+def default_parts() -> Parts:
+    """VATT, the harmony data loaders, the CMA losses and the GradientHarmonizer."""
+    from harmony.data import build_loader
+    from harmony.losses import masked_mean, mil_nce, nce
+    from harmony.model import VATT
+
+    def build_harmonizer(model, harmony_cfg):
+        from harmony import GradientHarmonizer
+
+        return GradientHarmonizer(model, harmony_cfg)
+
+    return Parts(build_model=lambda cfg: VATT(cfg.model, cfg.data), build_loader=build_loader, nce=nce,
+                 mil_nce=mil_nce, masked_mean=masked_mean, build_harmonizer=build_harmonizer)
+
+
+# ------------------------------------------------------------------------------------------- run folder
+
+def _utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def resolve_run_dir(cfg: Config, config_name: str, root: Path = Path("runs")) -> Path:
+    """log.run_dir, else (resume=auto) the newest runs/<name>-* holding a checkpoint, else a new
+    runs/<name>-<UTC time> (a numeric suffix if that exists)."""
+    if cfg.log.run_dir:
+        return Path(cfg.log.run_dir)
+    if cfg.train.resume == "auto" and root.is_dir():
+        candidates = [p for p in root.glob(f"{config_name}-*") if ckpt.latest_checkpoint(p) is not None]
+        if candidates:
+            return max(candidates, key=lambda p: p.stat().st_mtime)
+    base = root / f"{config_name}-{_utc_stamp()}"
+    path, n = base, 1
+    while path.exists():
+        path, n = Path(f"{base}-{n}"), n + 1
+    return path
+
+
+def _find_resume(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, or None for a fresh run. Errors name train.resume."""
+    if cfg.train.resume == "":
+        if ckpt.step_dirs(run_dir / "checkpoints"):
+            raise ConfigError(f"log.run_dir={str(run_dir)!r} already holds checkpoints; continue it with "
+                              "--train.resume=auto or choose another --log.run_dir")
+        return None
+    if cfg.train.resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    found = ckpt.latest_checkpoint(Path(cfg.train.resume))
+    if found is None:
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: no checkpoint there; give '', 'auto', a run folder "
+                          "or a checkpoints/step_* folder")
+    return found
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _bad_counts(batch: dict) -> Dict[str, float]:
+    """The batch's bad-input counts as {kind: n} (a plain number is reported as 'bad')."""
+    bad = batch.get("bad")
+    if bad is None:
+        return {}
+    if isinstance(bad, dict):
+        return {k: float(v) for k, v in bad.items()}
+    return {"bad": float(torch.as_tensor(bad).sum())}
+
+
+def _stat(stats: Any, name: str) -> Optional[torch.Tensor]:
+    v = getattr(stats, name, None) if not isinstance(stats, dict) else stats.get(name)
+    return v.detach() if torch.is_tensor(v) else v
+
+
+def _build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only (biases, norms and 1-D tables get none).
+
+    ``train.optimizer=adamw``: torch's fused implementation where the parameters allow it, else foreach.
+    ``apex``: apex.optimizers.FusedAdam (adam_w_mode) — only when apex is importable; never a requirement."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if t.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except Exception as exc:
+            raise ConfigError(f"train.optimizer='apex' but apex is not importable ({exc}); use train.optimizer=adamw")
+        return FusedAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), adam_w_mode=True)
+    # fused kernels exist for CUDA and CPU tensors; DTensor (FSDP2) parameters support them on CUDA only
+    sharded = any(hasattr(p, "device_mesh") for p in params)
+    fused = device.type == "cuda" or (device.type == "cpu" and not sharded)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused,
+                             foreach=None if fused else True)
+
+
+class _Window:
+    """Sums over the steps since the last log line (local to this rank; reduced over ranks when logged)."""
+
+    def __init__(self, bins: int):
+        self.bins = bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.sums = dict.fromkeys(("loss_va", "loss_vt", "loss", "cos_sum", "cos_n", "conflict_n", "kept_n",
+                                   "samples", "skipped", "grad_norm", "grad_norm_n", "time"), 0.0)
+        self.bad: Dict[str, float] = {}
+        self.hist = torch.zeros(self.bins, dtype=torch.float64)
+        self.has_cos = False
+
+
+# -------------------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """One training run. ``Trainer(cfg, name).fit()`` -> the summary dict (rank 0 writes the run folder)."""
+
+    def __init__(self, cfg: Config, config_name: str = "default", parts: Optional[Parts] = None):
+        self.cfg = cfg.validate()
+        self.config_name = config_name
+        self.profile_nsys = _parse_step_range(cfg.profile.nsys, "profile.nsys")
+        self.profile_torch = _parse_step_range(cfg.profile.torch, "profile.torch")
+        self.parts = parts or default_parts()
+        self.env = hd.init_distributed(cfg.train.device)
+        self._owns_group = self.env.backend != ""
+        try:
+            self.micro_batch = self._micro_batch()
+            self._setup_run_dir()
+            self._build()
+            self._restore()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _micro_batch(self) -> int:
+        t, world = self.cfg.train, self.env.world_size
+        if t.batch_size % (world * t.grad_accum):
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by world_size·grad_accum = "
+                              f"{world}·{t.grad_accum} (it is the global batch of one optimizer step)")
+        if world > 1 and t.parallel == "none":
+            raise ConfigError(f"train.parallel='none' with {world} processes; choose one of ['ddp', 'fsdp']")
+        return t.batch_size // (world * t.grad_accum)
+
+    def _setup_run_dir(self) -> None:
+        run_dir, error, resume_from = "", "", ""
+        if self.env.is_main:  # rank 0 decides (the folder name carries its clock) and tells the others
+            try:
+                found_dir = resolve_run_dir(self.cfg, self.config_name)
+                found = _find_resume(self.cfg, found_dir)
+                run_dir, resume_from = str(found_dir), str(found or "")
+            except ConfigError as exc:  # raised on every rank below, not only on rank 0
+                error = str(exc)
+        run_dir, error, resume_from = hd.broadcast_object((run_dir, error, resume_from))
+        if error:
+            raise ConfigError(error)
+        self.run_dir = Path(run_dir)
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.cfg.log.run_dir = str(self.run_dir)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        hd.barrier()
+
+    def _build(self) -> None:
+        cfg, env = self.cfg, self.env
+        _seed_all(cfg.train.seed)  # identical init on every rank
+        model = self.parts.build_model(cfg).to(env.device)
+        self.raw_model = model
+        self._takes_generator = "generator" in inspect.signature(model.forward).parameters
+        self.model = hd.wrap_model(model, cfg.train.parallel, env, cfg.train.precision)
+        _seed_all(cfg.train.seed + _RANK_SEED_STRIDE * env.rank)  # per-rank randomness (dropout)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _build_optimizer(self.model, cfg, env.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, cfg.train.steps,
+                                         cfg.train.min_lr_ratio)
+        self.harmonizer = None
+        if cfg.harmony.enabled:
+            if self.parts.build_harmonizer is None:
+                raise ConfigError("harmony.enabled=true but no harmonizer is available")
+            self.harmonizer = self.parts.build_harmonizer(self.raw_model, cfg.harmony)
+        # autocast unless FSDP2 already runs the model in bf16 through its MixedPrecisionPolicy
+        self.autocast = cfg.train.precision == "bf16" and cfg.train.parallel != "fsdp"
+        self.sampler = self._build_sampler()
+        # state that checkpoints carry
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_bad = 0
+        self.bad_total: Dict[str, float] = {}
+        self.noise_window: deque = deque(maxlen=cfg.eval.noise_window)
+        self.item_flags = torch.full((0,), -1, dtype=torch.int8)  # per item: noisy_text + 2·noisy_audio
+
+    def _build_sampler(self):
+        """The score-memory prioritized sampler (harmony.curriculum=memory, memory_use=sampler), else None."""
+        h = self.cfg.harmony
+        if not (h.enabled and h.curriculum == "memory" and h.memory_use == "sampler"):
+            return None
+        from harmony.curriculum import PrioritizedSampler
+
+        return PrioritizedSampler(self.harmonizer.memory, self.cfg.data.size, h, self.cfg.train.steps,
+                                  seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size)
+
+    def _rank_state(self) -> dict:
+        return {"skipped_total": self.skipped_total, "consecutive_bad": self.consecutive_bad,
+                "bad_total": dict(self.bad_total), "noise_window": list(self.noise_window),
+                "item_flags": self.item_flags.clone()}
+
+    def _restore(self) -> None:
+        """Load the checkpoint chosen by train.resume (model, optimizer, schedule, harmonizer, RNG, counters)."""
+        self.start_step = 0
+        if self.resume_from is None:
+            if self.env.is_main:  # a fresh run in this folder: start the logs over
+                for name in ("metrics.jsonl", "eval.jsonl"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+            hd.barrier()
+            return
+        meta = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
+                                    self.harmonizer, self.env.device)
+        saved = meta.get("config", {}).get("train", {})
+        if saved.get("batch_size") != self.cfg.train.batch_size or saved.get("grad_accum") != self.cfg.train.grad_accum:
+            warnings.warn(f"resuming {self.resume_from} with a different train.batch_size/grad_accum than it was "
+                          "written with: the data position and schedule no longer line up")
+        extra = meta["extra"]
+        self.step = self.start_step = int(meta["step"])
+        self.skipped_total = int(extra.get("skipped_total", 0))
+        self.consecutive_bad = int(extra.get("consecutive_bad", 0))
+        self.bad_total = dict(extra.get("bad_total", {}))
+        self.noise_window.extend(extra.get("noise_window", []))
+        self.item_flags = extra.get("item_flags", self.item_flags)
+        if self.env.is_main:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                truncate_after(self.run_dir / name, self.step)
+            print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
+        hd.barrier()
+
+    # ------------------------------------------------------------------------------------------ phases
+    def _phase(self, name: str):
+        return nvtx_range(name) if self.cfg.profile.nvtx else contextlib.nullcontext()
+
+    def _train_loader(self):
+        t, env = self.cfg.train, self.env
+        args = (self.cfg.data, "train", self.micro_batch, env.rank, env.world_size, t.seed, self.step * t.grad_accum)
+        if self.sampler is not None:
+            return self.parts.build_loader(*args, sampler=self.sampler)
+        return self.parts.build_loader(*args)
+
+    def _eval_loader(self):
+        env = self.env
+        per_rank = max(1, self.cfg.eval.batch_size // env.world_size)
+        return self.parts.build_loader(self.cfg.data, "eval", per_rank, env.rank, env.world_size,
+                                       self.cfg.train.seed, 0)
+
+    def _droptoken_generator(self, micro_index: int) -> Optional[torch.Generator]:
+        """The same CPU generator on every rank for one micro-step (DropToken's shared permutation)."""
+        if not self._takes_generator:
+            return None
+        seed = (self.cfg.train.seed * 1_000_003 + micro_index) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def forward(self, batch: dict, micro_index: int):
+        """Model and per-sample losses of one micro-batch -> (l_va [b], l_vt [b], inputs of the two losses)."""
+        kwargs = {}
+        gen = self._droptoken_generator(micro_index)
+        if gen is not None:
+            kwargs["generator"] = gen
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(batch["video"], batch["audio"], batch["text"], **kwargs)
+        # the contrastive losses run in fp32 whatever the model's precision
+        z_va_v, z_va_a = out.z_va_v.float(), out.z_va_a.float()
+        z_vt_v, z_vt_t = out.z_vt_v.float(), out.z_vt_t.float()
+        mask_va, mask_vt = batch["mask_va"], batch["mask_vt"]
+        l_va = self.parts.nce(z_va_v, z_va_a, mask=mask_va)
+        cand = getattr(out, "cand_mask", None)
+        l_vt = self.parts.mil_nce(z_vt_v, z_vt_t, mask=mask_vt, **({"cand_mask": cand} if cand is not None else {}))
+        return l_va, l_vt, (z_va_v, z_va_a), (z_vt_v, z_vt_t)
+
+    def harmonize(self, batch: dict, l_va, l_vt, va_inputs, vt_inputs):
+        """Fill .grad (added to what earlier micro-steps left): harmonized, or the plain L_va + λ·L_vt."""
+        lam = self.cfg.harmony.lam
+        if self.harmonizer is None:
+            loss = self.parts.masked_mean(l_va, batch["mask_va"]) + lam * self.parts.masked_mean(l_vt, batch["mask_vt"])
+            loss.backward()
+            return None
+        return self.harmonizer.backward(l_va, l_vt, va_inputs=va_inputs, vt_inputs=vt_inputs,
+                                        mask_va=batch["mask_va"], mask_vt=batch["mask_vt"], step=self.step,
+                                        total_steps=self.cfg.train.steps, ids=batch["index"])
+
+    def optimizer_step(self, loss: torch.Tensor) -> Dict[str, float]:
+        """Average accumulated gradients, clip, skip on any rank's non-finite value, step AdamW and the schedule."""
+        t = self.cfg.train
+        hd.scale_grads(self.params, 1.0 / t.grad_accum)
+        norm = hd.clip_grad_norm(self.params, t.clip_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = hd.any_nonfinite(loss, norm.reshape(1), device=self.env.device)
+        if skipped:
+            self.skipped_total += 1
+            self.consecutive_bad += 1
+            if self.env.is_main:
+                print(f"step {self.step}: non-finite loss or gradient on some rank; step skipped "
+                      f"({self.consecutive_bad} in a row)", file=sys.stderr, flush=True)
+            if t.max_bad_steps and self.consecutive_bad >= t.max_bad_steps:
+                raise RuntimeError(f"{self.consecutive_bad} consecutive non-finite steps (train.max_bad_steps="
+                                   f"{t.max_bad_steps}); stopping")
+        else:
+            self.optimizer.step()
+            self.consecutive_bad = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the step index, skipped steps included
+        return {"grad_norm": float(norm), "lr": lr, "skipped": float(skipped)}
+
+    # --------------------------------------------------------------------------------------- bookkeeping
+    def _record(self, win: _Window, batch: dict, l_va, l_vt, stats) -> None:
+        """Add one micro-step's losses, cosine statistics and data counters to the window."""
+        mm = self.parts.masked_mean
+        lva = float(mm(l_va.detach(), batch["mask_va"]))
+        lvt = float(mm(l_vt.detach(), batch["mask_vt"]))
+        ga = self.cfg.train.grad_accum
+        win.sums["loss_va"] += lva / ga
+        win.sums["loss_vt"] += lvt / ga
+        win.sums["loss"] += (lva + self.cfg.harmony.lam * lvt) / ga
+        win.sums["samples"] += int(batch["index"].shape[0])
+        for k, v in _bad_counts(batch).items():
+            win.bad[k] = win.bad.get(k, 0.0) + v
+        if stats is None:
+            return
+        cos, valid = _stat(stats, "cos"), _stat(stats, "valid")
+        if cos is None:
+            return
+        valid = (valid.bool() if valid is not None else torch.ones_like(cos, dtype=torch.bool)) & torch.isfinite(cos)
+        cos_v = cos[valid].double().cpu()
+        win.has_cos = True
+        win.sums["cos_sum"] += float(cos_v.sum())
+        win.sums["cos_n"] += cos_v.numel()
+        conflict = _stat(stats, "conflict")
+        if conflict is not None:
+            win.sums["conflict_n"] += float(conflict.bool()[valid].sum())
+        weights = _stat(stats, "weights")
+        win.sums["kept_n"] += float((weights[valid] > 0).sum()) if weights is not None else cos_v.numel()
+        win.hist += torch.histc(cos_v.clamp(-1, 1), bins=win.bins, min=-1.0, max=1.0)
+        self._record_noise(batch, cos.cpu(), valid.cpu())
+
+    def _record_noise(self, batch: dict, cos: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep (cos, valid, flags) for the noise-AUC window and each item's ground-truth flags."""
+        if "noisy_text" not in batch or "noisy_audio" not in batch:
+            return
+        nt, na = batch["noisy_text"].bool().cpu(), batch["noisy_audio"].bool().cpu()
+        self.noise_window.append({"cos": cos.float(), "valid": valid, "noisy_text": nt, "noisy_audio": na})
+        ids = batch["index"].long().cpu()
+        if ids.numel():
+            need = int(ids.max()) + 1
+            if need > self.item_flags.numel():
+                grown = torch.full((need,), -1, dtype=torch.int8)
+                grown[: self.item_flags.numel()] = self.item_flags
+                self.item_flags = grown
+            self.item_flags[ids] = (nt.to(torch.int8) + 2 * na.to(torch.int8))
+
+    def _log_row(self, win: _Window) -> dict:
+        """Reduce the window over ranks into one metrics.jsonl row."""
+        keys = list(win.sums)
+        bad_keys = sorted(set().union(*hd.all_gather_object(sorted(win.bad))))
+        flat = [win.sums[k] for k in keys] + [win.bad.get(k, 0.0) for k in bad_keys] + win.hist.tolist() \
+            + [float(win.has_cos)]
+        red = hd.reduce_scalars(flat, "sum", device=self.env.device)
+        world, n = self.env.world_size, max(1, win.steps)
+        s = dict(zip(keys, red[: len(keys)]))
+        bad = dict(zip(bad_keys, red[len(keys): len(keys) + len(bad_keys)]))
+        hist = red[len(keys) + len(bad_keys): -1]
+        has_cos = red[-1] > 0
+        for k, v in bad.items():
+            self.bad_total[k] = self.bad_total.get(k, 0.0) + v
+        row = {"step": self.step,
+               "loss_va": s["loss_va"] / world / n, "loss_vt": s["loss_vt"] / world / n, "loss": s["loss"] / world / n,
+               "cos_mean": s["cos_sum"] / s["cos_n"] if has_cos and s["cos_n"] else None,
+               "frac_conflict": s["conflict_n"] / s["cos_n"] if has_cos and s["cos_n"] else None,
+               "kept": s["kept_n"] / s["cos_n"] if has_cos and s["cos_n"] else None,
+               "lr": self._last["lr"],
+               "grad_norm": s["grad_norm"] / s["grad_norm_n"] if s["grad_norm_n"] else None,
+               "samples_per_s": s["samples"] / (s["time"] / world) if s["time"] > 0 else None,
+               "skipped": int(round(s["skipped"] / world)), "skipped_steps": self.skipped_total,
+               "bad_samples": sum(bad.values()), "bad_samples_total": sum(self.bad_total.values()),
+               "bad": {k: int(v) for k, v in bad.items()}}
+        if has_cos:
+            row["cos_hist"] = [int(round(h)) for h in hist]
+        if self.env.device.type == "cuda":
+            row["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
+
+    # ------------------------------------------------------------------------------------- eval / noise
+    def run_eval(self) -> dict:
+        """Retrieval and probe on the held-out split; the training RNG streams are left untouched."""
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate(self.model, self._eval_loader(), self.env.device, self.cfg.eval.size,
+                            self.cfg.eval.probe, self.cfg.eval.probe_ridge, self.cfg.train.precision)
+
+    def noise_metrics(self) -> dict:
+        """noise_auc over the last eval.noise_window training steps and noise_auc_memory of the score memory."""
+        out = {}
+        local = {k: torch.cat([w[k] for w in self.noise_window]) for k in ("cos", "valid", "noisy_text", "noisy_audio")} \
+            if self.noise_window else None
+        parts = [p for p in hd.all_gather_object(local) if p is not None]
+        if parts:
+            cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            out.update(noise_detection_auc(cat["cos"], cat["valid"], cat["noisy_text"], cat["noisy_audio"]))
+        memory = getattr(self.harmonizer, "memory", None)
+        if memory is not None:
+            ids = torch.nonzero(self.item_flags >= 0).flatten()
+            score, seen = memory.scores(ids) if ids.numel() else (torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+            flags = self.item_flags[ids]
+            mine = {"ids": ids[seen], "score": score[seen].float(), "flags": flags[seen]}
+            gathered = hd.all_gather_object(mine)
+            ids = torch.cat([g["ids"] for g in gathered])
+            if ids.numel():
+                order = torch.argsort(ids, stable=True)
+                first = torch.ones(ids.numel(), dtype=torch.bool)
+                first[1:] = ids[order][1:] != ids[order][:-1]  # items seen on several ranks count once
+                sel = order[first]
+                score = torch.cat([g["score"] for g in gathered])[sel]
+                flags = torch.cat([g["flags"] for g in gathered])[sel]
+                out.update(noise_detection_auc(score, torch.ones_like(score, dtype=torch.bool), flags % 2 == 1,
+                                               flags >= 2, prefix="noise_auc_memory"))
+        return out
+
+    # ----------------------------------------------------------------------------------------- checkpoint
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                    self.scheduler, config_to_dict(self.cfg), self.harmonizer, self._rank_state(),
+                                    self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------------------------------- profile
+    def _profile_hooks(self, starting_step: int) -> None:
+        """Start/stop the Nsight (cudaProfilerApi) capture and the torch.profiler trace at step boundaries."""
+        if self.profile_nsys and self.env.device.type == "cuda":
+            if starting_step == self.profile_nsys[0]:
+                torch.cuda.synchronize()
+                torch.cuda.profiler.start()
+            elif starting_step == self.profile_nsys[1]:
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
+        if self.profile_torch:
+            if starting_step == self.profile_torch[0] and self._torch_prof is None:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if self.env.device.type == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self._torch_prof = torch.profiler.profile(activities=acts, record_shapes=True)
+                self._torch_prof.__enter__()
+            elif starting_step == self.profile_torch[1] and self._torch_prof is not None:
+                self._finish_torch_profile()
+
+    def _finish_torch_profile(self) -> None:
+        if self._torch_prof is None:
+            return
+        self._torch_prof.__exit__(None, None, None)
+        out = self.run_dir / "profile"
+        out.mkdir(exist_ok=True)
+        a, b = self.profile_torch
+        self._torch_prof.export_chrome_trace(str(out / f"trace_rank{self.env.rank}_steps{a}-{b}.json"))
+        self._torch_prof = None
+
+    # --------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        """Train from the current step to train.steps, evaluate, write summary.json and plots. -> summary."""
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        self._torch_prof = None
+        writer = MetricsWriter(self.run_dir, env.is_main, cfg.log.tensorboard)
+        eval_writer = MetricsWriter(self.run_dir, env.is_main, False, filename="eval.jsonl")
+        progress = Progress(cfg.train.steps, self.step, enabled=cfg.log.progress and env.is_main)
+        win = _Window(cfg.log.hist_bins)
+        self._last = {"lr": self.optimizer.param_groups[0]["lr"]}
+        samples_done, train_time = 0, 0.0
+        self.model.train()
+        loader = iter(self._train_loader()) if self.step < cfg.train.steps else None
+        try:
+            while self.step < cfg.train.steps:
+                self._profile_hooks(self.step)
+                ts = time.perf_counter()
+                ga = cfg.train.grad_accum
+                with self._phase("data"):
+                    micro = [_to_device(next(loader), env.device) for _ in range(ga)]
+                loss_sum = torch.zeros((), device=env.device)
+                for k, batch in enumerate(micro):
+                    with hd.grad_sync(self.model, enabled=k == ga - 1):
+                        with self._phase("forward"):
+                            l_va, l_vt, va_in, vt_in = self.forward(batch, self.step * ga + k)
+                        with self._phase("harmonize"):
+                            stats = self.harmonize(batch, l_va, l_vt, va_in, vt_in)
+                    self._record(win, batch, l_va, l_vt, stats)
+                    loss_sum = loss_sum + (l_va.detach().sum() + l_vt.detach().sum())
+                with self._phase("step"):
+                    info = self.optimizer_step(loss_sum)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - ts
+                self.step += 1
+                win.steps += 1
+                win.sums["time"] += dt
+                win.sums["skipped"] += info["skipped"]
+                if math.isfinite(info["grad_norm"]):
+                    win.sums["grad_norm"] += info["grad_norm"]
+                    win.sums["grad_norm_n"] += 1
+                self._last["lr"] = info["lr"]
+                samples_done += self.micro_batch * ga * env.world_size
+                train_time += dt
+                logged = self.step % cfg.log.every == 0 or self.step == cfg.train.steps
+                if logged:
+                    row = self._log_row(win)
+                    writer.write(row)
+                    win.reset()
+                    self._last_row = row
+                if env.is_main:
+                    last = getattr(self, "_last_row", {})
+                    progress.update(self.step, {"loss": last.get("loss"), "samples/s": last.get("samples_per_s")},
+                                    logged)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                    with self._phase("eval"):
+                        eval_writer.write({"step": self.step, **self.run_eval()})
+                if (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0) or self.step == cfg.train.steps:
+                    with self._phase("checkpoint"):
+                        self.save()
+            if self.profile_nsys and env.device.type == "cuda" and self.profile_nsys[1] >= cfg.train.steps:
+                torch.cuda.profiler.stop()
+            self._finish_torch_profile()
+        finally:
+            progress.close()
+            writer.close()
+        summary = {"steps": self.step, "samples_per_s": samples_done / train_time if train_time > 0 else None,
+                   "wall_s": None, "skipped_steps": self.skipped_total,
+                   "bad_samples": sum(self.bad_total.values()), "bad": dict(self.bad_total),
+                   "world_size": env.world_size, "run_dir": str(self.run_dir)}
+        if cfg.eval.final:
+            with self._phase("eval"):
+                result = self.run_eval()
+            eval_writer.write({"step": self.step, **result})
+            summary.update(result)
+        eval_writer.close()
+        summary.update(self.noise_metrics())
+        summary["wall_s"] = time.perf_counter() - t0
+        if env.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+            if cfg.log.plots:
+                from harmony.plots import make_plots
+
+                make_plots(self.run_dir, summary)
+            self._print_summary(summary)
+        hd.barrier()
+        return summary
+
+    def _print_summary(self, summary: dict) -> None:
+        flat = flatten_metrics({k: v for k, v in summary.items() if k not in ("bad", "run_dir")})
+        keys = [k for k in flat if k.endswith("/r1") or k.startswith(("probe_acc", "noise_auc", "steps", "samples"))]
+        print("summary: " + ", ".join(f"{k}={flat[k]:.4g}" for k in keys) + f"  ({self.run_dir})", flush=True)
+
+    def close(self) -> None:
+        if self._owns_group:
+            hd.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+def run(cfg: Config, config_name: str = "default", parts: Optional[Parts] = None) -> dict:
+    """Train one run and return its summary (the process group, if created here, is torn down after)."""
+    trainer = Trainer(cfg, config_name, parts)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv: Optional[List[str]] = None, parts: Optional[Parts] = None) -> Optional[dict]:
+    """``train.py`` entry point: parse ``--config``/``--section.key=value`` and train. Config errors exit
+    with status 2 and a message naming the field."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help())
+        return None
+    try:
+        cfg, name = parse_args(argv)
+        return run(cfg, name, parts)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
