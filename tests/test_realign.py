@@ -325,3 +325,20 @@ def test_realign_state_round_trip():
     print(f"phi_hat saved {state.target!r}, loaded {back.target!r}")
     assert back.target == state.target == 0.5 * -0.25 + 0.5 * 0.125
     assert back.updates == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rule", RULES)
+def test_cuda_matches_cpu(rule):
+    ga, gv = make_pairs(B=33, P=40, seed=77)
+    dots = dots_of(ga, gv).float()
+    valid = torch.rand(33, generator=torch.Generator().manual_seed(1)) > 0.2
+    cfg = HarmonyConfig(realign=rule, lam=0.6, gradvac_ema=0.3)
+    s_cpu, s_gpu = RealignState(cfg), RealignState(cfg)
+    for _ in range(2):
+        a = realign(dots, valid, cfg, s_cpu)
+        b = realign(dots.cuda(), valid.cuda(), cfg, s_gpu)
+    assert b.alpha.is_cuda and b.conflict.is_cuda
+    for x, y in zip((a.cos, a.alpha, a.beta, a.conflict), (b.cos, b.alpha, b.beta, b.conflict)):
+        assert torch.equal(x, y.cpu())
+    assert s_cpu.target == s_gpu.target
