@@ -1,0 +1,118 @@
+"""CLI and YAML parsing into the typed config: conversion, precedence, and errors that name the field."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harmony.cli import config_from_dict, config_to_dict, dump_yaml, format_help, parse_args
+from harmony.config import Config, ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_validate():
+    cfg, name = parse_args([])
+    assert name == "default" and cfg == Config()
+
+
+def test_type_conversion_of_overrides():
+    cfg, _ = parse_args(["--train.steps=7", "--train.lr=3e-4", "--log.progress=off", "--eval.probe", "no",
+                         "--model.video_patch=[4,16,16]", "--harmony.lam=0.5", "--data.manifest=a b.jsonl",
+                         "--harmony.scope=last_block", "--harmony.renormalize=True"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.log.progress is False and cfg.eval.probe is False and cfg.harmony.renormalize is True
+    assert cfg.model.video_patch == [4, 16, 16]
+    assert cfg.harmony.lam == 0.5 and cfg.data.manifest == "a b.jsonl" and cfg.harmony.scope == "last_block"
+    cfg, _ = parse_args(["--model.video_patch=1,2,3", "--train.weight_decay=0"])
+    assert cfg.model.video_patch == [1, 2, 3] and cfg.train.weight_decay == 0.0
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "exp1.yaml"
+    f.write_text(yaml.safe_dump({"train": {"steps": 11, "lr": 0.002}, "data": {"noise": 0.4}}))
+    cfg, name = parse_args(["--config", str(f), "--train.steps=12"])
+    assert name == "exp1"
+    assert cfg.train.steps == 12 and cfg.train.lr == 0.002 and cfg.data.noise == 0.4
+    cfg, _ = parse_args([f"--config={f}"])
+    assert cfg.train.steps == 11
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--trian.steps=3"], ["trian", "train", "model", "profile"]),
+    (["--train.stepz=3"], ["train.stepz", "steps", "batch_size"]),
+    (["--train.precision=fp16"], ["train.precision", "fp32", "bf16"]),
+    (["--harmony.realign=pcgrd"], ["harmony.realign", "pcgrad", "gradvac"]),
+    (["--train.parallel=zero"], ["train.parallel", "ddp", "fsdp"]),
+    (["--train.steps=0"], ["train.steps", ">= 1"]),
+    (["--data.noise=1.5"], ["data.noise", "<= 1"]),
+    (["--train.steps=abc"], ["train.steps", "integer"]),
+    (["--train.lr=fast"], ["train.lr", "number"]),
+    (["--log.progress=maybe"], ["log.progress", "true"]),
+    (["--profile.nsys=5"], ["profile.nsys", "start:stop"]),
+    (["--profile.torch=9:3"], ["profile.torch", "start < stop"]),
+    (["steps=3"], ["unexpected argument"]),
+    (["--train.steps"], ["train.steps", "needs a value"]),
+])
+def test_errors_name_the_field_and_allowed_values(args, words):
+    with pytest.raises(ConfigError) as err:
+        parse_args(args)
+    msg = str(err.value)
+    print(msg)
+    for w in words:
+        assert w in msg
+
+
+def test_yaml_errors(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({"optim": {"lr": 1}}))
+    with pytest.raises(ConfigError, match="unknown config section 'optim'.*train"):
+        parse_args(["--config", str(f)])
+    f.write_text(yaml.safe_dump({"train": {"precision": "fp8"}}))
+    with pytest.raises(ConfigError, match=r"train.precision='fp8'.*\['fp32', 'bf16'\]"):
+        parse_args(["--config", str(f)])
+    f.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_args(["--config", str(f)])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_dict_round_trip():
+    cfg, _ = parse_args(["--train.steps=9", "--model.video_patch=[1,4,4]", "--harmony.realign=gradvac"])
+    back = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
+    assert back == cfg
+    assert config_to_dict(cfg)["model"]["video_patch"] == [1, 4, 4]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    cfg, name = parse_args(["--config", str(path)])
+    assert name == path.stem
+    print(path.name, cfg.train.steps, cfg.train.parallel, cfg.train.precision)
+
+
+def test_shipped_gpu_configs_are_gpu_runs():
+    for name in ("vatt_ma_small", "vatt_ma_medium"):
+        cfg, _ = parse_args(["--config", str(CONFIGS / f"{name}.yaml")])
+        assert cfg.train.precision == "bf16" and cfg.train.parallel == "fsdp" and cfg.train.device == "cuda"
+
+
+def test_help_lists_every_section():
+    text = format_help()
+    for section in ("model", "data", "harmony", "train", "eval", "log", "profile"):
+        assert f"[{section}]" in text
+    assert "--train.batch_size" in text and "GLOBAL" in text
+
+
+def test_main_rejects_bad_config_before_any_work(tmp_path, capsys):
+    from harmony.trainer import main
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main([f"--log.run_dir={run_dir}", "--train.precision=fp16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "train.precision" in err and "bf16" in err
+    assert not run_dir.exists()
