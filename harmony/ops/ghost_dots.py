@@ -11,6 +11,11 @@ from typing import Optional
 
 import torch
 
+from harmony.backends import backend_for
+from harmony.ops._checks import check_dots_out, check_ghost, op_range
+
+METHODS = ("auto", "gram", "instantiate")
+
 
 def use_gram_form(T: int, d_in: int, d_out: int) -> bool:
     """The cheaper of the two forms: Gram costs ~T²(Din+Dout), instantiation ~T·Din·Dout."""
@@ -29,3 +34,39 @@ def ghost_dots_ref(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: Opt
         out += res.to(out.dtype)
         return out
     return res
+
+
+def ghost_dots(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: Optional[torch.Tensor] = None,
+               method: str = "auto", backend: Optional[str] = None) -> torch.Tensor:
+    """Per sample (⟨Ga_iᵀX_i, Gb_iᵀX_i⟩_F, ‖Ga_iᵀX_i‖², ‖Gb_iᵀX_i‖²) -> [B, 3] fp32, never writing Ga_iᵀX_i.
+
+    X [B, T, Din], Ga and Gb [B, T, Dout]: one dtype (float32, bfloat16, float16) and device; made contiguous.
+    method: "gram" (via X Xᵀ and Ga Gbᵀ, cost ~T²), "instantiate" (Ga_iᵀX_i tile by tile on chip, cost
+    ~T·Din·Dout) or "auto" (``use_gram_form``). out: optional [B, 3] fp32, the result is ADDED into it.
+    backend: as for ``gram`` (ref always instantiates, in plain PyTorch).
+    """
+    if method not in METHODS:
+        raise ValueError(f"harmony.ops.ghost_dots: method must be one of {METHODS}, got {method!r}")
+    check_ghost("ghost_dots", X, Ga, Gb)
+    B, T, d_in = X.shape
+    d_out = Ga.shape[2]
+    check_dots_out("ghost_dots", out, B, X.device)
+    if B == 0:
+        return out if out is not None else torch.zeros(0, 3, dtype=torch.float32, device=X.device)
+    if method == "auto":
+        method = "gram" if use_gram_form(T, d_in, d_out) else "instantiate"
+    name = backend_for("ghost_dots", X.device.type, X.dtype, backend)
+    with op_range(f"ghost_dots/{name}"):
+        if name == "ref":
+            return ghost_dots_ref(X, Ga, Gb, out=out)
+        X, Ga, Gb = X.contiguous(), Ga.contiguous(), Gb.contiguous()
+        if name == "triton":
+            if out is None:
+                out = torch.zeros(B, 3, dtype=torch.float32, device=X.device)
+            torch.ops.harmony.ghost_dots_triton(X, Ga, Gb, out, method)
+            return out
+        res = torch.ops.harmony.ghost_dots(X, Ga, Gb, 0 if method == "gram" else 1)
+        if out is None:
+            return res
+        out += res
+        return out
