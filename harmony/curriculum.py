@@ -294,9 +294,10 @@ class PrioritizedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.num_samples // self.world_size
 
-    def set_epoch(self, epoch: int, step: int = 0) -> None:
-        """Start epoch ``epoch`` at training step ``step`` (the curriculum's progress for its priorities).
-        Keeps a draw restored by load_state_dict for the same epoch."""
+    def set_epoch(self, epoch: int, step: int) -> None:
+        """Start epoch ``epoch`` at training step ``step`` (the curriculum's progress for its priorities;
+        required, so that a loop that forgets it fails instead of staying at p = 0). Keeps a draw
+        restored by load_state_dict for the same epoch (its step then comes from the checkpoint)."""
         if not (self._resume and epoch == self.epoch):
             self._indices, self._position, self._resume = None, 0, False
             self.step = step

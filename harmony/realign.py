@@ -54,7 +54,7 @@ class RealignState:
     def __init__(self, start: Union[HarmonyConfig, float] = 0.0):
         target = start.gradvac_target if isinstance(start, HarmonyConfig) else float(start)
         self.phi = torch.tensor(target, dtype=torch.float64)  # 0-d, kept on the dots' device after use
-        self.updates = 0  # number of batches folded into φ̂
+        self.updates = 0  # batches observed (one without a valid cosine counts but leaves φ̂ as it is)
 
     @property
     def target(self) -> float:

@@ -316,7 +316,7 @@ def test_sampler_probabilities():
     mem.update(torch.tensor([0, 1, 2, 3]), torch.tensor([0.9, 0.5, -0.2, -0.8]), torch.ones(4, dtype=torch.bool))
     cfg = HarmonyConfig(memory_schedule="ratio", **SAMPLER_CFG)  # p = 0: ρ = 0.5 keeps items 0 and 1
     s = PrioritizedSampler(mem, 6, cfg, T, num_samples=60000, seed=1)
-    s.set_epoch(0, step=0)
+    s.set_epoch(0, 0)
     prio = s.priorities()
     assert prio.tolist() == [1, 1, 0, 0, 0.5, 0.5]  # unseen items 4, 5: mean of the seen priorities
     counts = torch.bincount(torch.tensor(list(s)), minlength=6).double()
@@ -346,8 +346,11 @@ def test_sampler_resume(replacement):
     mem.update(torch.arange(40), torch.full((40,), 0.99), torch.ones(40, dtype=torch.bool))
     back = PrioritizedSampler(mem, 40, cfg, T, replacement=replacement, seed=0, rank=1, world_size=2)
     back.load_state_dict(state)
-    back.set_epoch(2)
+    back.set_epoch(2, 999)  # the restored draw is kept, its step from the checkpoint
     assert head + list(back) == head + rest and len(head + rest) == 20
+    assert back.step == 30
+    back.set_epoch(3, 40)  # the next epoch is drawn afresh from the (changed) memory
+    assert len(list(back)) == 20 and back.step == 40
     # `consumed`: a DataLoader prefetched further than the trainer used
     s2 = PrioritizedSampler(seeded_memory(seed=4), 40, cfg, T, replacement=replacement, seed=3, rank=1, world_size=2)
     s2.set_epoch(2, step=30)

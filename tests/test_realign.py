@@ -342,3 +342,16 @@ def test_cuda_matches_cpu(rule):
     for x, y in zip((a.cos, a.alpha, a.beta, a.conflict), (b.cos, b.alpha, b.beta, b.conflict)):
         assert torch.equal(x, y.cpu())
     assert s_cpu.target == s_gpu.target
+
+
+def test_gradvac_at_zero_target_is_pcgrad():
+    """φ = 0 gives k_at = −d/nt, k_ta = −d/na: the PCGrad coefficients."""
+    ga, gv = make_pairs(B=60, P=45, seed=31)
+    valid = torch.ones(60, dtype=torch.bool)
+    pc = realign(dots_of(ga, gv), valid, HarmonyConfig(realign="pcgrad", lam=0.8))
+    gv0 = realign(dots_of(ga, gv), valid, HarmonyConfig(realign="gradvac", lam=0.8, gradvac_target=0.0))
+    err = max((pc.alpha - gv0.alpha).abs().max().item(), (pc.beta - gv0.beta).abs().max().item())
+    print(f"gradvac(phi=0) vs pcgrad max coefficient difference {err:.2e}")
+    assert torch.equal(pc.conflict, gv0.conflict) and int(pc.conflict.sum()) > 10
+    assert torch.allclose(pc.alpha, gv0.alpha, rtol=4 * U32, atol=0)
+    assert torch.allclose(pc.beta, gv0.beta, rtol=4 * U32, atol=0)
