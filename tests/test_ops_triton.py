@@ -1,0 +1,117 @@
+"""The Triton backend (kernels/) on CPU tensors under TRITON_INTERPRET=1, forced with backend="triton", against the
+float64 reference; plus opcheck of its custom ops. Shapes stay small: the interpreter's cost grows with
+programs x loop steps. (With a GPU, test_ops.py runs the compiled kernels on CUDA tensors instead.)
+Tolerances come from test_ops.TOL.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harmony import backends, ops
+from test_ops import DTYPES, buckets, check_close, combine_expect, ghost_expect, gram_expect, rand, seeded
+
+TRITON = "triton"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter():
+    ok, why, interpreting = backends._triton_status()
+    if not ok:
+        pytest.skip(f"Triton backend unavailable: {why}")
+    if not interpreting:
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported (tests/conftest.py sets it when "
+                    "there is no GPU); compiled Triton is tested on CUDA tensors in test_ops.py")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,P", [(0, 7), (1, 1), (3, 7), (3, 1023), (2, 1025), (1, 65537)])
+def test_gram_triton_interpreter(dtype, B, P):
+    gen = seeded("tgram", dtype, B, P)
+    A, V = rand((B, P), dtype, "cpu", gen), rand((B, P), dtype, "cpu", gen)
+    got = ops.gram(A, V, backend=TRITON)
+    check_close(f"gram triton {dtype} B={B} P={P}", got, *gram_expect([A], [V]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram_triton_buckets_out_noncontiguous(dtype):
+    gen = seeded("tgram-buckets", dtype)
+    B = 3
+    A, V = buckets(B, [1, 3000, 7, 0, 1025], dtype, "cpu", gen)
+    A.append(rand((B, 2 * 33), dtype, "cpu", gen)[:, ::2])
+    V.append(rand((33, B), dtype, "cpu", gen).t())
+    ref, scale = gram_expect(A, V)
+    out0 = rand((B, 3), torch.float32, "cpu", gen)
+    out = out0.clone()
+    assert ops.gram(A, V, out=out, backend=TRITON) is out
+    check_close(f"gram triton buckets {dtype}", out, ref + out0.double(), scale + out0.abs(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_combine_triton_interpreter(dtype, out_dtype, accumulate):
+    gen = seeded("tcombine", dtype, out_dtype, accumulate)
+    B = 3
+    A, V = buckets(B, [1, 1025, 7, 0, 200], dtype, "cpu", gen)
+    ca, cv = rand((B,), torch.float64, "cpu", gen), rand((B,), torch.float16, "cpu", gen)
+    old = [rand((a.shape[1],), out_dtype, "cpu", gen) for a in A]
+    out = [o.clone() for o in old]
+    ops.combine(A, V, ca, cv, out, accumulate=accumulate, backend=TRITON)
+    ref, scale = combine_expect(A, V, ca.float(), cv.float(), old, accumulate)
+    for k, (o, r, s) in enumerate(zip(out, ref, scale)):
+        check_close(f"combine triton {dtype}->{out_dtype} acc={accumulate} bucket {k}", o, r, s, dtype, out_dtype)
+
+
+def test_combine_triton_empty_batch_and_strided_out():
+    E = torch.randn(0, 9)
+    z = torch.randn(9)
+    ops.combine(E, E.clone(), torch.zeros(0), torch.zeros(0), z, backend=TRITON)
+    assert (z == 0).all()
+    gen = seeded("tcombine-nc")
+    A, V = rand((4, 30), torch.float32, "cpu", gen), rand((4, 30), torch.float32, "cpu", gen)
+    ca, cv = rand((4,), torch.float32, "cpu", gen), rand((4,), torch.float32, "cpu", gen)
+    out = torch.zeros(60)[::2]
+    ops.combine(A, V, ca, cv, out, backend=TRITON)
+    (ref,), (scale,) = combine_expect([A], [V], ca, cv, None, False)
+    check_close("combine triton strided out", out, ref, scale, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [0, 1, 5, 33])
+@pytest.mark.parametrize("dims", [(1, 1), (3, 127), (40, 33)], ids=lambda d: f"{d[0]}x{d[1]}")
+def test_ghost_dots_triton_interpreter(dtype, T, dims):
+    gen = seeded("tghost", dtype, T, dims)
+    X, Ga, Gb = (rand((2, T, d), dtype, "cpu", gen) for d in (dims[0], dims[1], dims[1]))
+    ref, scale = ghost_expect(X, Ga, Gb)
+    got = {m: ops.ghost_dots(X, Ga, Gb, method=m, backend=TRITON) for m in ("gram", "instantiate")}
+    for m, g in got.items():
+        check_close(f"ghost_dots triton {m} {dtype} T={T} {dims[0]}x{dims[1]}", g, ref, scale, dtype)
+
+
+def test_triton_repeat_calls_bitwise_equal():
+    gen = seeded("tdet")
+    A, V = buckets(2, [5000, 3], torch.bfloat16, "cpu", gen)
+    X, Ga, Gb = (rand((2, 20, d), torch.float32, "cpu", gen) for d in (17, 9, 9))
+    ca, cv = torch.randn(2, generator=gen), torch.randn(2, generator=gen)
+
+    def run():
+        out = [torch.zeros(a.shape[1]) for a in A]
+        ops.combine(A, V, ca, cv, out, backend=TRITON)
+        return [ops.gram(A, V, backend=TRITON), *out, ops.ghost_dots(X, Ga, Gb, method="gram", backend=TRITON)]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(), run()))
+
+
+def test_triton_not_picked_automatically_on_cpu():
+    assert backends.backend_for("gram", "cpu", torch.float32) != TRITON
+
+
+def test_opcheck_triton_ops():
+    gen = seeded("topcheck")
+    A, V = buckets(2, [40, 3], torch.float32, "cpu", gen)
+    torch.library.opcheck(torch.ops.harmony.gram_triton.default, (A, V, torch.zeros(2, 3)))
+    out = [torch.zeros(40), torch.zeros(3)]
+    torch.library.opcheck(torch.ops.harmony.combine_triton.default, (A, V, torch.randn(2), torch.randn(2), out, True))
+    X, Ga, Gb = (torch.randn(2, 5, d, generator=gen) for d in (4, 3, 3))
+    torch.library.opcheck(torch.ops.harmony.ghost_dots_triton.default, (X, Ga, Gb, torch.zeros(2, 3), "gram"))
