@@ -1,4 +1,5 @@
 """harmony: VATT-style pre-training with per-sample cross-modality gradient harmonization."""
 from harmony.config import HarmonyConfig
+from harmony.harmonizer import GradientHarmonizer, HarmonyStats
 
-__all__ = ["HarmonyConfig"]
+__all__ = ["HarmonyConfig", "GradientHarmonizer", "HarmonyStats"]

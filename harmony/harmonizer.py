@@ -1,0 +1,515 @@
+"""GradientHarmonizer: per-sample cross-modality gradient harmonization of one training step (SPEC §2–5, §7).
+
+    harmonizer = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode="ghost", scope="shared"))
+    l_va = nce(z_v, z_a); l_vt = mil_nce(z_vt, z_t)                      # per-sample losses [B]
+    stats = harmonizer.backward(l_va, l_vt, va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t),
+                                mask_va=m_a, mask_vt=m_t, step=step, total_steps=total, ids=index)
+    optimizer.step()                                                     # .grad holds the harmonized G
+
+Construction registers forward hooks on every module that owns trainable parameters; in train mode with
+grad enabled each call keeps (inputs X, output Y) until the next ``backward``. ``backward``:
+
+1. L_va = Σ m^a ℓ^va / max(Σ m^a, 1), likewise L_vt; upstream gradients u_va = ∂L_va/∂va_inputs and
+   u_vt = ∂L_vt/∂vt_inputs, each loss at its own inputs (a head from z_v to z_vt is never counted twice).
+2. measure (``harmonize/measure``): output gradients (G^va, G^vt) at the kept Y of the scoped layers.
+3. dots (``harmonize/dots``): ghost — per layer from (X, G) by its sampler; materialize — per-sample
+   gradients into flat buffers, then ``gram``.
+4. coefficients (``harmonize/coefficients``): cosines → curriculum weights → realignment →
+   (ca, cv) = w·(α, β)/norm (harmony.realign, harmony.curriculum); under data parallelism on the global
+   batch (B·3 scalars per rank are all-gathered), so every rank agrees with a single-process run.
+5. update (``harmonize/update``): ghost — one weighted ordinary backward; materialize — ``combine`` into
+   the scoped parameters' .grad plus a weighted backward restricted to the other parameters.
+
+Scope: a name asks ``model.scope_parameters(name)`` when the (unwrapped) model has it; otherwise ``all``
+is every trainable parameter and ``shared`` the parameters reachable from BOTH losses' inputs in the
+autograd graph of the first step (found by walking grad_fn.next_functions to the AccumulateGrad nodes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from harmony import ghost, materialize
+from harmony.config import ConfigError, HarmonyConfig
+from harmony.curriculum import ScoreMemory, curriculum_weights, update_coefficients
+from harmony.grad_sample import Call, PerSampleError, find_sampler
+from harmony.losses import masked_mean
+from harmony.nvtx import nvtx_range
+from harmony.realign import RealignState, realign
+
+SCOPE_NAMES = ("shared", "backbone", "last_block", "all")
+
+
+@dataclass
+class HarmonyStats:
+    """What one harmonized step measured and decided; every tensor is detached, fp32 unless bool.
+
+    dots [B, 3] (⟨g^va, g^vt⟩, ‖g^va‖², ‖g^vt‖²) over the scope; cos, weights, alpha, beta [B];
+    coef_va, coef_vt [B]: the update's per-sample coefficients ca = w·α/norm, cv = w·β/norm;
+    valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
+    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize" or "plain".
+    """
+
+    dots: torch.Tensor
+    cos: torch.Tensor
+    weights: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    coef_va: torch.Tensor
+    coef_vt: torch.Tensor
+    valid: torch.Tensor
+    conflict: torch.Tensor
+    loss_va: torch.Tensor
+    loss_vt: torch.Tensor
+    kept: float
+    mode: str
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel (FSDP2 keeps the module itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _reachable_leaves(roots: Sequence[torch.Tensor]) -> set:
+    """ids of the leaf tensors (parameters) whose AccumulateGrad node is reachable from ``roots``."""
+    ids, seen, stack = set(), set(), []
+    for t in roots:
+        if t.grad_fn is not None:
+            stack.append(t.grad_fn)
+        elif t.requires_grad:
+            ids.add(id(t))
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            ids.add(id(var))
+        stack.extend(n for n, _ in fn.next_functions if n is not None and n not in seen)
+    return ids
+
+
+class GradientHarmonizer:
+    """Per-sample gradient harmonization for ``model`` (plain, DDP-wrapped or FSDP2-sharded); see the module doc."""
+
+    def __init__(self, model: nn.Module, cfg: Optional[HarmonyConfig] = None):
+        self.cfg = (cfg if cfg is not None else HarmonyConfig()).validate()
+        self.model = model
+        self.inner = unwrap(model)
+        from torch.nn.parallel import DistributedDataParallel
+        self.ddp = isinstance(model, DistributedDataParallel)
+        self.fsdp = _is_fsdp2(model)
+        if self.fsdp and self.cfg.mode == "materialize":
+            raise ConfigError("harmony.mode=materialize is not supported under FSDP2 (fully_shard): its [B, P] buffers "
+                              "would hold whole unsharded layers; use harmony.mode=ghost (or auto)")
+        self.memory = ScoreMemory(self.cfg.memory_decay)
+        self.realign_state = RealignState(self.cfg)
+        self._modules: Dict[str, nn.Module] = {}
+        self._direct: Dict[str, List[str]] = {}                 # module name -> its trainable direct params
+        self._canonical: Dict[Tuple[str, str], str] = {}        # (module, param) -> canonical qualified name
+        self._owner: Dict[str, Tuple[str, str]] = {}            # canonical name -> its first (module, param)
+        self._records: Dict[str, List[Call]] = {}
+        self._active = True
+        self._batched = True
+        self._fwd_ids: Dict[int, str] = {}                      # id of a parameter seen in forward -> canonical name
+        self._hooks = []
+        self._checked = False
+        self._tied = False
+        self._index_modules()
+        self.scope: Optional[set] = None                        # canonical names; None until resolved
+        self._scoped: Dict[str, List[str]] = {}                 # module name -> scoped direct param names
+        self.mode: Optional[str] = None
+        self._plan: Optional[materialize.BufferPlan] = None
+        self._resolve_static_scope()
+
+    # ------------------------------------------------------------------ hooks and scope
+    def _index_modules(self) -> None:
+        first: Dict[int, str] = {}
+        for mname, m in self.inner.named_modules(remove_duplicate=False):
+            direct = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if not direct or mname in self._modules:
+                continue
+            if any(m is other for other in self._modules.values()):
+                continue                        # the same module reached under two names: hook it once
+            self._modules[mname] = m
+            self._direct[mname] = direct
+            for n in direct:
+                p = getattr(m, n)
+                q = first.setdefault(id(p), f"{mname}.{n}" if mname else n)
+                self._canonical[(mname, n)] = q
+                self._owner.setdefault(q, (mname, n))
+            self._hooks.append(m.register_forward_hook(self._hook(mname), with_kwargs=True))
+
+    def _hook(self, mname: str):
+        def record(module, args, kwargs, output):
+            if not (self._active and module.training and torch.is_grad_enabled()):
+                return
+            if self.scope is not None and mname not in self._scoped:
+                return
+            det = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+            params = None
+            if self._needs_params(mname, module):
+                params = {n: getattr(module, n).detach().clone() for n in self._direct[mname]}
+            if not self._checked:                                           # first step: map forward-time params
+                for n in self._direct[mname]:
+                    self._fwd_ids[id(getattr(module, n))] = self._canonical[(mname, n)]
+            self._records.setdefault(mname, []).append(
+                Call(tree_map(det, args), tree_map(det, kwargs), output, params))
+        return record
+
+    def _needs_params(self, mname: str, module: nn.Module) -> bool:
+        try:
+            return find_sampler(module, mname).needs_params
+        except PerSampleError:
+            return False
+
+    def _resolve_static_scope(self) -> None:
+        scope = self.cfg.scope
+        if isinstance(scope, (list, tuple)):
+            self._set_scope(self._names_of(scope, "harmony.scope"))
+        elif hasattr(self.inner, "scope_parameters"):
+            self._set_scope(self._names_of(self.inner.scope_parameters(scope), f"scope_parameters({scope!r})"))
+        elif scope == "all":
+            self._set_scope(set(self._canonical.values()))
+        elif scope != "shared":
+            raise ConfigError(f"harmony.scope={scope!r} needs a model with scope_parameters(name); "
+                              f"{type(self.inner).__name__} has none: use 'shared', 'all' or a list of parameters")
+
+    def _names_of(self, params, where: str) -> set:
+        by_id = {}
+        for (mname, n), q in self._canonical.items():
+            by_id[id(getattr(self._modules[mname], n))] = q
+        names = set()
+        for p in params:
+            if id(p) not in by_id:
+                raise ConfigError(f"{where}: a parameter of shape {tuple(p.shape)} is not a trainable parameter of the model")
+            names.add(by_id[id(p)])
+        return names
+
+    def _set_scope(self, names: set) -> None:
+        self.scope = set(names)
+        self._scoped = {}
+        for (mname, n), q in self._canonical.items():
+            if q in self.scope:
+                self._scoped.setdefault(mname, []).append(n)
+        for mname in self._scoped:
+            find_sampler(self._modules[mname], mname)       # raises for sample-mixing modules in scope
+        owners: Dict[str, List[str]] = {}
+        for mname, names_ in self._scoped.items():
+            for n in names_:
+                owners.setdefault(self._canonical[(mname, n)], []).append(f"{mname}.{n}")
+        tied = {q: o for q, o in owners.items() if len(o) > 1}
+        if tied and self.cfg.mode == "ghost":
+            q, o = next(iter(tied.items()))
+            raise PerSampleError(f"parameter {q} is shared by {o}; per-layer ghost dots cannot add the cross terms of a "
+                                 "tied parameter: use harmony.mode=materialize or leave it out of the scope")
+        self._tied = bool(tied)
+
+    def _resolve_shared(self, va_inputs, vt_inputs) -> None:
+        """scope 'shared' without model.scope_parameters: parameters reachable from both losses' inputs."""
+        ids_va = _reachable_leaves(va_inputs)
+        ids_vt = _reachable_leaves(vt_inputs)
+        known = self._known_ids()
+        self._check_owned(ids_va | ids_vt, known)
+        self._set_scope({known[i] for i in ids_va & ids_vt if i in known})
+        self._records = {k: v for k, v in self._records.items() if k in self._scoped}
+
+    def _known_ids(self) -> Dict[int, str]:
+        """id of each parameter object (as seen in forward, and as registered now) -> canonical name."""
+        known = dict(self._fwd_ids)
+        for (mname, n), q in self._canonical.items():
+            known.setdefault(id(getattr(self._modules[mname], n)), q)
+        return known
+
+    def _check_owned(self, ids: set, known: Dict[int, str]) -> None:
+        """A parameter in the graph whose module was never called is used outside its module: no sampler sees it.
+
+        Checked for the recorded (scoped, or on the first step all) parameters only."""
+        called = {self._canonical[(m, n)] for m in self._records if self._records[m] for n in self._direct[m]}
+        for i in ids:
+            q = known.get(i)
+            if q is not None and q not in called and (self.scope is None or q in self.scope):
+                raise PerSampleError(f"parameter {q} reaches the losses but its module was never called in forward: it "
+                                     "is used directly by another module's code. Move it into a small module of its "
+                                     "own (see harmony.layers) so a per-sample sampler sees it")
+
+    def scope_names(self) -> List[str]:
+        """Canonical names of the scoped parameters (resolved at construction or at the first backward)."""
+        return sorted(self.scope) if self.scope is not None else []
+
+    def remove(self) -> None:
+        """Remove the forward hooks (the harmonizer is unusable afterwards)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._records.clear()
+
+    def reset(self) -> None:
+        """Drop what the hooks kept (e.g. after a forward that is not followed by ``backward``)."""
+        self._records.clear()
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _world(self) -> int:
+        if (self.ddp or self.fsdp) and dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        return 1
+
+    def _gather(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """All-gather rows x [b, ...] (ranks may differ in b) -> ([Σb, ...], offset of this rank's rows)."""
+        if self._world() == 1:
+            return x, 0
+        dev = x.device
+        size = torch.tensor([x.shape[0]], device=dev)
+        sizes = [torch.zeros_like(size) for _ in range(self._world())]
+        dist.all_gather(sizes, size)
+        sizes = [int(s) for s in sizes]
+        pad = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=dev)
+        pad[: x.shape[0]] = x
+        parts = [torch.empty_like(pad) for _ in sizes]
+        dist.all_gather(parts, pad)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
+
+    def _all_reduce_mean(self, tensors: List[torch.Tensor]) -> None:
+        """Average across ranks like DDP / FSDP2 average the gradients."""
+        W = self._world()
+        if W == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= W
+        o = 0
+        for t in tensors:
+            t.copy_(flat[o:o + t.numel()].view_as(t))
+            o += t.numel()
+
+    # ------------------------------------------------------------------ the step
+    def backward(self, l_va: torch.Tensor, l_vt: torch.Tensor, va_inputs: Sequence[torch.Tensor],
+                 vt_inputs: Sequence[torch.Tensor], mask_va: Optional[torch.Tensor] = None,
+                 mask_vt: Optional[torch.Tensor] = None, step: int = 0, total_steps: int = 1,
+                 ids: Optional[torch.Tensor] = None) -> HarmonyStats:
+        """Fill (accumulate into) the .grad of every trainable parameter with the harmonized update G.
+
+        l_va, l_vt [B]: per-sample losses; va_inputs / vt_inputs: the tensors each loss was computed from
+        (rows = samples, [B, ...]); mask_va, mask_vt [B] bool (None: all valid); ids [B]: the items' stable
+        dataset indices (score memory). Returns the step's HarmonyStats.
+        """
+        self._active = False
+        try:
+            return self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step, total_steps, ids)
+        finally:
+            self._records = {}
+            self._active = True
+
+    def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids):
+        cfg = self.cfg
+        B = l_va.shape[0]
+        dev = l_va.device
+        m_va = torch.ones(B, dtype=torch.bool, device=dev) if mask_va is None else mask_va.to(dev, torch.bool)
+        m_vt = torch.ones(B, dtype=torch.bool, device=dev) if mask_vt is None else mask_vt.to(dev, torch.bool)
+        for z in va_inputs + vt_inputs:
+            if z.shape[0] != B:
+                raise ValueError(f"loss inputs must have the batch in dim 0: got {tuple(z.shape)} for B={B}")
+        L_va, L_vt = masked_mean(l_va, m_va), masked_mean(l_vt, m_vt)
+        if not cfg.enabled:
+            (L_va + cfg.lam * L_vt).backward()
+            return self._plain_stats(B, dev, L_va, L_vt, m_va & m_vt)
+        with nvtx_range("harmonize/measure"):
+            u_va = self._upstream(L_va, va_inputs)
+            u_vt = self._upstream(L_vt, vt_inputs)
+            if self.scope is None:
+                self._resolve_shared(va_inputs, vt_inputs)
+            elif not self._checked:
+                self._check_owned(_reachable_leaves(va_inputs + vt_inputs), self._known_ids())
+            self._checked = True
+            self._check_recorded()
+            mode = self._pick_mode(B)
+            grads = self._measure(va_inputs, u_va, vt_inputs, u_vt)
+        with nvtx_range("harmonize/dots"):
+            if mode == "materialize":
+                bufs = self._plan.allocate(B, getattr(torch, cfg.buffer_dtype))
+                materialize.fill(self._plan, bufs, self._modules, self._records, grads, self._scoped,
+                                 self._canonical, B)
+                dots = materialize.dots(bufs).to(dev)
+            else:
+                dots = ghost.layer_dots(self._modules, self._records, grads, self._scoped, B, cfg.ghost_method, dev)
+            # per-sample gradients of the data-parallel objective (1/W)·Σ_r L_r: each rank's upstream gradient is
+            # W times that (DDP/FSDP2 average, the gathered losses sum), so the dots are W² too large
+            dots = dots / float(self._world()) ** 2
+        with nvtx_range("harmonize/coefficients"):
+            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids)
+        with nvtx_range("harmonize/update"):
+            if mode == "materialize" and self._world() == 1:
+                self._update_materialize(bufs, co, va_inputs, u_va, vt_inputs, u_vt)
+            else:
+                self._update_ghost(co, va_inputs, u_va, vt_inputs, u_vt, grads, B,
+                                   bufs if mode == "materialize" else None)
+        return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
+                            coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
+                            loss_va=L_va.detach(), loss_vt=L_vt.detach(), kept=co["kept"], mode=mode)
+
+    def _upstream(self, L: torch.Tensor, inputs) -> List[torch.Tensor]:
+        """∂L/∂input for each input (zeros where L does not depend on it)."""
+        live = [z for z in inputs if z.requires_grad]
+        got = iter(torch.autograd.grad(L, live, retain_graph=True, allow_unused=True) if live and L.requires_grad
+                   else [None] * len(live))
+        out = []
+        for z in inputs:
+            g = next(got) if z.requires_grad else None
+            out.append(torch.zeros_like(z) if g is None else g)
+        return out
+
+    def _check_recorded(self) -> None:
+        if self._scoped and not any(self._records.get(m) for m in self._scoped):
+            raise RuntimeError("GradientHarmonizer.backward: no forward call of a scoped layer was recorded; run the "
+                               "model's forward in train mode with grad enabled right before backward")
+
+    def _pick_mode(self, B: int) -> str:
+        if self.mode is None or self.cfg.mode == "auto":
+            mode = self.cfg.mode
+            if mode == "auto":
+                nbytes = torch.finfo(getattr(torch, self.cfg.buffer_dtype)).bits // 8
+                fits = 2 * B * self._scope_numel() * nbytes <= self.cfg.memory_budget_mb * 2 ** 20
+                mode = "materialize" if fits and not self.fsdp else "ghost"
+            if self._tied and mode == "ghost":
+                raise PerSampleError("the scope holds a tied parameter: ghost dots cannot add its cross terms; "
+                                     "use harmony.mode=materialize")
+            self.mode = mode
+        if self.mode == "materialize" and self._plan is None:
+            self._plan = materialize.BufferPlan(self._scope_params())
+        return self.mode
+
+    def _scope_params(self):
+        out, seen = [], set()
+        for mname, names in self._scoped.items():
+            for n in names:
+                q = self._canonical[(mname, n)]
+                if q not in seen:
+                    seen.add(q)
+                    p = getattr(self._modules[mname], n)
+                    out.append((q, p.numel(), tuple(p.shape), p.device))
+        return out
+
+    def _scope_numel(self) -> int:
+        return sum(n for _, n, _, _ in self._scope_params())
+
+    def _measure(self, va_inputs, u_va, vt_inputs, u_vt) -> Dict[str, List[Optional[torch.Tensor]]]:
+        """Measured output gradients [2, *Y] per recorded call of every scoped layer."""
+        ys, where = [], []
+        for mname in self._scoped:
+            for j, call in enumerate(self._records.get(mname, [])):
+                if isinstance(call.output, torch.Tensor) and call.output.requires_grad:
+                    ys.append(call.output)
+                    where.append((mname, j))
+        grads, self._batched = ghost.output_grads(va_inputs, u_va, vt_inputs, u_vt, ys, self._batched)
+        out = {m: [None] * len(self._records.get(m, [])) for m in self._scoped}
+        for (mname, j), g in zip(where, grads):
+            out[mname][j] = g
+        return out
+
+    def _coefficients(self, dots, valid, step, total_steps, ids) -> dict:
+        """Cosines → weights → realignment → (ca, cv), on the global batch under data parallelism."""
+        cfg = self.cfg
+        B = dots.shape[0]
+        g_dots, off = self._gather(dots)
+        g_valid = self._gather(valid.to(torch.uint8))[0].bool()
+        g_ids = self._gather(ids.to(dots.device).long().reshape(-1))[0] if ids is not None else None
+        ra = realign(g_dots, g_valid, cfg, self.realign_state)
+        w = curriculum_weights(ra.cos, g_valid, step, total_steps, cfg, ids=g_ids, memory=self.memory)
+        ca, cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)
+        if g_ids is not None:
+            self.memory.update(g_ids, ra.cos, g_valid)
+        sl = slice(off, off + B)
+        n_valid = int(ra.valid[sl].sum())
+        kept = float(((w[sl] > 0) & ra.valid[sl]).sum()) / n_valid if n_valid else 1.0
+        pa, pv = update_coefficients(torch.ones_like(ra.alpha), torch.full_like(ra.beta, cfg.lam), w, cfg.renormalize)
+        return dict(cos=ra.cos[sl], alpha=ra.alpha[sl], beta=ra.beta[sl], conflict=ra.conflict[sl], valid=ra.valid[sl],
+                    w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept)
+
+    def _update_ghost(self, co, va_inputs, u_va, vt_inputs, u_vt, grads, B, bufs) -> None:
+        """One weighted ordinary backward; apply_to=scope: plain weights there, plus the scoped correction."""
+        if self.cfg.apply_to == "all":
+            ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["ca"], co["cv"])
+            return
+        ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["pa"], co["pv"])
+        da, dv = co["ca"] - co["pa"], co["cv"] - co["pv"]
+        if bufs is not None:
+            flats = materialize.combined(self._plan, bufs, da, dv)
+            self._all_reduce_mean(flats)
+            for q, g in materialize.views(self._plan, flats).items():
+                self._add_grad(self._param_of(q), g)
+            return
+        delta = ghost.weighted_grads(self._modules, self._records, grads, self._scoped, B, da, dv)
+        merged: Dict[str, torch.Tensor] = {}
+        for (mname, n), g in delta.items():
+            q = self._canonical[(mname, n)]
+            merged[q] = g if q not in merged else merged[q] + g
+        self._all_reduce_mean(list(merged.values()))
+        for q, g in merged.items():
+            self._add_grad(self._param_of(q), g)
+
+    def _update_materialize(self, bufs, co, va_inputs, u_va, vt_inputs, u_vt) -> None:
+        """``combine`` into the scoped parameters' .grad; the others by a weighted backward restricted to them."""
+        flats = materialize.combined(self._plan, bufs, co["ca"], co["cv"])
+        for q, g in materialize.views(self._plan, flats).items():
+            self._add_grad(self._param_of(q), g)
+        others = [self._param_of(q) for q in sorted(set(self._canonical.values()) - self.scope)]
+        if not others:
+            return
+        ka, kv = (co["ca"], co["cv"]) if self.cfg.apply_to == "all" else (co["pa"], co["pv"])
+        pairs = [(z, u * ghost.row_scale(ka, u)) for z, u in zip(va_inputs, u_va) if z.requires_grad] + \
+                [(z, u * ghost.row_scale(kv, u)) for z, u in zip(vt_inputs, u_vt) if z.requires_grad]
+        if not pairs:
+            return
+        got = torch.autograd.grad([z for z, _ in pairs], others, [g for _, g in pairs], allow_unused=True)
+        for p, g in zip(others, got):
+            if g is not None:
+                self._add_grad(p, g)
+
+    def _param_of(self, q: str) -> nn.Parameter:
+        """The parameter named q as the module holds it now (FSDP2 swaps sharded/unsharded objects)."""
+        mname, n = self._owner[q]
+        return getattr(self._modules[mname], n)
+
+    def _add_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        """p.grad (+)= g, in p's dtype; a sharded (DTensor) parameter takes its local shard of g."""
+        if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+            from torch.distributed.tensor import distribute_tensor
+            g = distribute_tensor(g.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        elif g.dtype != p.dtype:
+            g = g.to(p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+    def _plain_stats(self, B, dev, L_va, L_vt, valid) -> HarmonyStats:
+        z = torch.zeros(B, device=dev)
+        one = torch.ones(B, device=dev)
+        return HarmonyStats(dots=torch.zeros(B, 3, device=dev), cos=z, weights=one, alpha=one,
+                            beta=one * self.cfg.lam, coef_va=one, coef_vt=one * self.cfg.lam, valid=valid,
+                            conflict=torch.zeros(B, dtype=torch.bool, device=dev), loss_va=L_va.detach(),
+                            loss_vt=L_vt.detach(), kept=1.0, mode="plain")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Score memory and realignment state (plain tensors and ints: safe for weights_only loading)."""
+        return {"memory": self.memory.state_dict(), "realign": self.realign_state.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.memory.load_state_dict(d["memory"])
+        self.realign_state.load_state_dict(d["realign"])

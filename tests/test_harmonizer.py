@@ -1,0 +1,331 @@
+"""GradientHarmonizer against the private-copy brute force (tests/brute_force.py), in float64.
+
+The model and the reference run in float64; the harmonizer's dots are fp32 by contract (SPEC §2), so dots
+are compared to fp32 tolerance, relative to each sample's gradient norms. Gradients from the ordinary
+backward (ghost mode) are float64 up to the fp32 coefficients; materialize mode's buffers are fp32.
+"""
+from __future__ import annotations
+
+import functools
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from brute_force import ToyVATT, cmaloss, dots_of, flat, path_grads, toy_batch
+from harmony import HarmonyConfig
+from harmony.grad_sample import PerSampleError
+from harmony.harmonizer import GradientHarmonizer
+from harmony.losses import mil_nce, nce
+
+# relative tolerances, one table: dots are fp32 sums; coefficients are fp32; fp32 buffers in materialize
+TOL = {"dots": 2e-5, "grad_exact": 1e-11, "grad_fp32_coef": 2e-6, "grad_fp32_buffers": 2e-5}
+
+MASKS = {
+    1: (torch.tensor([True]), torch.tensor([True])),
+    2: (torch.tensor([True, True]), torch.tensor([False, True])),
+    7: (torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.bool), torch.tensor([1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)),
+}
+
+
+SEED = 1   # model and data seed: its batch of 7 mixes conflicting and agreeing samples (checked in the tests)
+
+
+def fresh_model(seed: int = SEED) -> ToyVATT:
+    torch.manual_seed(seed)
+    return ToyVATT().double()
+
+
+@functools.lru_cache(maxsize=None)
+def reference(B: int, seed: int = SEED):
+    """Per-sample path gradients of the toy model for batch size B (cached: the brute force is the slow part)."""
+    model = fresh_model(seed)
+    x = toy_batch(B, seed=seed + B)
+    m_va, m_vt = MASKS[B]
+    g_va, g_vt = path_grads(model, x, cmaloss(m_va, m_vt))
+    return g_va, g_vt
+
+
+def run(cfg: HarmonyConfig, B: int, seed: int = SEED, model=None, masks=None, **kw):
+    """One harmonized step on a fresh toy model; returns (model, harmonizer, stats)."""
+    model = model if model is not None else fresh_model(seed)
+    h = GradientHarmonizer(model, cfg)
+    x = toy_batch(B, seed=seed + B)
+    m_va, m_vt = masks if masks is not None else MASKS[B]
+    z_v, z_a, z_vt, z_t = model(*x)
+    stats = h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),
+                       vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt, **kw)
+    return model, h, stats
+
+
+def check(what: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, scale=None) -> None:
+    """Max abs error against ref, relative to ``scale`` (default: max |ref|, at least 1e-30); printed first."""
+    err = (got.double() - ref.double()).abs()
+    s = (ref.double().abs().max() if scale is None else scale).clamp(min=1e-30)
+    rel = (err / s).max().item() if err.numel() else 0.0
+    print(f"{what}: max abs err {err.max().item() if err.numel() else 0:.3e}, relative {rel:.3e} (tol {rtol:.0e})")
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    assert rel <= rtol, what
+
+
+def check_dots(stats_dots: torch.Tensor, ref: torch.Tensor) -> None:
+    assert stats_dots.dtype == torch.float32 and stats_dots.shape == ref.shape
+    scale = (ref[:, 1] + ref[:, 2]).unsqueeze(1) + 1e-30       # per sample: |d| ≤ (na + nt) / 2
+    check("dots", stats_dots, ref, TOL["dots"], scale)
+
+
+def expected_update(model, g_va, g_vt, ca, cv):
+    """{name: Σ_i ca_i g^va_i + cv_i g^vt_i} for every parameter, from the brute force."""
+    out = {}
+    for n, _ in model.named_parameters():
+        shape = (-1,) + (1,) * (g_va[n].dim() - 1)
+        out[n] = (ca.double().view(shape) * g_va[n] + cv.double().view(shape) * g_vt[n]).sum(0)
+    return out
+
+
+def check_grads(model, expected, rtol, names=None):
+    for n, p in model.named_parameters():
+        if names is not None and n not in names:
+            continue
+        assert p.grad is not None, n
+    got = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if names is None or n in names])
+    ref = torch.cat([(torch.zeros_like(p) if expected[n] is None else expected[n]).flatten()   # None: no gradient
+                     for n, p in model.named_parameters() if names is None or n in names])
+    check("grad", got, ref, rtol)
+
+
+@pytest.mark.parametrize("B", [1, 2, 7])
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+@pytest.mark.parametrize("scope", ["shared", "all"])
+def test_dots_and_plain_grad_match_brute_force(B, mode, scope):
+    """realign=none, curriculum=none: dots = brute force; .grad = Σ_i g^va_i + λ g^vt_i = ∇(L_va + λ L_vt)."""
+    lam = 0.5
+    g_va, g_vt = reference(B)
+    model, h, stats = run(HarmonyConfig(realign="none", curriculum="none", mode=mode, scope=scope, lam=lam), B)
+    assert stats.mode == mode
+    names = h.scope_names()
+    check_dots(stats.dots, dots_of(flat(g_va, names), flat(g_vt, names)))
+    ones = torch.ones(B)
+    expected = expected_update(model, g_va, g_vt, ones, lam * ones)
+    check_grads(model, expected, TOL["grad_exact"] if mode == "ghost" else TOL["grad_fp32_buffers"])
+    # the same, by autograd on the batch loss (Σ_i g_i = ∇L: the path decomposition sums to the batch gradient)
+    plain = fresh_model()
+    x = toy_batch(B, seed=SEED + B)
+    L_va, L_vt = cmaloss(*MASKS[B])(plain(*x))
+    (L_va + lam * L_vt).backward()
+    check_grads(model, {n: p.grad for n, p in plain.named_parameters()},
+                TOL["grad_exact"] if mode == "ghost" else TOL["grad_fp32_buffers"])
+    for f in ("cos", "weights", "alpha", "beta", "coef_va", "coef_vt"):
+        assert torch.isfinite(getattr(stats, f)).all(), f
+
+
+def test_shared_scope_is_what_both_losses_reach():
+    """Without model.scope_parameters, 'shared' = parameters reachable from both losses' inputs."""
+    g_va, g_vt = reference(7)
+    model, h, _ = run(HarmonyConfig(realign="none", mode="ghost", scope="shared"), 7)
+    expected = {n for n, _ in model.named_parameters() if n.startswith(ToyVATT.SHARED_PREFIXES)}
+    print(sorted(expected ^ set(h.scope_names())))
+    assert set(h.scope_names()) == expected
+    # and by the brute force: exactly the parameters with a nonzero per-sample gradient from both losses
+    both = {n for n in g_va if g_va[n].abs().sum() > 0 and g_vt[n].abs().sum() > 0}
+    assert both == expected
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_pcgrad_with_curriculum_on_actual_gradients(mode):
+    """pcgrad + a threshold curriculum: α, β follow SPEC §3 on the brute-force dots, the PCGrad properties hold
+    on the actual per-sample gradients, and .grad = Σ_i ca_i g^va_i + cv_i g^vt_i for every parameter."""
+    B, lam = 7, 1.0
+    g_va, g_vt = reference(B)
+    cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", lam=lam,
+                        curriculum_start=0.0, kappa0=0.0, kappa1=0.0, min_keep=0.25)
+    model, h, st = run(cfg, B, step=5, total_steps=10)
+    names = h.scope_names()
+    A, V = flat(g_va, names), flat(g_vt, names)
+    ref = dots_of(A, V)
+    check_dots(st.dots, ref)
+    d, na, nt = ref.unbind(1)
+    conflict = st.valid & (d < 0)
+    print("conflicting samples:", conflict.tolist(), "cos:", st.cos.tolist())
+    assert conflict.any() and (~conflict & st.valid).any(), "the test batch must mix conflicting and agreeing samples"
+    assert torch.equal(st.conflict, conflict)
+    alpha = torch.where(conflict, 1 - lam * d / na, torch.ones_like(d))
+    beta = torch.where(conflict, lam - d / nt, lam * torch.ones_like(d))
+    check("alpha", st.alpha, alpha, TOL["dots"] * 10, scale=alpha.abs() + 1)
+    check("beta", st.beta, beta, TOL["dots"] * 10, scale=beta.abs() + 1)
+    # PCGrad properties on the actual gradients (SPEC §3)
+    Gi = st.alpha.double()[:, None] * A + st.beta.double()[:, None] * V
+    tol = 1e-5 * (A.norm(dim=1) * V.norm(dim=1) + A.norm(dim=1) ** 2 + V.norm(dim=1) ** 2)
+    assert ((Gi * A).sum(1)[conflict] >= -tol[conflict]).all()
+    assert ((Gi * V).sum(1)[conflict] >= -tol[conflict]).all()
+    ta = A - (d / nt)[:, None] * V
+    tv = V - (d / na)[:, None] * A
+    assert ((ta * tv).sum(1)[conflict] >= -tol[conflict]).all()
+    # curriculum: threshold κ = 0 on the cosine, guard ceil(0.25·n_valid), invalid samples weight 1
+    # (some valid cosine is ≥ 0, so the guard does not lower κ)
+    assert torch.equal(st.weights, torch.where(st.valid, (st.cos >= 0).float(), 1.0))
+    assert (st.weights == 0).any()
+    norm = st.weights.double().sum() / B
+    check("coef_va", st.coef_va, st.weights.double() * st.alpha.double() / norm, TOL["grad_fp32_coef"])
+    check("coef_vt", st.coef_vt, st.weights.double() * st.beta.double() / norm, TOL["grad_fp32_coef"])
+    expected = expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt)
+    check_grads(model, expected, TOL["grad_fp32_coef"] if mode == "ghost" else TOL["grad_fp32_buffers"])
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_apply_to_scope(mode):
+    """apply_to=scope: scoped parameters get the realigned update, the others w-weighted plain gradients."""
+    B, lam = 7, 1.0
+    g_va, g_vt = reference(B)
+    cfg = HarmonyConfig(realign="pcgrad", mode=mode, scope="shared", lam=lam, apply_to="scope")
+    model, h, st = run(cfg, B)
+    assert not torch.allclose(st.alpha, torch.ones(B)), "needs a conflicting sample"
+    inside = set(h.scope_names())
+    outside = {n for n, _ in model.named_parameters()} - inside
+    tol = TOL["grad_fp32_coef"] if mode == "ghost" else TOL["grad_fp32_buffers"]
+    check_grads(model, expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt), tol, names=inside)
+    w = st.weights.double() / (st.weights.double().sum() / B)
+    check_grads(model, expected_update(model, g_va, g_vt, w, lam * w), tol, names=outside)
+
+
+def test_modes_agree():
+    """ghost and materialize give the same stats and .grad (fp32 tolerance) under realignment and curriculum."""
+    cfg = dict(realign="pcgrad", curriculum="ratio", scope="all", curriculum_start=0.0, rho0=0.5)
+    mg, _, sg = run(HarmonyConfig(mode="ghost", **cfg), 7, step=1, total_steps=10)
+    mm, _, sm = run(HarmonyConfig(mode="materialize", **cfg), 7, step=1, total_steps=10)
+    check_dots(sm.dots, sg.dots.double())
+    assert torch.equal(sg.weights, sm.weights)
+    assert (sg.weights == 0).any()
+    check_grads(mm, {n: p.grad for n, p in mg.named_parameters()}, TOL["grad_fp32_buffers"])
+
+
+def test_empty_mask_and_zero_gradient_give_no_nan():
+    """All of L_vt masked: G = ∇L_va, cos 0, nothing NaN. B = 1: NCE is the constant log 2, every gradient is 0."""
+    B = 7
+    masks = (torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool))
+    for mode in ("ghost", "materialize"):
+        model, _, st = run(HarmonyConfig(realign="pcgrad", curriculum="threshold", curriculum_start=0.0, mode=mode),
+                           B, masks=masks, step=3, total_steps=4)
+        assert not st.valid.any() and st.kept == 1.0
+        assert torch.equal(st.dots[:, 2], torch.zeros(B))
+        assert torch.isfinite(st.cos).all() and torch.isfinite(st.coef_va).all() and torch.isfinite(st.coef_vt).all()
+        plain = fresh_model()
+        L_va, L_vt = cmaloss(*masks)(plain(*toy_batch(B, seed=SEED + B)))
+        assert L_vt.item() == 0.0
+        L_va.backward()
+        check_grads(model, {n: p.grad for n, p in plain.named_parameters()},
+                    TOL["grad_exact"] if mode == "ghost" else TOL["grad_fp32_buffers"])
+    for mode in ("ghost", "materialize"):     # B = 1: ℓ = log 2 up to rounding, gradients ~1e-14
+        model, _, st = run(HarmonyConfig(realign="pcgrad", mode=mode), 1)
+        print("B=1 dots", st.dots.tolist(), "cos", st.cos.tolist())
+        assert st.dots.abs().max() < 1e-20
+        assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() < 1e-12 for p in model.parameters())
+        assert torch.isfinite(st.cos).all() and torch.isfinite(st.coef_va).all() and torch.isfinite(st.coef_vt).all()
+    for mode in ("ghost", "materialize"):     # an exactly zero L_vt gradient for every sample: nt = 0, cos 0, α = 1
+        model = fresh_model()
+        h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode))
+        z = model(*toy_batch(B, seed=SEED + B))
+        st = h.backward(nce(z[0], z[1]), 0.0 * mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+        assert torch.equal(st.dots[:, 0], torch.zeros(B)) and torch.equal(st.dots[:, 2], torch.zeros(B))
+        assert (st.dots[:, 1] > 0).all() and torch.equal(st.cos, torch.zeros(B))
+        assert torch.equal(st.alpha, torch.ones(B)) and not st.conflict.any()
+
+
+class _BNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        z = self.bn(self.lin(x))
+        return z, z.flip(1), z, z
+
+
+def test_batchnorm_in_scope_raises_a_clear_error():
+    with pytest.raises(PerSampleError, match=r"'bn' \(BatchNorm1d\) mixes samples.*register_grad_sampler"):
+        GradientHarmonizer(_BNModel(), HarmonyConfig(scope="all"))
+    model = _BNModel()
+    h = GradientHarmonizer(model, HarmonyConfig(scope="shared", mode="ghost"))
+    z = model(torch.randn(5, 4))
+    with pytest.raises(PerSampleError, match="BatchNorm1d"):
+        h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+
+
+class _DirectUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.lin.weight)         # the weight used outside self.lin
+        return self.out(h), h, self.out(h).flip(1), h
+
+
+def test_parameter_used_outside_its_module_raises():
+    model = _DirectUse()
+    h = GradientHarmonizer(model, HarmonyConfig(scope="all", mode="ghost"))
+    z = model(torch.randn(5, 4))
+    with pytest.raises(PerSampleError, match="lin.weight.*never called"):
+        h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+
+
+def test_explicit_scope_list_and_auto_mode():
+    model = fresh_model()
+    params = [model.block.fc1.weight, model.norm.bias, model.v_agg.token]
+    cfg = HarmonyConfig(realign="none", mode="auto", scope=params, memory_budget_mb=1e-3)
+    _, h, st = run(cfg, 7, model=model)
+    assert h.scope_names() == ["block.fc1.weight", "norm.bias", "v_agg.token"]
+    assert st.mode == "ghost"              # 2·B·P_S·4 bytes > 1 kB
+    g_va, g_vt = reference(7)
+    check_dots(st.dots, dots_of(flat(g_va, h.scope_names()), flat(g_vt, h.scope_names())))
+    _, _, st = run(HarmonyConfig(realign="none", mode="auto", scope="all", memory_budget_mb=64.0), 7)
+    assert st.mode == "materialize"
+
+
+def test_disabled_is_plain_training():
+    model, _, st = run(HarmonyConfig(enabled=False, lam=0.5), 7)
+    assert st.mode == "plain"
+    plain = fresh_model()
+    L_va, L_vt = cmaloss(*MASKS[7])(plain(*toy_batch(7, seed=SEED + 7)))
+    (L_va + 0.5 * L_vt).backward()
+    check_grads(model, {n: p.grad for n, p in plain.named_parameters()}, TOL["grad_exact"])
+
+
+def test_state_dict_round_trip_and_memory():
+    cfg = HarmonyConfig(realign="gradvac", gradvac_ema=0.5, curriculum="memory", curriculum_start=0.0)
+    model = fresh_model()
+    h = GradientHarmonizer(model, cfg)
+    ids = torch.tensor([3, 9, 4, 0, 12, 7, 5])
+    for step in range(2):
+        model.zero_grad()
+        z = model(*toy_batch(7, seed=SEED + 7))
+        st = h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:], step=step,
+                        total_steps=4, ids=ids)
+    score, seen = h.memory.scores(ids)
+    assert seen.all()
+    torch.testing.assert_close(score, st.cos)          # the same items twice: the EMA of equal cosines
+    buf = io.BytesIO()
+    torch.save(h.state_dict(), buf)
+    buf.seek(0)
+    h2 = GradientHarmonizer(fresh_model(), cfg)
+    h2.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(h2.memory.scores(ids)[0], score)
+    assert h2.realign_state.target == h.realign_state.target and h.realign_state.updates == 2
+
+
+def test_records_are_released_and_eval_is_not_recorded():
+    model = fresh_model()
+    h = GradientHarmonizer(model, HarmonyConfig(mode="ghost"))
+    with torch.no_grad():
+        model(*toy_batch(2))
+    model.eval()
+    model(*toy_batch(2))
+    assert not h._records
+    model.train()
+    z = model(*toy_batch(2))
+    assert h._records
+    h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+    assert not h._records
