@@ -126,7 +126,8 @@ class DataConfig:
     size: int = _f(8192, "synthetic: number of items in the finite training set", lo=1)
     eval_size: int = _f(512, "held-out evaluation items (synthetic: a clean split)", lo=0)
     seed: int = _f(0, "data seed: item i is generated from (seed, i)")
-    concepts: int = _f(16, "synthetic: number of concepts (4 shapes × 4 colours)", lo=2)
+    concepts: int = _f(16, "synthetic: number of concepts (shapes × colours: 16 = 4 × 4; at most 8 × 8)",
+                       lo=2, hi=64)
     noise: float = _f(0.0, "synthetic: rate of misaligned text", lo=0.0, hi=1.0)
     noise_audio: float = _f(0.0, "synthetic: rate of misaligned audio", lo=0.0, hi=1.0)
     noise_kind: str = _f("swap", "synthetic: kind of misalignment", choices=("swap", "bias", "unrelated"))
@@ -140,6 +141,9 @@ class DataConfig:
     manifest: str = _f("", "manifest: path to the JSONL manifest (paths inside are relative to its folder)")
     eval_manifest: str = _f("", "manifest: held-out manifest (empty: split off the training manifest)")
     shards: str = _f("", "shards: brace pattern or glob of .tar shards")
+    eval_shards: str = _f("", "shards: held-out shards (empty: hold out items of data.shards by a stable hash)")
+    shuffle_buffer: int = _f(256, "shards: per-shard shuffle buffer, in raw samples held in memory (<= 1: off)",
+                             lo=0)
     workers: int = _f(0, "DataLoader worker processes", lo=0)
 
     def validate(self) -> "DataConfig":

@@ -1,0 +1,91 @@
+"""Items, batches and bad-input accounting shared by every data source (the batch contract, SPEC §9/§13).
+
+An item is a dict with ``video`` [3, T, H, W] float32 in [0, 1], ``audio`` [S] float32 in [-1, 1],
+``text`` [L, N] int64, ``mask_va``/``mask_vt`` bool, ``index`` int, ``source`` str, ``concept`` int,
+optional synthetic ground truth, and ``bad``: the bad-input counts met while producing it (so the
+counts travel with the data out of DataLoader worker processes). ``collate`` stacks items into a batch.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Dict, List, Mapping
+
+import torch
+
+log = logging.getLogger("harmony.data")
+
+# Every bad-input kind the data code counts; loaders report all of them (zeros included).
+BAD_KINDS = (
+    "missing_file",   # the clip's file does not exist: item replaced by the next usable one
+    "decode_error",   # the container cannot be opened / no frame decodes / window outside the clip: replaced
+    "no_video",       # the container has no video stream: replaced
+    "truncated",      # decoding stopped inside the window: replaced if under half the frames decoded, else
+                      # kept with the last frame repeated and the audio zero-padded
+    "no_audio",       # no (decodable) audio stream, or none of it inside the window: mask_va False, audio zeros
+    "empty_caption",  # caption with no words (or no aligned word inside the window): mask_vt False
+    "bad_caption",    # caption that is not valid UTF-8: mask_vt False
+    "bad_align",      # word-alignment file missing or unparsable: the full "text" field is used instead
+    "bad_line",       # manifest line that is not a JSON object with a "path": dropped when the manifest is read
+)
+
+# Keys stacked into tensors by ``collate`` (dtype), when every item has them.
+_TENSOR_KEYS = {"mask_va": torch.bool, "mask_vt": torch.bool, "index": torch.int64, "concept": torch.int64,
+                "text_concept": torch.int64, "audio_concept": torch.int64,
+                "noisy_text": torch.bool, "noisy_audio": torch.bool}
+
+_WARNED: set = set()
+
+
+def zero_counts() -> Dict[str, int]:
+    """A fresh counter dict with every bad-input kind at 0."""
+    return {k: 0 for k in BAD_KINDS}
+
+
+def add_counts(into: Dict[str, int], other: Mapping[str, int]) -> Dict[str, int]:
+    """Add ``other``'s counts into ``into`` (in place) and return it."""
+    for k, v in other.items():
+        into[k] = into.get(k, 0) + int(v)
+    return into
+
+
+def note_bad(counts: Dict[str, int], kind: str, detail: str) -> None:
+    """Count one bad input of ``kind`` and warn the first time this process meets that kind."""
+    if kind not in BAD_KINDS:
+        raise KeyError(f"unknown bad-input kind {kind!r}; known: {BAD_KINDS}")
+    counts[kind] = counts.get(kind, 0) + 1
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        msg = f"harmony.data: {kind}: {detail} (further '{kind}' cases are counted, not warned)"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+
+
+def reset_warnings() -> None:
+    """Forget which kinds were warned about (tests use it to see the warning again)."""
+    _WARNED.clear()
+
+
+def collate(items: List[dict]) -> dict:
+    """Stack item dicts into a batch dict (the batch contract); ``bad`` becomes the batch's summed counts.
+
+    video [B, 3, T, H, W] float32, audio [B, S] float32, text [B, L, N] int64, mask_va/mask_vt [B] bool,
+    index [B] int64, source list[str], concept [B] int64 (and the synthetic ground truth when present),
+    bad {kind: int}.
+    """
+    if not items:
+        raise ValueError("collate: empty list of items")
+    batch = {
+        "video": torch.stack([it["video"] for it in items]),
+        "audio": torch.stack([it["audio"] for it in items]),
+        "text": torch.stack([it["text"] for it in items]),
+    }
+    for key, dtype in _TENSOR_KEYS.items():
+        if all(key in it for it in items):
+            batch[key] = torch.tensor([it[key] for it in items], dtype=dtype)
+    batch["source"] = [it["source"] for it in items]
+    bad = zero_counts()
+    for it in items:
+        add_counts(bad, it.get("bad", {}))
+    batch["bad"] = bad
+    return batch
