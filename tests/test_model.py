@@ -1,0 +1,322 @@
+"""VATT model (SPEC §8): shapes, per-sample independence, DropToken, masking, scopes by autograd, sizes, init."""
+import math
+
+import pytest
+import torch
+
+from harmony.config import ConfigError, DataConfig, ModelConfig
+from harmony.losses import masked_mean, mil_nce, nce
+from harmony.model import VATT, droptoken_keep
+
+FIELDS = ("z_va_v", "z_va_a", "z_vt_v", "z_vt_t", "feat_v", "feat_a", "feat_t")
+FP32_TOL = 2e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and far faster when the cores are shared
+    (OpenMP workers spin-waiting for a busy core slow each op down by 10x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_data(**kw):
+    """Awkward small shapes: 2x2x4 video grid, 2000 audio samples (12.5 patches: padded), 7 words."""
+    base = dict(frames=4, image_size=16, sample_rate=8000, audio_seconds=0.25, max_words=7, candidates=2)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def small_model(**kw):
+    base = dict(size="tiny", video_patch=[2, 8, 4], vocab_buckets=97, droptoken=0.5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_inputs(data, b, n_cand, gen):
+    """video [B,3,T,H,W] in [0,1], audio [B,S] in [-1,1], text [B,L,N] with padding and an empty candidate."""
+    video = torch.rand(b, 3, data.frames, data.image_size, data.image_size, generator=gen)
+    audio = torch.rand(b, int(data.sample_rate * data.audio_seconds), generator=gen) * 2 - 1
+    text = torch.randint(1, 97, (b, n_cand, data.max_words), generator=gen)
+    lengths = torch.randint(1, data.max_words + 1, (b, n_cand), generator=gen)
+    text = torch.where(torch.arange(data.max_words) < lengths[..., None], text, torch.zeros_like(text))
+    if b > 1 and n_cand > 1:
+        text[1, 1] = 0  # an empty candidate
+    return video, audio, text
+
+
+def build(model_cfg, data_cfg, seed=0):
+    torch.manual_seed(seed)
+    return VATT(model_cfg, data_cfg)
+
+
+def test_output_shapes_and_describe():
+    data = small_data()
+    model = build(small_model(), data)
+    video, audio, text = make_inputs(data, 3, 2, torch.Generator().manual_seed(0))
+    out = model(video, audio, text)
+    d, dva, dvt = model.dims["width"], model.dims["d_va"], model.dims["d_vt"]
+    assert out.z_va_v.shape == (3, dva) and out.z_va_a.shape == (3, dva)
+    assert out.z_vt_v.shape == (3, dvt) and out.z_vt_t.shape == (3, 2, dvt)
+    assert out.feat_v.shape == out.feat_a.shape == out.feat_t.shape == (3, d)
+    assert out.cand_mask.tolist() == (text != 0).any(-1).tolist() and not out.cand_mask[1, 1]
+    assert all(torch.isfinite(getattr(out, f)).all() for f in FIELDS)
+    only_video = model.encode_video(video)
+    assert only_video.z_va_a is None and only_video.z_vt_t is None and only_video.z_vt_v.shape == (3, dvt)
+    text_2d = model.encode_text(text[:, 0])
+    assert text_2d.z_vt_t.shape == (3, 1, dvt)
+    line = model.describe()
+    print(line)
+    assert "VATT-tiny agnostic" in line and "M" in line
+
+
+def _max_err(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("head_norm", ["layernorm", "none"])
+@pytest.mark.parametrize("variant", ["agnostic", "specific"])
+@pytest.mark.parametrize("train", [False, True])
+def test_per_sample_independence(train, variant, head_norm):
+    """Sample i's outputs in a batch equal those of sample i alone (eval; train with a fixed DropToken draw)."""
+    data = small_data()
+    model = build(small_model(variant=variant, head_norm=head_norm), data)
+    model.train(train)
+    b = 5
+    video, audio, text = make_inputs(data, b, 2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batch = model(video, audio, text, generator=torch.Generator().manual_seed(42))
+        worst = 0.0
+        for i in range(b):
+            alone = model(video[i:i + 1], audio[i:i + 1], text[i:i + 1], generator=torch.Generator().manual_seed(42))
+            for f in FIELDS:
+                worst = max(worst, _max_err(getattr(batch, f)[i:i + 1], getattr(alone, f)))
+    print(f"train={train} {variant} {head_norm}: max |batch - alone| = {worst:.3e}")
+    assert worst < FP32_TOL
+
+
+def test_droptoken():
+    data = small_data()
+    model = build(small_model(droptoken=0.5), data)
+    video, audio, text = make_inputs(data, 3, 2, torch.Generator().manual_seed(2))
+    n = model.video_embed.num_tokens
+    keep = droptoken_keep(n, 0.5, torch.Generator().manual_seed(0))
+    assert keep.numel() == round(n * 0.5) and torch.equal(keep, keep.unique())  # sorted, distinct
+    tokens = model.video_embed(video, keep)
+    assert tokens.shape[1] == 1 + keep.numel()
+    # The kept tokens are exactly the full sequence's tokens at those positions.
+    full = model.video_embed(video)
+    assert torch.equal(tokens[:, 1:], full[:, 1 + keep]) and torch.equal(tokens[:, 0], full[:, 0])
+    with torch.no_grad():
+        model.eval()
+        ref = model(video, audio, text)
+        model.train()
+        a = model(video, audio, text, generator=torch.Generator().manual_seed(3))
+        b = model(video, audio, text, generator=torch.Generator().manual_seed(3))
+        c = model(video, audio, text, generator=torch.Generator().manual_seed(4))
+        model.cfg.droptoken = 1.0  # no DropToken: training equals evaluation (dropout is 0)
+        d = model(video, audio, text)
+    assert torch.equal(a.z_va_v, b.z_va_v) and torch.equal(a.z_va_a, b.z_va_a)
+    assert _max_err(a.z_va_v, c.z_va_v) > 1e-4 and _max_err(a.z_va_v, ref.z_va_v) > 1e-4
+    assert _max_err(a.z_va_a, ref.z_va_a) > 1e-4
+    assert _max_err(a.z_vt_t, ref.z_vt_t) == 0.0  # text is never dropped
+    err = max(_max_err(getattr(d, f), getattr(ref, f)) for f in FIELDS)
+    print("keep rate 1 train vs eval", err)
+    assert err < FP32_TOL
+
+
+def test_text_padding_is_masked():
+    """A padded sequence gives the same text outputs as its unpadded prefix (padding keys are masked)."""
+    data = small_data(candidates=1)
+    model = build(small_model(), data).eval()
+    gen = torch.Generator().manual_seed(5)
+    words = torch.randint(1, 97, (4, 1, data.max_words), generator=gen)
+    lengths = [1, 3, 5, 7]
+    for i, n in enumerate(lengths):
+        words[i, 0, n:] = 0
+    with torch.no_grad():
+        padded = model.encode_text(words)
+        worst = 0.0
+        for i, n in enumerate(lengths):
+            short = model.encode_text(words[i:i + 1, :, :n])
+            worst = max(worst, _max_err(padded.z_vt_t[i:i + 1], short.z_vt_t), _max_err(padded.feat_t[i:i + 1],
+                                                                                      short.feat_t))
+    print("padded vs unpadded max err", worst)
+    assert worst < FP32_TOL
+
+
+def test_feat_t_is_mean_over_nonempty_candidates():
+    data = small_data(candidates=3)
+    model = build(small_model(), data).eval()
+    video, audio, text = make_inputs(data, 3, 3, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model.encode_text(text)
+        for i in range(3):
+            per_cand = [model.encode_text(text[i:i + 1, l:l + 1]).feat_t for l in range(3) if text[i, l].any()]
+            ref = torch.cat(per_cand).double().mean(0)
+            err = _max_err(out.feat_t[i].double(), ref)
+            print(f"sample {i}: feat_t err {err:.2e}")
+            assert err < FP32_TOL
+
+
+def test_video_patches_and_positions():
+    """Token n = (t, h, w) in row-major order holds that patch, channel-major, and gets positions (t, h, w)."""
+    data = small_data()
+    embed = build(small_model(), data).video_embed
+    (pt, ph, pw), (gt, gh, gw) = embed.patch, embed.grid
+    video = torch.rand(2, 3, data.frames, data.image_size, data.image_size)
+    patches = embed.patches(video)
+    norm = (video - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+    n = 0
+    for t in range(gt):
+        for h in range(gh):
+            for w in range(gw):
+                ref = norm[:, :, t * pt:(t + 1) * pt, h * ph:(h + 1) * ph, w * pw:(w + 1) * pw].reshape(2, -1)
+                assert torch.allclose(patches[:, n], ref, atol=1e-6)
+                assert (embed.pos_t.index[n], embed.pos_h.index[n], embed.pos_w.index[n]) == (t, h, w)
+                n += 1
+    assert n == patches.shape[1] == embed.num_tokens
+
+
+def test_audio_pad_and_crop():
+    data = small_data()
+    embed = build(small_model(), data).audio_embed
+    assert embed.num_tokens == math.ceil(2000 / 160)
+    length = embed.num_tokens * embed.patch
+    wave = torch.rand(2, 2000) * 2 - 1
+    patches = embed.patches(wave)
+    expected = torch.cat([wave, torch.zeros(2, length - 2000)], 1).view(2, embed.num_tokens, embed.patch)
+    assert torch.equal(patches, expected)
+    longer = torch.cat([wave, torch.rand(2, 900)], 1)
+    assert torch.equal(embed.patches(longer), longer[:, :length].view(2, embed.num_tokens, embed.patch))
+
+
+def _touched(loss, params):
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return {id(p) for p, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("head_norm", ["layernorm", "none", "batchnorm"])
+@pytest.mark.parametrize("variant", ["agnostic", "specific"])
+def test_scopes_by_autograd(variant, head_norm):
+    """scope 'shared' is exactly the set of parameters that both L_va and L_vt reach (BatchNorm heads excluded)."""
+    data = small_data()
+    model = build(small_model(variant=variant, head_norm=head_norm), data).train()
+    video, audio, text = make_inputs(data, 4, 2, torch.Generator().manual_seed(7))
+    out = model(video, audio, text, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    loss_va = masked_mean(nce(out.z_va_v, out.z_va_a))
+    loss_vt = masked_mean(mil_nce(out.z_vt_v, out.z_vt_t, cand_mask=out.cand_mask))
+    both = _touched(loss_va, params) & _touched(loss_vt, params)
+    expected = set(both)
+    if head_norm == "batchnorm":
+        head = {id(p) for p in model.head_va_v.parameters()}
+        assert head <= both  # the head IS reached by both losses; it is left out on purpose
+        expected -= head
+    shared = model.scope_parameters("shared")
+    got = {id(p) for p in shared}
+    print(f"{variant}/{head_norm}: shared = {len(got)} tensors, {sum(p.numel() for p in shared)} params")
+    assert len(got) == len(shared), "duplicates in scope"
+    assert got == expected, (f"missing {[names[i] for i in expected - got]}, extra {[names[i] for i in got - expected]}")
+
+    video_tf = model.transformer("video")
+    backbone = {id(p) for p in model.scope_parameters("backbone")}
+    last = {id(p) for p in model.scope_parameters("last_block")}
+    assert backbone == {id(p) for p in video_tf.parameters()} and backbone <= got
+    assert last == {id(p) for p in list(video_tf.blocks[-1].parameters()) + list(video_tf.norm.parameters())}
+    assert {id(p) for p in model.scope_parameters("all")} == {id(p) for p in params}
+    with pytest.raises(ConfigError, match="harmony.scope"):
+        model.scope_parameters("everything")
+
+
+def _block_params(d, m):
+    return 2 * (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
+
+
+def expected_count(size, variant, model_cfg, data_cfg):
+    """Parameter count written out from the architecture description (SPEC §8), independently of the code."""
+    layers, d, m = {"tiny": (2, 64, 256), "small": (6, 512, 2048), "base": (12, 768, 3072),
+                    "medium": (12, 1024, 4096)}[size]
+    dva, dvt = (64, 32) if size == "tiny" else (512, 256)
+    pt, ph, pw = model_cfg.video_patch
+    grid = (data_cfg.frames // pt, data_cfg.image_size // ph, data_cfg.image_size // pw)
+    n_audio = math.ceil(data_cfg.sample_rate * data_cfg.audio_seconds / model_cfg.audio_patch)
+    video = (3 * pt * ph * pw * d + d) + (d * d + d) + sum(grid) * d + d
+    audio = (model_cfg.audio_patch * d + d) + (d * d + d) + n_audio * d + d
+    text = model_cfg.vocab_buckets * d + (d * d + d) + data_cfg.max_words * d + d
+    transformer = layers * _block_params(d, m) + 2 * d
+    post = 3 * (d * d + d)
+    heads = (d * dva + dva) + 2 * dva + (dva * dva + dva)      # video -> S_va MLP (LayerNorm)
+    heads += (dva * dvt + dvt) + 2 * dvt + (dvt * dvt + dvt)   # S_va -> S_vt MLP
+    heads += (d * dva + dva) + (d * dvt + dvt)                  # audio, text linear heads
+    return video + audio + text + transformer * (1 if variant == "agnostic" else 3) + post + heads
+
+
+@pytest.mark.parametrize("variant", ["agnostic", "specific"])
+def test_parameter_counts(variant):
+    data = DataConfig()
+    for size in ("tiny", "small", "base", "medium"):
+        cfg = ModelConfig(size=size, variant=variant)
+        with torch.device("meta"):  # no memory, no init cost: medium is ~220M parameters
+            model = VATT(cfg, data)
+        got, want = model.num_parameters(), expected_count(size, variant, cfg, data)
+        shared = sum(p.numel() for p in model.scope_parameters("shared"))
+        print(f"{size:6s} {variant:8s}: {got:>12,d} parameters (formula {want:,d}); shared scope {shared:,d}")
+        assert got == want
+
+
+def test_initialisation():
+    model = build(ModelConfig(size="tiny"), DataConfig())
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight
+            assert w.abs().max() <= 0.04 + 1e-7, name
+            if w.numel() >= 4096:
+                assert abs(w.std().item() - 0.0176) < 0.003, (name, w.std().item())  # N(0, .02) cut at ±2σ
+            assert (module.bias == 0).all(), name
+        if isinstance(module, torch.nn.LayerNorm):
+            assert (module.weight == 1).all() and (module.bias == 0).all(), name
+    assert (model.text_embed.word_embed.weight[0] == 0).all()
+    assert 0.01 < model.video_embed.agg.token.std() < 0.03
+
+
+def test_bad_config_and_inputs():
+    with pytest.raises(ConfigError, match="data.frames"):
+        VATT(small_model(), small_data(frames=5))
+    with pytest.raises(ConfigError, match="model.video_patch"):
+        VATT(small_model(video_patch=[2, 8]), small_data())
+    with pytest.raises(ConfigError, match="model.head_norm"):
+        VATT(small_model(head_norm="groupnorm"), small_data())
+    data = small_data()
+    model = build(small_model(), data)
+    with pytest.raises(ValueError, match="video must be"):
+        model.encode_video(torch.rand(1, 3, 4, 16, 8))
+    with pytest.raises(ValueError, match="max_words"):
+        model.encode_text(torch.ones(1, 1, data.max_words + 1, dtype=torch.long))
+
+
+def test_learns_a_fixed_batch():
+    """AdamW steps on one batch of a tiny model lower L_va + L_vt (gradients flow end to end).
+
+    At initialisation the pooled features are dominated by the shared AGG token (pairwise cosines of z ≈ 0.96),
+    and a large learning rate without warm-up collapses the embeddings to log(2B); 1e-4 learns.
+    """
+    data = small_data(candidates=1)
+    model = build(small_model(), data).train()
+    video, audio, text = make_inputs(data, 8, 1, torch.Generator().manual_seed(8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    losses = []
+    for step in range(30):
+        out = model(video, audio, text, generator=torch.Generator().manual_seed(step))
+        loss = masked_mean(nce(out.z_va_v, out.z_va_a)) + masked_mean(mil_nce(out.z_vt_v, out.z_vt_t))
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        losses.append(loss.item())
+    print("losses", [round(x, 3) for x in losses])
+    assert sum(losses[-5:]) / 5 < 0.85 * losses[0]
