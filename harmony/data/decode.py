@@ -56,6 +56,7 @@ class Clip:
     a0: float                    # audio window start (s)
     duration: Optional[float]    # container duration (s) when known
     problems: List[Tuple[str, str]] = field(default_factory=list)
+    seeked: bool = False         # decoding started from a seek (long clips), not from the clip start
 
 
 def clip_window(duration: Optional[float], start: Optional[float], end: Optional[float],
@@ -235,11 +236,16 @@ def _decode_open(container, frames, fps, image_size, sample_rate, audio_seconds,
     rate = float(vstream.average_rate or vstream.guessed_rate or 25)
     problems: List[Tuple[str, str]] = []
     error = None
+    seeked = False
     if min(v0, a0) > SEEK_MIN_S:
         try:  # to the keyframe at or before a point safely ahead of both windows
             container.seek(int((min(v0, a0) - 1.0 + origin) * av.time_base), backward=True)
-        except Exception:
-            container.seek(0)
+            seeked = True
+        except Exception:  # an unseekable stream: decode from the start
+            try:
+                container.seek(0)
+            except Exception:
+                pass
     streams = [vstream] + ([astream] if astream is not None else [])
     audio_ok = astream is not None
     t_next = 0.0
@@ -301,7 +307,7 @@ def _decode_open(container, frames, fps, image_size, sample_rate, audio_seconds,
     audio = torch.from_numpy(collector.buf) if audio_ok else torch.zeros(n_audio)
     audio = torch.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-1.0, 1.0)
     return Clip(video=video.contiguous(), audio=audio, has_audio=audio_ok, v0=v0, a0=a0,
-                duration=duration, problems=problems)
+                duration=duration, problems=problems, seeked=seeked)
 
 
 def probe_duration(src: Source) -> Optional[float]:
