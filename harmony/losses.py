@@ -84,14 +84,15 @@ def asymmetric_nce(anchor: torch.Tensor, cands: torch.Tensor, mask: Optional[tor
 
     mask [B] bool: sample i is valid; cand_mask [B, L] bool: candidate (i, l) is valid. With torch.distributed
     initialised, world > 1 and ``gather``, negatives come from the global batch and the local samples' ℓ is
-    returned. Computed in float32 at least (float64 stays float64).
+    returned. Computed in float32 at least (float64 stays float64), also under autocast.
     """
     if anchor.dim() != 2 or cands.dim() != 3 or cands.shape[0] != anchor.shape[0] \
             or cands.shape[2] != anchor.shape[1]:
         raise ValueError(f"asymmetric_nce needs anchor [B, d] and cands [B, L, d], got {list(anchor.shape)} "
                          f"and {list(cands.shape)}")
     b, cands_per, _ = cands.shape
-    with nvtx_range("losses/asymmetric_nce"):
+    # Autocast off: the similarities and log-sum-exps stay in fp32 even inside a bf16 autocast region.
+    with nvtx_range("losses/asymmetric_nce"), torch.autocast(device_type=cands.device.type, enabled=False):
         dtype = torch.promote_types(torch.promote_types(anchor.dtype, cands.dtype), torch.float32)
         valid = torch.ones(b, cands_per, dtype=torch.bool, device=cands.device)
         if mask is not None:

@@ -181,6 +181,17 @@ def test_masked_mean():
     assert math.isfinite(out.item()) and torch.isfinite(bad.grad).all()
 
 
+def test_fp32_under_autocast():
+    """Inside a bf16 autocast region the loss still computes in fp32 (bf16 similarities would be off by ~1e-2)."""
+    gen = torch.Generator().manual_seed(13)
+    anchor, cands = torch.randn(6, 32, generator=gen), torch.randn(6, 3, 32, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = asymmetric_nce(anchor, cands, gather=False)
+    err = _err(loss, reference_nce(anchor, cands))
+    print("autocast bf16: dtype", loss.dtype, "max err", err)
+    assert loss.dtype == torch.float32 and err < TOL[torch.float32]
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="anchor"):
         asymmetric_nce(torch.randn(3, 4), torch.randn(3, 4), gather=False)
