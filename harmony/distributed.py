@@ -115,6 +115,19 @@ def any_nonfinite(*tensors: Optional[torch.Tensor], device=None) -> bool:
     return bool(all_reduce(flag, "max").item() > 0)
 
 
+def global_masked_mean(losses: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's share of the GLOBAL masked mean Σ_i m_i ℓ_i / Σ_i m_i (i over every rank's samples).
+
+    losses [b], mask [b] -> scalar  local Σ m ℓ / (global Σ m / world). Data-parallel gradient averaging
+    (÷ world) then yields exactly the gradient of the global mean however the masked samples are spread over
+    ranks — a per-rank masked_mean would not. In one process it is the plain masked mean.
+    """
+    m = torch.ones_like(losses, dtype=torch.bool) if mask is None else mask.to(losses.device, torch.bool)
+    total = torch.where(m, losses, torch.zeros_like(losses)).sum()
+    count = all_reduce(m.sum().to(torch.float64).detach().clone(), "sum")
+    return total / (count.clamp_min(1) / get_world_size()).to(losses.dtype)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (e.g. the run folder, whose name has rank 0's clock in it)."""
     if not is_dist():

@@ -65,14 +65,13 @@ class Parts:
     build_loader: Callable[..., Iterable[dict]]                # (data_cfg, split, batch, rank, world, seed, start_step[, sampler])
     nce: Callable[..., torch.Tensor]                           # (z_v, z_a, mask=) -> ℓ^va [B]
     mil_nce: Callable[..., torch.Tensor]                       # (z_vt, z_t, mask=, cand_mask=) -> ℓ^vt [B]
-    masked_mean: Callable[..., torch.Tensor]                   # (ℓ [B], mask [B]) -> scalar
     build_harmonizer: Optional[Callable[[nn.Module, Any], Any]] = None  # (model, harmony_cfg) -> harmonizer
 
 
 def default_parts() -> Parts:
     """VATT, the harmony data loaders, the CMA losses and the GradientHarmonizer."""
     from harmony.data import build_loader
-    from harmony.losses import masked_mean, mil_nce, nce
+    from harmony.losses import mil_nce, nce
     from harmony.model import VATT
 
     def build_harmonizer(model, harmony_cfg):
@@ -81,7 +80,7 @@ def default_parts() -> Parts:
         return GradientHarmonizer(model, harmony_cfg)
 
     return Parts(build_model=lambda cfg: VATT(cfg.model, cfg.data), build_loader=build_loader, nce=nce,
-                 mil_nce=mil_nce, masked_mean=masked_mean, build_harmonizer=build_harmonizer)
+                 mil_nce=mil_nce, build_harmonizer=build_harmonizer)
 
 
 # ------------------------------------------------------------------------------------------- run folder
@@ -181,8 +180,9 @@ class _Window:
 
     def reset(self) -> None:
         self.steps = 0
-        self.sums = dict.fromkeys(("loss_va", "loss_vt", "loss", "cos_sum", "cos_n", "conflict_n", "kept_n",
-                                   "samples", "skipped", "grad_norm", "grad_norm_n", "time"), 0.0)
+        self.sums = dict.fromkeys(("cos_sum", "cos_n", "conflict_n", "kept_n", "samples", "skipped", "grad_norm",
+                                   "grad_norm_n", "time"), 0.0)
+        self.loss_parts: List[float] = []  # per micro-step: Σ m ℓ^va, Σ m^a, Σ m ℓ^vt, Σ m^t (local)
         self.bad: Dict[str, float] = {}
         self.hist = torch.zeros(self.bins, dtype=torch.float64)
         self.has_cos = False
@@ -356,7 +356,7 @@ class Trainer:
         """Fill .grad (added to what earlier micro-steps left): harmonized, or the plain L_va + λ·L_vt."""
         lam = self.cfg.harmony.lam
         if self.harmonizer is None:
-            loss = self.parts.masked_mean(l_va, batch["mask_va"]) + lam * self.parts.masked_mean(l_vt, batch["mask_vt"])
+            loss = hd.global_masked_mean(l_va, batch["mask_va"]) + lam * hd.global_masked_mean(l_vt, batch["mask_vt"])
             loss.backward()
             return None
         return self.harmonizer.backward(l_va, l_vt, va_inputs=va_inputs, vt_inputs=vt_inputs,
@@ -389,13 +389,9 @@ class Trainer:
     # --------------------------------------------------------------------------------------- bookkeeping
     def _record(self, win: _Window, batch: dict, l_va, l_vt, stats) -> None:
         """Add one micro-step's losses, cosine statistics and data counters to the window."""
-        mm = self.parts.masked_mean
-        lva = float(mm(l_va.detach(), batch["mask_va"]))
-        lvt = float(mm(l_vt.detach(), batch["mask_vt"]))
-        ga = self.cfg.train.grad_accum
-        win.sums["loss_va"] += lva / ga
-        win.sums["loss_vt"] += lvt / ga
-        win.sums["loss"] += (lva + self.cfg.harmony.lam * lvt) / ga
+        for l, m in ((l_va, batch["mask_va"]), (l_vt, batch["mask_vt"])):
+            m = m.bool()
+            win.loss_parts += [float(torch.where(m, l.detach(), torch.zeros_like(l)).double().sum()), float(m.sum())]
         win.sums["samples"] += int(batch["index"].shape[0])
         for k, v in _bad_counts(batch).items():
             win.bad[k] = win.bad.get(k, 0.0) + v
@@ -436,10 +432,16 @@ class Trainer:
         """Reduce the window over ranks into one metrics.jsonl row."""
         keys = list(win.sums)
         bad_keys = sorted(set().union(*hd.all_gather_object(sorted(win.bad))))
-        flat = [win.sums[k] for k in keys] + [win.bad.get(k, 0.0) for k in bad_keys] + win.hist.tolist() \
-            + [float(win.has_cos)]
+        n_loss = len(win.loss_parts)
+        flat = win.loss_parts + [win.sums[k] for k in keys] + [win.bad.get(k, 0.0) for k in bad_keys] \
+            + win.hist.tolist() + [float(win.has_cos)]
         red = hd.reduce_scalars(flat, "sum", device=self.env.device)
-        world, n = self.env.world_size, max(1, win.steps)
+        world = self.env.world_size
+        # per micro-step global masked means, then their average over the window
+        parts = torch.tensor(red[:n_loss], dtype=torch.float64).reshape(-1, 4)
+        l_va = parts[:, 0] / parts[:, 1].clamp_min(1)
+        l_vt = parts[:, 2] / parts[:, 3].clamp_min(1)
+        red = red[n_loss:]
         s = dict(zip(keys, red[: len(keys)]))
         bad = dict(zip(bad_keys, red[len(keys): len(keys) + len(bad_keys)]))
         hist = red[len(keys) + len(bad_keys): -1]
@@ -447,7 +449,8 @@ class Trainer:
         for k, v in bad.items():
             self.bad_total[k] = self.bad_total.get(k, 0.0) + v
         row = {"step": self.step,
-               "loss_va": s["loss_va"] / world / n, "loss_vt": s["loss_vt"] / world / n, "loss": s["loss"] / world / n,
+               "loss_va": l_va.mean().item(), "loss_vt": l_vt.mean().item(),
+               "loss": (l_va + self.cfg.harmony.lam * l_vt).mean().item(),
                "cos_mean": s["cos_sum"] / s["cos_n"] if has_cos and s["cos_n"] else None,
                "frac_conflict": s["conflict_n"] / s["cos_n"] if has_cos and s["cos_n"] else None,
                "kept": s["kept_n"] / s["cos_n"] if has_cos and s["cos_n"] else None,

@@ -10,7 +10,7 @@ its own (they live only in the tests), and tests of the stand-ins' own contract 
   start_step; a finite, clean eval split.
 * ``ProbeHarmonizer``: per-sample cosine of the two losses' gradients with respect to each sample's pooled
   video feature (a real per-sample quantity, simpler than the project's harmonizer), an EMA score memory,
-  then a plain backward of L_va + λ·L_vt.
+  then a plain backward of L_va + λ·L_vt (global masked means, as the trainer's baseline).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from harmony.losses import masked_mean, mil_nce, nce
+from harmony.distributed import global_masked_mean
+from harmony.losses import mil_nce, nce
 from harmony.trainer import Parts
 
 K = 4                 # concepts
@@ -197,7 +198,7 @@ class ProbeHarmonizer:
         self.memory = EmaMemory(harmony_cfg.memory_decay)
 
     def backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids):
-        big_va, big_vt = masked_mean(l_va, mask_va), masked_mean(l_vt, mask_vt)
+        big_va, big_vt = global_masked_mean(l_va, mask_va), global_masked_mean(l_vt, mask_vt)
         feat = self.model.last_feat_v
         g_va, = torch.autograd.grad(big_va, feat, retain_graph=True)
         g_vt, = torch.autograd.grad(big_vt, feat, retain_graph=True)
@@ -220,8 +221,7 @@ class ProbeHarmonizer:
 
 def standin_parts(feature_keep: float = 1.0, loader=standin_loader) -> Parts:
     return Parts(build_model=lambda cfg: TinyVATT(cfg.model.dropout, feature_keep=feature_keep),
-                 build_loader=loader, nce=nce, mil_nce=mil_nce, masked_mean=masked_mean,
-                 build_harmonizer=ProbeHarmonizer)
+                 build_loader=loader, nce=nce, mil_nce=mil_nce, build_harmonizer=ProbeHarmonizer)
 
 
 def tiny_args(run_dir, steps: int = 6, *extra: str) -> list:
