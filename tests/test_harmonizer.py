@@ -329,3 +329,18 @@ def test_records_are_released_and_eval_is_not_recorded():
     assert h._records
     h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
     assert not h._records
+
+
+def test_unbatched_measurement_fallback_gives_the_same():
+    """Two plain activation-gradient passes (the fallback when an op cannot be batched) = the batched pass."""
+    cfg = HarmonyConfig(realign="pcgrad", mode="ghost", scope="all")
+    m1, _, s1 = run(cfg, 7)
+    model = fresh_model()
+    h = GradientHarmonizer(model, cfg)
+    h._batched = False
+    z = model(*toy_batch(7, seed=SEED + 7))
+    m_va, m_vt = MASKS[7]
+    s2 = h.backward(nce(z[0], z[1], mask=m_va), mil_nce(z[2], z[3], mask=m_vt), va_inputs=z[:2], vt_inputs=z[2:],
+                    mask_va=m_va, mask_vt=m_vt)
+    check_dots(s2.dots, s1.dots.double())
+    check_grads(model, {n: p.grad for n, p in m1.named_parameters()}, TOL["grad_fp32_coef"])
