@@ -8,7 +8,8 @@ Conventions (also in the docs):
   Only items valid for the pair (mask_va / mask_vt) take part, as queries and as gallery.
 * ``concept_acc``: the top-1 retrieved item (first index on ties) has the query's concept.
 * Linear probe: closed-form ridge regression onto one-hot labels from standardised frozen features; items
-  sorted by dataset index, even positions train, odd positions test (deterministic).
+  sorted by dataset index, then a fixed pseudo-random half (seeded permutation) trains and the rest tests
+  (deterministic; not a parity split, which would align with labels that cycle with the index).
 * ROC-AUC: the Mann–Whitney statistic from average ranks (ties count ½), NaN when a class is absent.
 """
 from __future__ import annotations
@@ -137,10 +138,17 @@ def retrieval_report(emb: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]
 
 # ------------------------------------------------------------------------------------------------ probe
 
+def probe_split(n: int):
+    """(train rows, test rows) of n items: a fixed seeded permutation, first half trains. LongTensors."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    half = (n + 1) // 2
+    return perm[:half].sort().values, perm[half:].sort().values
+
+
 def linear_probe(feats: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0) -> float:
-    """Test accuracy of a ridge classifier on feats [N, d] -> labels [N] (even rows train, odd rows test)."""
+    """Test accuracy of a ridge classifier on feats [N, d] -> labels [N] (rows split by ``probe_split``)."""
     x, y = feats.double(), labels.long()
-    tr, te = torch.arange(0, x.shape[0], 2), torch.arange(1, x.shape[0], 2)
+    tr, te = probe_split(x.shape[0])
     if tr.numel() < 2 or te.numel() == 0:
         return float("nan")
     mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)

@@ -62,10 +62,11 @@ class Parts:
     the same interfaces."""
 
     build_model: Callable[[Config], nn.Module]                 # cfg -> model(video, audio, text) -> outputs
-    build_loader: Callable[..., Iterable[dict]]                # (data_cfg, split, batch, rank, world, seed, start_step[, sampler])
+    build_loader: Callable[..., Iterable[dict]]                # (data_cfg, split, batch, rank, world, seed, start_step,
+                                                               #  drop_last=, sampler=)
     nce: Callable[..., torch.Tensor]                           # (z_v, z_a, mask=) -> ℓ^va [B]
     mil_nce: Callable[..., torch.Tensor]                       # (z_vt, z_t, mask=, cand_mask=) -> ℓ^vt [B]
-    build_harmonizer: Optional[Callable[[nn.Module, Any], Any]] = None  # (model, harmony_cfg) -> harmonizer
+    build_harmonizer: Optional[Callable[[nn.Module, Any], Any]] = None  # (wrapped model, harmony_cfg) -> harmonizer
 
 
 def default_parts() -> Parts:
@@ -171,6 +172,23 @@ def _build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> tor
                              foreach=None if fused else True)
 
 
+class _StepAwareSampler(torch.utils.data.Sampler):
+    """Hands the trainer's current step to the prioritized sampler at each epoch start (its priorities
+    follow the curriculum's progress); the loader only knows the epoch number."""
+
+    def __init__(self, sampler, trainer: "Trainer"):
+        self.sampler, self.trainer = sampler, trainer
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch, step=self.trainer.step)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _Window:
     """Sums over the steps since the last log line (local to this rank; reduced over ranks when logged)."""
 
@@ -256,7 +274,8 @@ class Trainer:
         if cfg.harmony.enabled:
             if self.parts.build_harmonizer is None:
                 raise ConfigError("harmony.enabled=true but no harmonizer is available")
-            self.harmonizer = self.parts.build_harmonizer(self.raw_model, cfg.harmony)
+            # the wrapped model: the harmonizer reads DDP/FSDP2 from it to work on the global batch
+            self.harmonizer = self.parts.build_harmonizer(self.model, cfg.harmony)
         # autocast unless FSDP2 already runs the model in bf16 through its MixedPrecisionPolicy
         self.autocast = cfg.train.precision == "bf16" and cfg.train.parallel != "fsdp"
         self.sampler = self._build_sampler()
@@ -275,8 +294,15 @@ class Trainer:
             return None
         from harmony.curriculum import PrioritizedSampler
 
-        return PrioritizedSampler(self.harmonizer.memory, self.cfg.data.size, h, self.cfg.train.steps,
-                                  seed=self.cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size)
+        if self.cfg.data.kind == "shards":
+            raise ConfigError("harmony.memory_use='sampler' needs indexable data; data.kind='shards' streams "
+                              "(use harmony.memory_use='weights')")
+        from harmony.data import build_dataset
+
+        items = len(build_dataset(self.cfg.data, "train"))
+        return _StepAwareSampler(PrioritizedSampler(self.harmonizer.memory, items, h, self.cfg.train.steps,
+                                                    seed=self.cfg.train.seed, rank=self.env.rank,
+                                                    world_size=self.env.world_size), self)
 
     def _rank_state(self) -> dict:
         return {"skipped_total": self.skipped_total, "consecutive_bad": self.consecutive_bad,
@@ -326,7 +352,7 @@ class Trainer:
         env = self.env
         per_rank = max(1, self.cfg.eval.batch_size // env.world_size)
         return self.parts.build_loader(self.cfg.data, "eval", per_rank, env.rank, env.world_size,
-                                       self.cfg.train.seed, 0)
+                                       self.cfg.train.seed, 0, drop_last=False)
 
     def _droptoken_generator(self, micro_index: int) -> Optional[torch.Generator]:
         """The same CPU generator on every rank for one micro-step (DropToken's shared permutation)."""

@@ -26,7 +26,7 @@ ROW_KEYS = {"step", "loss_va", "loss_vt", "loss", "cos_mean", "frac_conflict", "
 
 def nan_loader(bad_positions):
     """standin_loader whose train batches at the given global positions carry a NaN video."""
-    def loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, sampler=None):
+    def loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, drop_last=True, sampler=None):
         it = standin_loader(data_cfg, split, batch_size, rank, world_size, seed, start_step)
         for pos, batch in enumerate(it, start=start_step):
             if split == "train" and pos in bad_positions:
@@ -67,7 +67,7 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 from harmony.trainer import main
 from test_trainer_standins import standin_loader, standin_parts, tiny_args
 
-def loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, sampler=None):
+def loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, drop_last=True, sampler=None):
     for n, batch in enumerate(standin_loader(data_cfg, split, batch_size, rank, world_size, seed, start_step)):
         if split == "train" and n == {die_at}:
             os._exit(17)  # a hard kill: no finally blocks, no clean-up

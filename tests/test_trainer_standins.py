@@ -138,7 +138,7 @@ def collate(items):
     return batch
 
 
-def standin_loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, sampler=None):
+def standin_loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, drop_last=True, sampler=None):
     """The loader contract: train is infinite and resumable by start_step; eval is finite and clean."""
     g = batch_size * world_size
     if split == "train":
@@ -193,7 +193,9 @@ class EmaMemory:
 
 class ProbeHarmonizer:
     def __init__(self, model, harmony_cfg):
-        self.model = model
+        from harmony.distributed import unwrap
+
+        self.model = unwrap(model)  # the trainer hands over the (DDP-)wrapped model
         self.cfg = harmony_cfg
         self.memory = EmaMemory(harmony_cfg.memory_decay)
 
