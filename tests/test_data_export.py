@@ -85,3 +85,18 @@ def test_cli_errors(tmp_path):
         main(["--out", str(tmp_path), "--n", "2", "--shards", "3"])
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--n", "2", "--bogus"])
+
+
+@pytest.mark.parametrize("frames,audio_seconds", [(4, 1.0), (16, 0.75)])
+def test_round_trip_when_audio_and_video_lengths_differ(tmp_path, frames, audio_seconds):
+    # 0.5 s of video with 1 s of audio, and 2 s of video with 0.75 s of audio: laid out concentric
+    kw = dict(frames=frames, fps=8.0, audio_seconds=audio_seconds, image_size=16, sample_rate=8000)
+    main(["--out", str(tmp_path), "--n", "2"] + [f"--data.{k}={v}" for k, v in kw.items()])
+    originals = [SyntheticDataset(DataConfig(**kw))[i] for i in range(2)]
+    via_manifest = build_dataset(DataConfig(kind="manifest", manifest=str(tmp_path / "manifest.jsonl"),
+                                            eval_size=0, **kw), "train")
+    via_shards = list(build_dataset(DataConfig(kind="shards", shards=str(tmp_path / "shards" / "*.tar"),
+                                               eval_size=0, **kw), "train"))
+    for i, orig in enumerate(originals):
+        compare(via_manifest[i], orig, audio_exact=False)
+        compare(via_shards[i], orig, audio_exact=True)

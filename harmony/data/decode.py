@@ -1,8 +1,8 @@
 """Decode a clip window from a media container with PyAV (SPEC §9): frames at a fixed fps, mono audio.
 
-The window. A clip (or the manifest's ``[start, end)`` part of it) is sampled in a video window of
-``D = frames / fps`` seconds **centred** on the clip (GRID-like speech clips have silence at both ends),
-starting no earlier than the clip start; frame k is the frame on screen at ``v0 + k / fps``. The audio
+The window. A clip (its video stream's extent, or the manifest's ``[start, end)`` part of it) is sampled
+in a video window of ``D = frames / fps`` seconds **centred** on it (GRID-like speech clips have silence
+at both ends), starting no earlier than time 0; frame k is the frame on screen at ``v0 + k / fps``. The audio
 window of ``A = audio_seconds`` is concentric with the video window (``a0 = v0 + D/2 − A/2``), so audio
 and video stay in sync whatever A and D are; audio outside the clip is zeros. Frames past the clip end
 repeat the last frame. Times are relative to the container's start time.
@@ -54,17 +54,17 @@ class Clip:
     has_audio: bool
     v0: float                    # video window start (s, relative to the clip start)
     a0: float                    # audio window start (s)
-    duration: Optional[float]    # container duration (s) when known
+    duration: Optional[float]    # end of the video stream (s from the clip start) when known
     problems: List[Tuple[str, str]] = field(default_factory=list)
     seeked: bool = False         # decoding started from a seek (long clips), not from the clip start
 
 
 def clip_window(duration: Optional[float], start: Optional[float], end: Optional[float],
-                frames: int, fps: float, audio_seconds: float) -> Tuple[float, float]:
-    """(v0, a0): video window centred on [start, end) (default the whole clip), not before 0;
-    audio window concentric with it."""
+                frames: int, fps: float, audio_seconds: float, clip_start: float = 0.0) -> Tuple[float, float]:
+    """(v0, a0): video window centred on [start, end) (default the video's [clip_start, duration)), not
+    before 0; audio window concentric with it."""
     span = frames / fps
-    lo = float(start) if start is not None else 0.0
+    lo = float(start) if start is not None else clip_start
     hi = float(end) if end is not None else duration
     v0 = lo if hi is None else max(0.0, 0.5 * (lo + hi) - 0.5 * span)
     return v0, v0 + 0.5 * span - 0.5 * audio_seconds
@@ -77,14 +77,16 @@ def _open(src: Source):
     return av.open(os.fsdecode(src) if isinstance(src, bytes) else src, mode="r")
 
 
-def _duration(container) -> Optional[float]:
-    """Container duration in seconds, or None."""
+def _video_extent(container, vstream, origin: float) -> Tuple[float, Optional[float]]:
+    """(start, end) of the video stream in seconds from the clip start (end None when unknown). The video
+    stream, not the container, decides: an audio track may be longer than the pictures."""
+    tb = vstream.time_base
+    lo = float(vstream.start_time * tb) - origin if vstream.start_time is not None and tb else 0.0
+    if vstream.duration and tb:
+        return lo, lo + float(vstream.duration * tb)
     if container.duration is not None and container.duration > 0:
-        return container.duration / av.time_base
-    for s in container.streams.video:
-        if s.duration and s.time_base:
-            return float(s.duration * s.time_base)
-    return None
+        return lo, container.duration / av.time_base
+    return lo, None
 
 
 def _origin(container) -> float:
@@ -229,8 +231,9 @@ def _decode_open(container, frames, fps, image_size, sample_rate, audio_seconds,
     vstream = container.streams.video[0]
     vstream.thread_count = 1
     astream = container.streams.audio[0] if (container.streams.audio and audio_src is None) else None
-    duration, origin = _duration(container), _origin(container)
-    v0, a0 = clip_window(duration, start, end, frames, fps, audio_seconds)
+    origin = _origin(container)
+    clip_start, duration = _video_extent(container, vstream, origin)
+    v0, a0 = clip_window(duration, start, end, frames, fps, audio_seconds, clip_start)
     sampler = _FrameSampler(v0, frames, fps, image_size)
     collector = _AudioCollector(a0, n_audio, sample_rate, origin)
     rate = float(vstream.average_rate or vstream.guessed_rate or 25)
@@ -308,13 +311,3 @@ def _decode_open(container, frames, fps, image_size, sample_rate, audio_seconds,
     audio = torch.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-1.0, 1.0)
     return Clip(video=video.contiguous(), audio=audio, has_audio=audio_ok, v0=v0, a0=a0,
                 duration=duration, problems=problems, seeked=seeked)
-
-
-def probe_duration(src: Source) -> Optional[float]:
-    """Container duration in seconds (None when unknown or unreadable)."""
-    try:
-        with _open(src) as container:
-            return _duration(container)
-    except Exception:
-        return None
-

@@ -119,5 +119,6 @@ def _shard_loader(dataset: ShardStream, cfg, batch_size, rank, world_size, seed,
     def make(start: int) -> Iterator[dict]:
         yield from DataLoader(stream(start), batch_size=None, num_workers=cfg.workers, collate_fn=_identity)
 
-    length = None if train else max(0, len(stream(0)) - start_step)
+    checked = stream(start_step)  # checks shards per worker now, not at the first batch
+    length = None if train else max(0, len(checked) - start_step)
     return Loader(make, train, start_step, length, dataset.load_counts, meta)

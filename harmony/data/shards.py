@@ -67,15 +67,15 @@ def expand_pattern(pattern: str) -> List[str]:
 
 
 def scan_shard(path: str, counts: Dict[str, int]) -> List[str]:
-    """Sample keys of one tar in order, from its headers; a truncated tail is cut off (counted)."""
+    """Sample keys of one tar in order, from its headers. A truncated or damaged tail is cut off together
+    with the sample it interrupts (whose members may be incomplete), counted once as ``decode_error``."""
     keys: List[str] = []
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tf:
             for info in tf:
                 if info.offset_data + info.size > size:
-                    note_bad(counts, "decode_error", f"{path}: truncated at member {info.name}")
-                    break
+                    raise tarfile.ReadError(f"truncated inside member {info.name}")
                 if not info.isreg() or _META.match(info.name):
                     continue
                 key, _ = base_plus_ext(info.name)
@@ -84,7 +84,8 @@ def scan_shard(path: str, counts: Dict[str, int]) -> List[str]:
     except FileNotFoundError:
         note_bad(counts, "missing_file", f"shard {path} does not exist")
     except (tarfile.TarError, OSError) as exc:
-        note_bad(counts, "decode_error", f"shard {path}: {exc}")
+        note_bad(counts, "decode_error", f"shard {path}: {exc}; its last {1 if keys else 0} sample(s) dropped")
+        keys = keys[:-1]
     return keys
 
 
@@ -305,17 +306,21 @@ class ShardStream(IterableDataset):
                 ahead[j][1] = self._decode(ahead[j][0])
             return ahead[j][1]
 
-        last_good = None
+        last_good, dropped = None, 0
         while peek(0) is not None:
             item, counts = ahead.popleft()[1]
             if item is None:
                 item = next((r[0] for j in range(MAX_REPLACEMENTS) if (r := peek(j)) is not None
                              and r[0] is not None), last_good)
-                if item is None:
-                    continue  # nothing decodable before or near: the position is dropped (counted)
+                if item is None:  # nothing decodable before or near: the position is dropped (counted)
+                    dropped += 1
+                    if dropped > max(len(self.split), MAX_REPLACEMENTS):  # an endless train stream of junk
+                        raise RuntimeError(f"{dropped} samples in a row from {self.split.shards} have no usable "
+                                           "video; check the shards")
+                    continue
                 item = dict(item)
             else:
-                last_good = item
+                last_good, dropped = item, 0
             item["bad"] = counts
             yield item
 
