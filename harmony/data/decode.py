@@ -182,6 +182,16 @@ def _frame_time(frame, origin: float, fallback: float) -> float:
     return float(frame.time) - origin if frame.pts is not None and frame.time is not None else fallback
 
 
+def _feed_audio(collector: "_AudioCollector", frame, problems: List[Tuple[str, str]], name: str) -> bool:
+    """Give one audio frame (None: flush) to the collector; a resampling failure masks the audio only."""
+    try:
+        collector.add(frame)
+        return True
+    except Exception as exc:
+        problems.append(("no_audio", f"{name}: audio resampling failed: {exc!r}"))
+        return False
+
+
 def _decode_audio_only(src: Source, collector: "_AudioCollector") -> Optional[str]:
     """Decode a separate audio container (e.g. a shard's wav) into ``collector``; an error text or None."""
     try:
@@ -272,10 +282,10 @@ def _decode_open(container, frames, fps, image_size, sample_rate, audio_seconds,
                     t = _frame_time(frame, origin, t_next)
                     t_next = t + 1.0 / rate
                     sampler.add(frame, t)
-                else:
-                    collector.add(frame)
+                elif audio_ok:
+                    audio_ok = _feed_audio(collector, frame, problems, name)
         if audio_ok:
-            collector.add(None)
+            audio_ok = _feed_audio(collector, None, problems, name)
     except Exception as exc:
         error = exc
     if sampler.prev is None:
