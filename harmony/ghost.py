@@ -98,12 +98,15 @@ def weighted_backward(va_inputs, u_va, vt_inputs, u_vt, ca: torch.Tensor, cv: to
     torch.autograd.backward(tensors, grads)
 
 
-def weighted_grads(modules, records, grads, scoped, B: int, da: torch.Tensor, dv: torch.Tensor) -> Dict:
-    """{(module name, param name): Σ_i da_i g^va_i + dv_i g^vt_i} for the scoped parameters, from the kept X, G."""
+def weighted_grads(modules, records, grads, names: Dict[str, Sequence[str]], B: int, da: torch.Tensor,
+                   dv: torch.Tensor) -> Dict:
+    """{(module name, param name): Σ_i da_i g^va_i + dv_i g^vt_i} for the given parameters of each layer, from the
+    kept X and the measured G (bookkeeping: no backward pass)."""
+    scoped = names
     out = {}
     for name, names in scoped.items():
         gs = grads.get(name)
-        if not gs or all(g is None for g in gs):
+        if not names or not gs or all(g is None for g in gs):
             continue
         comb = [None if g is None else g[0] * row_scale(da, g[0]) + g[1] * row_scale(dv, g[1]) for g in gs]
         module = modules[name]

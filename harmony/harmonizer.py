@@ -107,8 +107,13 @@ def _reachable_leaves(roots: Sequence[torch.Tensor]) -> set:
 class GradientHarmonizer:
     """Per-sample gradient harmonization for ``model`` (plain, DDP-wrapped or FSDP2-sharded); see the module doc."""
 
-    def __init__(self, model: nn.Module, cfg: Optional[HarmonyConfig] = None):
+    def __init__(self, model: nn.Module, cfg: Optional[HarmonyConfig] = None, bookkeeping: Optional[bool] = None):
+        """``bookkeeping``: form the update's parameter gradients from the kept X and measured G instead of a
+        second backward (SPEC §5); None picks it on the first step (single process, every layer has a sampler,
+        and the scope holds at least half of the layers' work), True requires it, False never uses it."""
         self.cfg = (cfg if cfg is not None else HarmonyConfig()).validate()
+        self._bookkeeping_pref = bookkeeping
+        self.bookkeeping: Optional[bool] = None                 # decided at the first backward
         self.model = model
         self.inner = unwrap(model)
         from torch.nn.parallel import DistributedDataParallel
@@ -124,15 +129,19 @@ class GradientHarmonizer:
         self._canonical: Dict[Tuple[str, str], str] = {}        # (module, param) -> canonical qualified name
         self._owner: Dict[str, Tuple[str, str]] = {}            # canonical name -> its first (module, param)
         self._records: Dict[str, List[Call]] = {}
-        self._active = True
+        #: set False to pause recording (e.g. a forward that is not followed by ``backward``)
+        self.recording = True
+        self._in_backward = False
         self._batched = True
         self._fwd_ids: Dict[int, str] = {}                      # id of a parameter seen in forward -> canonical name
         self._hooks = []
+        self._sampler_needs_params: Dict[str, bool] = {}
         self._checked = False
         self._tied = False
         self._index_modules()
         self.scope: Optional[set] = None                        # canonical names; None until resolved
         self._scoped: Dict[str, List[str]] = {}                 # module name -> scoped direct param names
+        self._recorded: Optional[set] = None                    # module names the hooks keep; None: all
         self.mode: Optional[str] = None
         self._plan: Optional[materialize.BufferPlan] = None
         self._resolve_static_scope()
@@ -157,13 +166,13 @@ class GradientHarmonizer:
 
     def _hook(self, mname: str):
         def record(module, args, kwargs, output):
-            if not (self._active and module.training and torch.is_grad_enabled()):
+            if not (self.recording and not self._in_backward and module.training and torch.is_grad_enabled()):
                 return
-            if self.scope is not None and mname not in self._scoped:
+            if self._recorded is not None and mname not in self._recorded:
                 return
             det = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
             params = None
-            if self._needs_params(mname, module):
+            if self._needs_params(mname):
                 params = {n: getattr(module, n).detach().clone() for n in self._direct[mname]}
             if not self._checked:                                           # first step: map forward-time params
                 for n in self._direct[mname]:
@@ -172,11 +181,13 @@ class GradientHarmonizer:
                 Call(tree_map(det, args), tree_map(det, kwargs), output, params))
         return record
 
-    def _needs_params(self, mname: str, module: nn.Module) -> bool:
-        try:
-            return find_sampler(module, mname).needs_params
-        except PerSampleError:
-            return False
+    def _needs_params(self, mname: str) -> bool:
+        if mname not in self._sampler_needs_params:
+            try:
+                self._sampler_needs_params[mname] = find_sampler(self._modules[mname], mname).needs_params
+            except PerSampleError:
+                self._sampler_needs_params[mname] = False
+        return self._sampler_needs_params[mname]
 
     def _resolve_static_scope(self) -> None:
         scope = self.cfg.scope
@@ -225,9 +236,65 @@ class GradientHarmonizer:
         ids_va = _reachable_leaves(va_inputs)
         ids_vt = _reachable_leaves(vt_inputs)
         known = self._known_ids()
-        self._check_owned(ids_va | ids_vt, known)
         self._set_scope({known[i] for i in ids_va & ids_vt if i in known})
-        self._records = {k: v for k, v in self._records.items() if k in self._scoped}
+
+    def _first_step(self, va_inputs, vt_inputs) -> None:
+        """Resolve 'shared', check that every scoped parameter is seen by a sampler, decide bookkeeping, and
+        from now on keep only what is needed (all layers when bookkeeping, else the scoped ones)."""
+        if self.scope is None:
+            self._resolve_shared(va_inputs, vt_inputs)
+        ids = _reachable_leaves(va_inputs + vt_inputs)
+        known = self._known_ids()
+        self._check_owned(ids, known)
+        self.bookkeeping = self._decide_bookkeeping(ids, known)
+        self._recorded = set(self._modules) if self.bookkeeping else set(self._scoped)
+        self._records = {k: v for k, v in self._records.items() if k in self._recorded}
+        self._checked = True
+
+    def _decide_bookkeeping(self, ids: set, known: Dict[int, str]) -> bool:
+        """Bookkeeping needs a single process (the parallel wrappers reduce inside their backward), a sampler
+        for every layer that reaches the losses and no parameter used outside its module's calls; by default
+        it is used when the scoped layers do at least half of the layers' forward work (then the second
+        backward costs more than forming the parameter gradients from the kept X and G)."""
+        why = None
+        if self.ddp or self.fsdp:
+            why = "the model is wrapped in DDP/FSDP2"
+        called = {self._canonical[(m, n)] for m in self._records if self._records[m] for n in self._direct[m]}
+        missing = [known[i] for i in ids if i in known and known[i] not in called]
+        if why is None and missing:
+            why = f"parameter {missing[0]} is used outside its module's forward"
+        for mname, calls in self._records.items():
+            if why is not None:
+                break
+            try:
+                find_sampler(self._modules[mname], mname)
+            except PerSampleError:
+                why = f"module '{mname}' has no per-sample sampler"
+            if any(not isinstance(c.output, torch.Tensor) for c in calls):
+                why = f"module '{mname}' does not return one tensor"
+        if self._bookkeeping_pref is False:
+            return False
+        if why is not None:
+            if self._bookkeeping_pref:
+                raise PerSampleError(f"bookkeeping=True is not possible: {why}")
+            return False
+        return bool(self._bookkeeping_pref) or self._scoped_work_share() >= 0.5
+
+    def _scoped_work_share(self) -> float:
+        """Share of the recorded layers' forward work (multiply-adds, ~ output size × fan-in) in scoped layers."""
+        total = scoped = 0.0
+        for mname, calls in self._records.items():
+            m = self._modules[mname]
+            fan_in = 1
+            if isinstance(m, nn.Linear):
+                fan_in = m.in_features
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                fan_in = m.weight[0].numel()
+            work = float(sum(c.output.numel() for c in calls if isinstance(c.output, torch.Tensor)) * fan_in)
+            total += work
+            if mname in self._scoped:
+                scoped += work
+        return scoped / total if total else 0.0
 
     def _known_ids(self) -> Dict[int, str]:
         """id of each parameter object (as seen in forward, and as registered now) -> canonical name."""
@@ -308,12 +375,12 @@ class GradientHarmonizer:
         (rows = samples, [B, ...]); mask_va, mask_vt [B] bool (None: all valid); ids [B]: the items' stable
         dataset indices (score memory). Returns the step's HarmonyStats.
         """
-        self._active = False
+        self._in_backward = True         # the samplers' own forwards (generic) must not be recorded
         try:
             return self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step, total_steps, ids)
         finally:
             self._records = {}
-            self._active = True
+            self._in_backward = False
 
     def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids):
         cfg = self.cfg
@@ -331,11 +398,8 @@ class GradientHarmonizer:
         with nvtx_range("harmonize/measure"):
             u_va = self._upstream(L_va, va_inputs)
             u_vt = self._upstream(L_vt, vt_inputs)
-            if self.scope is None:
-                self._resolve_shared(va_inputs, vt_inputs)
-            elif not self._checked:
-                self._check_owned(_reachable_leaves(va_inputs + vt_inputs), self._known_ids())
-            self._checked = True
+            if not self._checked:
+                self._first_step(va_inputs, vt_inputs)
             self._check_recorded()
             mode = self._pick_mode(B)
             grads = self._measure(va_inputs, u_va, vt_inputs, u_vt)
@@ -353,7 +417,9 @@ class GradientHarmonizer:
         with nvtx_range("harmonize/coefficients"):
             co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids)
         with nvtx_range("harmonize/update"):
-            if mode == "materialize" and self._world() == 1:
+            if self.bookkeeping:
+                self._update_bookkeeping(co, grads, B, bufs if mode == "materialize" else None)
+            elif mode == "materialize" and not (self.ddp or self.fsdp):
                 self._update_materialize(bufs, co, va_inputs, u_va, vt_inputs, u_vt)
             else:
                 self._update_ghost(co, va_inputs, u_va, vt_inputs, u_vt, grads, B,
@@ -408,15 +474,15 @@ class GradientHarmonizer:
         return sum(n for _, n, _, _ in self._scope_params())
 
     def _measure(self, va_inputs, u_va, vt_inputs, u_vt) -> Dict[str, List[Optional[torch.Tensor]]]:
-        """Measured output gradients [2, *Y] per recorded call of every scoped layer."""
+        """Measured output gradients [2, *Y] per recorded call of every kept layer (scoped, or all when bookkeeping)."""
         ys, where = [], []
-        for mname in self._scoped:
+        for mname in self._records:
             for j, call in enumerate(self._records.get(mname, [])):
                 if isinstance(call.output, torch.Tensor) and call.output.requires_grad:
                     ys.append(call.output)
                     where.append((mname, j))
         grads, self._batched = ghost.output_grads(va_inputs, u_va, vt_inputs, u_vt, ys, self._batched)
-        out = {m: [None] * len(self._records.get(m, [])) for m in self._scoped}
+        out = {m: [None] * len(calls) for m, calls in self._records.items()}
         for (mname, j), g in zip(where, grads):
             out[mname][j] = g
         return out
@@ -461,6 +527,21 @@ class GradientHarmonizer:
         self._all_reduce_mean(list(merged.values()))
         for q, g in merged.items():
             self._add_grad(self._param_of(q), g)
+
+    def _update_bookkeeping(self, co, grads, B, bufs) -> None:
+        """No second backward: every parameter's gradient from its layer's kept X and the combined G
+        ca_i·G^va_i + cv_i·G^vt_i (materialize: the scoped ones by ``combine``). Single process only."""
+        k_out = (co["ca"], co["cv"]) if self.cfg.apply_to == "all" else (co["pa"], co["pv"])
+        inside = {} if bufs is not None else dict(self._scoped)
+        outside = {m: [n for n in names if n not in self._scoped.get(m, ())] for m, names in self._direct.items()}
+        parts = ghost.weighted_grads(self._modules, self._records, grads, inside, B, co["ca"], co["cv"])
+        parts.update(ghost.weighted_grads(self._modules, self._records, grads, outside, B, *k_out))
+        if bufs is not None:
+            flats = materialize.combined(self._plan, bufs, co["ca"], co["cv"])
+            for q, g in materialize.views(self._plan, flats).items():
+                self._add_grad(self._param_of(q), g)
+        for (mname, n), g in parts.items():
+            self._add_grad(getattr(self._modules[mname], n), g)
 
     def _update_materialize(self, bufs, co, va_inputs, u_va, vt_inputs, u_vt) -> None:
         """``combine`` into the scoped parameters' .grad; the others by a weighted backward restricted to them."""

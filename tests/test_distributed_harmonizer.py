@@ -37,6 +37,15 @@ CONFIGS = {
 SEED = 1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model():
     torch.manual_seed(SEED)
     return ToyVATT().double()

@@ -19,6 +19,15 @@ from harmony.grad_sample import PerSampleError
 from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # relative tolerances, one table: dots are fp32 sums; coefficients are fp32; fp32 buffers in materialize
 TOL = {"dots": 2e-5, "grad_exact": 1e-11, "grad_fp32_coef": 2e-6, "grad_fp32_buffers": 2e-5}
 
@@ -47,10 +56,10 @@ def reference(B: int, seed: int = SEED):
     return g_va, g_vt
 
 
-def run(cfg: HarmonyConfig, B: int, seed: int = SEED, model=None, masks=None, **kw):
+def run(cfg: HarmonyConfig, B: int, seed: int = SEED, model=None, masks=None, bookkeeping=None, **kw):
     """One harmonized step on a fresh toy model; returns (model, harmonizer, stats)."""
     model = model if model is not None else fresh_model(seed)
-    h = GradientHarmonizer(model, cfg)
+    h = GradientHarmonizer(model, cfg, bookkeeping=bookkeeping)
     x = toy_batch(B, seed=seed + B)
     m_va, m_vt = masks if masks is not None else MASKS[B]
     z_v, z_a, z_vt, z_t = model(*x)
@@ -98,12 +107,15 @@ def check_grads(model, expected, rtol, names=None):
 @pytest.mark.parametrize("B", [1, 2, 7])
 @pytest.mark.parametrize("mode", ["ghost", "materialize"])
 @pytest.mark.parametrize("scope", ["shared", "all"])
-def test_dots_and_plain_grad_match_brute_force(B, mode, scope):
-    """realign=none, curriculum=none: dots = brute force; .grad = Σ_i g^va_i + λ g^vt_i = ∇(L_va + λ L_vt)."""
+@pytest.mark.parametrize("bookkeeping", [False, True])
+def test_dots_and_plain_grad_match_brute_force(B, mode, scope, bookkeeping):
+    """realign=none, curriculum=none: dots = brute force; .grad = Σ_i g^va_i + λ g^vt_i = ∇(L_va + λ L_vt).
+    bookkeeping: the update from the kept X and G; else by a second (weighted) backward."""
     lam = 0.5
     g_va, g_vt = reference(B)
-    model, h, stats = run(HarmonyConfig(realign="none", curriculum="none", mode=mode, scope=scope, lam=lam), B)
-    assert stats.mode == mode
+    model, h, stats = run(HarmonyConfig(realign="none", curriculum="none", mode=mode, scope=scope, lam=lam), B,
+                          bookkeeping=bookkeeping)
+    assert stats.mode == mode and h.bookkeeping == bookkeeping
     names = h.scope_names()
     check_dots(stats.dots, dots_of(flat(g_va, names), flat(g_vt, names)))
     ones = torch.ones(B)
@@ -133,14 +145,15 @@ def test_shared_scope_is_what_both_losses_reach():
 
 
 @pytest.mark.parametrize("mode", ["ghost", "materialize"])
-def test_pcgrad_with_curriculum_on_actual_gradients(mode):
+@pytest.mark.parametrize("bookkeeping", [False, True])
+def test_pcgrad_with_curriculum_on_actual_gradients(mode, bookkeeping):
     """pcgrad + a threshold curriculum: α, β follow SPEC §3 on the brute-force dots, the PCGrad properties hold
     on the actual per-sample gradients, and .grad = Σ_i ca_i g^va_i + cv_i g^vt_i for every parameter."""
     B, lam = 7, 1.0
     g_va, g_vt = reference(B)
     cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", lam=lam,
                         curriculum_start=0.0, kappa0=0.0, kappa1=0.0, min_keep=0.25)
-    model, h, st = run(cfg, B, step=5, total_steps=10)
+    model, h, st = run(cfg, B, step=5, total_steps=10, bookkeeping=bookkeeping)
     names = h.scope_names()
     A, V = flat(g_va, names), flat(g_vt, names)
     ref = dots_of(A, V)
@@ -174,12 +187,13 @@ def test_pcgrad_with_curriculum_on_actual_gradients(mode):
 
 
 @pytest.mark.parametrize("mode", ["ghost", "materialize"])
-def test_apply_to_scope(mode):
+@pytest.mark.parametrize("bookkeeping", [False, True])
+def test_apply_to_scope(mode, bookkeeping):
     """apply_to=scope: scoped parameters get the realigned update, the others w-weighted plain gradients."""
     B, lam = 7, 1.0
     g_va, g_vt = reference(B)
     cfg = HarmonyConfig(realign="pcgrad", mode=mode, scope="shared", lam=lam, apply_to="scope")
-    model, h, st = run(cfg, B)
+    model, h, st = run(cfg, B, bookkeeping=bookkeeping)
     assert not torch.allclose(st.alpha, torch.ones(B)), "needs a conflicting sample"
     inside = set(h.scope_names())
     outside = {n for n, _ in model.named_parameters()} - inside
@@ -204,9 +218,9 @@ def test_empty_mask_and_zero_gradient_give_no_nan():
     """All of L_vt masked: G = ∇L_va, cos 0, nothing NaN. B = 1: NCE is the constant log 2, every gradient is 0."""
     B = 7
     masks = (torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool))
-    for mode in ("ghost", "materialize"):
+    for mode, bk in (("ghost", False), ("ghost", True), ("materialize", False), ("materialize", True)):
         model, _, st = run(HarmonyConfig(realign="pcgrad", curriculum="threshold", curriculum_start=0.0, mode=mode),
-                           B, masks=masks, step=3, total_steps=4)
+                           B, masks=masks, step=3, total_steps=4, bookkeeping=bk)
         assert not st.valid.any() and st.kept == 1.0
         assert torch.equal(st.dots[:, 2], torch.zeros(B))
         assert torch.isfinite(st.cos).all() and torch.isfinite(st.coef_va).all() and torch.isfinite(st.coef_vt).all()
@@ -344,3 +358,22 @@ def test_unbatched_measurement_fallback_gives_the_same():
                     mask_va=m_va, mask_vt=m_vt)
     check_dots(s2.dots, s1.dots.double())
     check_grads(model, {n: p.grad for n, p in m1.named_parameters()}, TOL["grad_fp32_coef"])
+
+
+def test_bookkeeping_choice():
+    """Default: bookkeeping when the scoped layers do at least half of the work; never when impossible."""
+    _, h, _ = run(HarmonyConfig(mode="ghost", scope="shared"), 2)
+    assert h.bookkeeping is True
+    model = fresh_model()
+    _, h, _ = run(HarmonyConfig(mode="ghost", scope=[model.norm.weight, model.v_head[0].weight]), 2, model=model)
+    assert h.bookkeeping is False
+    model = _DirectUse()
+    h = GradientHarmonizer(model, HarmonyConfig(scope=[model.out.weight], mode="ghost"), bookkeeping=True)
+    z = model(torch.randn(5, 4))
+    with pytest.raises(PerSampleError, match="bookkeeping=True is not possible: parameter lin.weight"):
+        h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+    model = _DirectUse()                      # the same model, default: falls back to the second backward
+    h = GradientHarmonizer(model, HarmonyConfig(scope=[model.out.weight], mode="ghost"))
+    z = model(torch.randn(5, 4))
+    h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+    assert h.bookkeeping is False and model.lin.weight.grad is not None

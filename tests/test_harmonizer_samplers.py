@@ -16,6 +16,15 @@ from harmony.grad_sample import Call, GradSampler, PerSampleError, find_sampler,
 from harmony.layers import AddEmbedding, PrependToken
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def reference(module, calls, grads, B):
     """{param: [C, B, *shape]}: Σ over calls and over sample i's rows of the VJP with G, per column."""
     params = {n: p for n, p in module.named_parameters(recurse=False)}

@@ -14,6 +14,15 @@ from harmony.losses import mil_nce, nce
 VATT = pytest.importorskip("harmony.model").VATT
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class AsTuple(nn.Module):
     """VATT with tuple outputs (z_va_v, z_va_a, z_vt_v, z_vt_t), as the brute force needs."""
 

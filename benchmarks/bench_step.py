@@ -1,0 +1,304 @@
+"""Step benchmark (SPEC §12): harmonized training step time and peak memory relative to a plain step.
+
+One run times, on the project's VATT model at a realistic batch (random inputs of the data contract's shapes):
+  plain                 forward + backward of L_va + λ·L_vt
+  <mode>/<scope>        forward + GradientHarmonizer.backward (PCGrad), mode ∈ {ghost, materialize},
+                        scope ∈ {shared, backbone, last_block}
+  torch.func/<scope>    a straightforward torch.func implementation of the same per-sample PCGrad:
+                        vmap over samples of the per-sample forward's VJP (the two losses' upstream
+                        gradients) for the scope's parameters, torch ops for the dots, the PCGrad
+                        coefficients and Σ_i α_i g^va_i + β_i g^vt_i; the other parameters get the
+                        weighted plain gradient by one backward
+Variants run round-robin (repeat r of every variant, then repeat r+1), so machine noise hits all of
+them alike; the table gives medians, the ratio to plain, and the peak memory of one step above the
+memory held before it (CPU: peak RSS, reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
+Rows are appended to a CSV with the device name and the git commit.
+
+    python benchmarks/bench_step.py                       # CPU, VATT-tiny, batch 32
+    python benchmarks/bench_step.py --device cuda --size small --batch 64
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harmony import GradientHarmonizer, HarmonyConfig  # noqa: E402
+from harmony.config import DataConfig, ModelConfig  # noqa: E402
+from harmony.losses import masked_mean, mil_nce, nce  # noqa: E402
+from harmony.model import VATT  # noqa: E402
+
+try:  # the shared helpers of the kernel benchmarks, when present
+    from benchmarks.common import append_csv, device_name, git_commit  # type: ignore  # noqa: E402
+except Exception:  # minimal local versions
+    append_csv = device_name = git_commit = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _device_name(device: torch.device) -> str:
+    if device_name is not None:
+        try:
+            return device_name(device)
+        except Exception:
+            pass
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _git_commit() -> str:
+    if git_commit is not None:
+        try:
+            return git_commit()
+        except Exception:
+            pass
+    import subprocess
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def _append_csv(path: Path, rows: List[dict]) -> None:
+    if append_csv is not None:
+        try:
+            return append_csv(path, rows)
+        except Exception:
+            pass
+    import csv
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+class PeakMemory:
+    """Peak memory of a region above what was held at its start, in MiB (CPU: RSS high-water mark)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _rss_kib(self, field: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM to the current RSS
+                    f.write("5")
+            except OSError:
+                pass
+            self.start = self._rss_kib("VmRSS:") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self._rss_kib("VmHWM:") * 1024
+        self.mib = max(peak - self.start, 0) / 2 ** 20
+        return False
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def make_batch(B: int, data: DataConfig, device, generator: torch.Generator) -> dict:
+    """Random inputs with the data contract's shapes (captions of random length, 0 = padding)."""
+    T, S, N, L = data.frames, round(data.sample_rate * data.audio_seconds), data.max_words, data.candidates
+    video = torch.rand(B, 3, T, data.image_size, data.image_size, generator=generator)
+    audio = torch.rand(B, S, generator=generator) * 2 - 1
+    words = torch.randint(1, 1 << 16, (B, L, N), generator=generator)
+    lengths = torch.randint(3, N + 1, (B, L, 1), generator=generator)
+    text = torch.where(torch.arange(N) < lengths, words, 0)
+    return {k: v.to(device) for k, v in dict(video=video, audio=audio, text=text).items()}
+
+
+def losses(out):
+    return nce(out.z_va_v, out.z_va_a), mil_nce(out.z_vt_v, out.z_vt_t)
+
+
+def plain_step(model, batch, lam: float) -> None:
+    model.zero_grad(set_to_none=True)
+    l_va, l_vt = losses(model(**batch, generator=torch.Generator().manual_seed(0)))
+    (masked_mean(l_va) + lam * masked_mean(l_vt)).backward()
+
+
+def harmonized_step(model, harmonizer, batch) -> None:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, generator=torch.Generator().manual_seed(0))
+    l_va, l_vt = losses(out)
+    harmonizer.backward(l_va, l_vt, va_inputs=(out.z_va_v, out.z_va_a), vt_inputs=(out.z_vt_v, out.z_vt_t))
+
+
+class FuncPCGrad:
+    """Per-sample PCGrad with torch.func (the baseline): vmap over samples of the per-sample forward's VJP.
+
+    Sample i's forward runs alone inside vmap with the batch's DropToken indices (the same generator seed),
+    pulled back with both losses' upstream gradients at once (one forward, two pullbacks per sample).
+    """
+
+    def __init__(self, model: VATT, scope: str, lam: float, eps: float = 1e-12):
+        from torch.func import functional_call, vjp, vmap
+        self.model, self.lam, self.eps = model, lam, eps
+        ids = {id(p) for p in model.scope_parameters(scope)}
+        self.scoped = [n for n, p in model.named_parameters() if id(p) in ids]
+        self.others = [p for n, p in model.named_parameters() if id(p) not in ids]
+
+        def one_sample(theta, video, audio, text, u_vv, u_aa, u_vt, u_tt):
+            def f(th):
+                o = functional_call(model, th, (video[None], audio[None], text[None]),
+                                    {"generator": torch.Generator().manual_seed(0)}, strict=False)
+                return o.z_va_v[0], o.z_va_a[0], o.z_vt_v[0], o.z_vt_t[0]
+            _, pull = vjp(f, theta)
+            zero = lambda u: torch.zeros_like(u)  # noqa: E731
+            g_va = pull((u_vv, u_aa, zero(u_vt), zero(u_tt)))[0]
+            g_vt = pull((zero(u_vv), zero(u_aa), u_vt, u_tt))[0]
+            return g_va, g_vt
+
+        self.per_sample = vmap(one_sample, in_dims=(None, 0, 0, 0, 0, 0, 0, 0), randomness="same")
+
+    def step(self, batch) -> None:
+        model = self.model
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, generator=torch.Generator().manual_seed(0))
+        l_va, l_vt = losses(out)
+        L_va, L_vt = masked_mean(l_va), masked_mean(l_vt)
+        zs_va, zs_vt = (out.z_va_v, out.z_va_a), (out.z_vt_v, out.z_vt_t)
+        u_va = torch.autograd.grad(L_va, zs_va, retain_graph=True)
+        u_vt = torch.autograd.grad(L_vt, zs_vt, retain_graph=True)
+        params = dict(model.named_parameters())
+        theta = {n: params[n].detach() for n in self.scoped}
+        g_va, g_vt = self.per_sample(theta, batch["video"], batch["audio"], batch["text"], *u_va, *u_vt)
+        B = l_va.shape[0]
+        A = torch.cat([g_va[n].reshape(B, -1) for n in self.scoped], 1)
+        V = torch.cat([g_vt[n].reshape(B, -1) for n in self.scoped], 1)
+        d, na, nt = (A * V).sum(1), (A * A).sum(1), (V * V).sum(1)
+        cos = d / (torch.sqrt(na * nt) + self.eps)
+        conflict = cos < 0
+        alpha = torch.where(conflict, 1 - self.lam * d / na.clamp(min=1e-30), torch.ones_like(d))
+        beta = torch.where(conflict, self.lam - d / nt.clamp(min=1e-30), torch.full_like(d, self.lam))
+        G = alpha @ A + beta @ V
+        o = 0
+        for n in self.scoped:
+            p = params[n]
+            p.grad = G[o:o + p.numel()].view_as(p).clone()
+            o += p.numel()
+        if self.others:                                   # apply_to=all: the same coefficients, by one backward
+            grads = torch.autograd.grad(list(zs_va) + list(zs_vt), self.others,
+                                        [u * alpha.view(-1, *[1] * (u.dim() - 1)) for u in u_va]
+                                        + [u * beta.view(-1, *[1] * (u.dim() - 1)) for u in u_vt],
+                                        allow_unused=True)
+            for p, g in zip(self.others, grads):
+                p.grad = g
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> List[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", default="tiny", choices=("tiny", "small", "base", "medium"))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default="ghost,materialize")
+    ap.add_argument("--scopes", default="shared,backbone,last_block")
+    ap.add_argument("--func-scopes", default="shared", help="scopes of the torch.func baseline ('' to skip)")
+    ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "out" / "bench_step.csv"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    mcfg, dcfg = ModelConfig(size=args.size), DataConfig()
+    model = VATT(mcfg, dcfg).to(device).train()
+    batch = make_batch(args.batch, dcfg, device, torch.Generator().manual_seed(1))
+    lam = 1.0
+
+    variants: Dict[str, Callable[[], None]] = {"plain": lambda: plain_step(model, batch, lam)}
+    harmonizers = []
+    for mode in filter(None, args.modes.split(",")):
+        for scope in filter(None, args.scopes.split(",")):
+            h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode, scope=scope, lam=lam))
+            h.recording = False                    # armed only while its own variant runs
+            harmonizers.append(h)
+            variants[f"{mode}/{scope}"] = (lambda h=h: _armed(h, lambda: harmonized_step(model, h, batch)))
+    for scope in filter(None, args.func_scopes.split(",")):
+        fp = FuncPCGrad(model, scope, lam)
+        variants[f"torch.func/{scope}"] = (lambda fp=fp: fp.step(batch))
+
+    times: Dict[str, List[float]] = {k: [] for k in variants}
+    mem: Dict[str, float] = {}
+    for name, fn in variants.items():                      # warm-up, and one step for the memory peak
+        for _ in range(args.warmup):
+            fn()
+        _sync(device)
+        with PeakMemory(device) as pm:
+            fn()
+        mem[name] = pm.mib
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+
+    base = statistics.median(times["plain"])
+    dev_name, commit = _device_name(device), _git_commit()
+    print(f"\n{model.describe()}")
+    print(f"device {dev_name}; batch {args.batch}; median of {args.repeats} (round-robin) after {args.warmup} warm-up")
+    print(f"{'variant':<24}{'ms':>10}{'x plain':>10}{'peak MiB':>11}")
+    rows = []
+    for name, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        ratio = ms / (base * 1e3)
+        print(f"{name:<24}{ms:>10.1f}{ratio:>10.2f}{mem[name]:>11.1f}")
+        rows.append(dict(bench="step", variant=name, model=f"vatt-{args.size}", batch=args.batch,
+                         device=dev_name, ms=round(ms, 3), ratio_to_plain=round(ratio, 4),
+                         peak_mib=round(mem[name], 1), repeats=args.repeats, commit=commit,
+                         time=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    _append_csv(Path(args.csv), rows)
+    print(f"appended {len(rows)} rows to {args.csv}")
+    return rows
+
+
+def _armed(h: GradientHarmonizer, fn: Callable[[], None]) -> None:
+    """Run one variant with only its harmonizer's hooks recording."""
+    h.recording = True
+    try:
+        fn()
+    finally:
+        h.recording = False
+
+
+if __name__ == "__main__":
+    main()
