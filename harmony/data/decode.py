@@ -13,7 +13,8 @@ cropped. Audio is resampled and mixed to mono by PyAV's ``AudioResampler``, plac
 Problems come back in two ways: ``ClipError(kind, detail)`` when the clip cannot give video
 (``missing_file``, ``no_video``, ``decode_error``, or ``truncated`` before half the window's frames),
 and ``Clip.problems`` for a usable clip with a defect (``truncated`` later in the window: the last frame
-is repeated and the audio zero-padded; ``no_audio``). Decoding runs single-threaded: DataLoader workers give the parallelism.
+is repeated and the audio zero-padded; ``no_audio``). Decoding runs single-threaded: DataLoader workers
+give the parallelism.
 """
 from __future__ import annotations
 
