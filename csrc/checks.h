@@ -2,7 +2,7 @@
 // Every failure is a TORCH_CHECK (RuntimeError in Python) naming the op and the offending shapes.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <vector>
 

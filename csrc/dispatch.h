@@ -1,7 +1,7 @@
 // Dtype switch over the three supported element types (float32, bfloat16, float16).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #define HARMONY_CASE_TYPE(enum_type, cpp_type, NAME, ...) \
   case enum_type: {                                       \

@@ -4,7 +4,7 @@
 //   ghost_dots(X, Ga, Gb, method) -> [B, 3] fp32, method 0 = Gram form, 1 = instantiate form
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace harmony::cpu {
 at::Tensor gram(at::TensorList A, at::TensorList V);

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <vector>
 
+#include <ATen/ops/empty.h>
+
 #include "../checks.h"
 #include "../dispatch.h"
 #include "../ops.h"

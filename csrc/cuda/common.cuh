@@ -3,13 +3,15 @@
 // sums per-block partials [B, N, 3] into [B, 3].
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <torch/library.h>
 
 #include <cstdint>
 
