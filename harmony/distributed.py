@@ -49,16 +49,29 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto") -> DistEnv:
-    """Read torchrun's env and create the default process group when WORLD_SIZE > 1 (gloo CPU, NCCL CUDA)."""
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_pref: str = "auto", parallel: str = "none") -> DistEnv:
+    """Read torchrun's env and create the default process group when WORLD_SIZE > 1 (gloo CPU, NCCL CUDA).
+
+    FSDP2 needs a process group even in one process: with parallel='fsdp' and no torchrun env, a
+    one-rank group on a free local port is created, so the sharded code path runs on a single device too."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local_rank)
     backend = ""
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or parallel == "fsdp") and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if "MASTER_ADDR" not in os.environ:  # one process started without torchrun
+            kwargs["init_method"] = f"tcp://127.0.0.1:{_free_local_port()}"
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     elif dist.is_initialized():
         backend = dist.get_backend()

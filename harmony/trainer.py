@@ -217,7 +217,7 @@ class Trainer:
         self.profile_nsys = _parse_step_range(cfg.profile.nsys, "profile.nsys")
         self.profile_torch = _parse_step_range(cfg.profile.torch, "profile.torch")
         self.parts = parts or default_parts()
-        self.env = hd.init_distributed(cfg.train.device)
+        self.env = hd.init_distributed(cfg.train.device, cfg.train.parallel)
         self._owns_group = self.env.backend != ""
         try:
             self.micro_batch = self._micro_batch()
@@ -276,8 +276,10 @@ class Trainer:
                 raise ConfigError("harmony.enabled=true but no harmonizer is available")
             # the wrapped model: the harmonizer reads DDP/FSDP2 from it to work on the global batch
             self.harmonizer = self.parts.build_harmonizer(self.model, cfg.harmony)
-        # autocast unless FSDP2 already runs the model in bf16 through its MixedPrecisionPolicy
-        self.autocast = cfg.train.precision == "bf16" and cfg.train.parallel != "fsdp"
+        # bf16 autocast; under FSDP2 too, on top of its bf16 MixedPrecisionPolicy: the policy casts parameters
+        # and inputs, but fp32 buffers (e.g. input normalisation constants) would promote activations back to
+        # fp32 and meet bf16 weights — autocast makes each op pick its dtype
+        self.autocast = cfg.train.precision == "bf16"
         self.sampler = self._build_sampler()
         # state that checkpoints carry
         self.step = 0
@@ -633,7 +635,8 @@ class Trainer:
             writer.close()
         summary = {"steps": self.step, "samples_per_s": samples_done / train_time if train_time > 0 else None,
                    "wall_s": None, "skipped_steps": self.skipped_total,
-                   "bad_samples": sum(self.bad_total.values()), "bad": dict(self.bad_total),
+                   "bad_samples": int(sum(self.bad_total.values())),
+                   "bad": {k: int(v) for k, v in self.bad_total.items()},
                    "world_size": env.world_size, "run_dir": str(self.run_dir)}
         if cfg.eval.final:
             with self._phase("eval"):
