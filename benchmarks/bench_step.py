@@ -3,7 +3,9 @@
 One run times, on the project's VATT model at a realistic batch (random inputs of the data contract's shapes):
   plain                 forward + backward of L_va + λ·L_vt
   <mode>/<scope>        forward + GradientHarmonizer.backward (PCGrad), mode ∈ {ghost, materialize},
-                        scope ∈ {shared, backbone, last_block}
+                        scope ∈ {shared, backbone, last_block}; bookkeeping (the update formed from the kept
+                        activations instead of a second backward) as the harmonizer picks it (column bk)
+  <mode>/<scope>/2bw    the same with bookkeeping off: the update by a second, weighted backward
   torch.func/<scope>    a straightforward torch.func implementation of the same per-sample PCGrad:
                         vmap over samples of the per-sample forward's VJP (the two losses' upstream
                         gradients) for the scope's parameters, torch ops for the dots, the PCGrad
@@ -37,57 +39,16 @@ from harmony.config import DataConfig, ModelConfig  # noqa: E402
 from harmony.losses import masked_mean, mil_nce, nce  # noqa: E402
 from harmony.model import VATT  # noqa: E402
 
-try:  # the shared helpers of the kernel benchmarks, when present
-    from benchmarks.common import append_csv, device_name, git_commit  # type: ignore  # noqa: E402
-except Exception:  # minimal local versions
-    append_csv = device_name = git_commit = None
+from benchmarks.common import append_csv, device_name, sync  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _device_name(device: torch.device) -> str:
-    if device_name is not None:
-        try:
-            return device_name(device)
-        except Exception:
-            pass
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def _malloc_trim() -> None:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return "cpu"
-
-
-def _git_commit() -> str:
-    if git_commit is not None:
-        try:
-            return git_commit()
-        except Exception:
-            pass
-    import subprocess
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except Exception:
-        return "unknown"
-
-
-def _append_csv(path: Path, rows: List[dict]) -> None:
-    if append_csv is not None:
-        try:
-            return append_csv(path, rows)
-        except Exception:
-            pass
-    import csv
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+        pass
 
 
 class PeakMemory:
@@ -108,6 +69,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
+            _malloc_trim()                                     # return freed heap pages, so RSS ≈ live memory
             try:
                 with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM to the current RSS
                     f.write("5")
@@ -124,11 +86,6 @@ class PeakMemory:
             peak = self._rss_kib("VmHWM:") * 1024
         self.mib = max(peak - self.start, 0) / 2 ** 20
         return False
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -233,10 +190,15 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--modes", default="ghost,materialize")
     ap.add_argument("--scopes", default="shared,backbone,last_block")
     ap.add_argument("--func-scopes", default="shared", help="scopes of the torch.func baseline ('' to skip)")
+    ap.add_argument("--second-backward", default="ghost/shared",
+                    help="mode/scope pairs also timed with bookkeeping off ('' to skip)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "out" / "bench_step.csv"))
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     mcfg, dcfg = ModelConfig(size=args.size), DataConfig()
     model = VATT(mcfg, dcfg).to(device).train()
@@ -244,13 +206,15 @@ def main(argv=None) -> List[dict]:
     lam = 1.0
 
     variants: Dict[str, Callable[[], None]] = {"plain": lambda: plain_step(model, batch, lam)}
-    harmonizers = []
-    for mode in filter(None, args.modes.split(",")):
-        for scope in filter(None, args.scopes.split(",")):
-            h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode, scope=scope, lam=lam))
-            h.recording = False                    # armed only while its own variant runs
-            harmonizers.append(h)
-            variants[f"{mode}/{scope}"] = (lambda h=h: _armed(h, lambda: harmonized_step(model, h, batch)))
+    harmonizers: Dict[str, GradientHarmonizer] = {}
+    pairs = [(m, s, None) for m in filter(None, args.modes.split(",")) for s in filter(None, args.scopes.split(","))]
+    pairs += [(*ms.split("/"), False) for ms in filter(None, args.second_backward.split(","))]
+    for mode, scope, bk in pairs:
+        h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode, scope=scope, lam=lam), bookkeeping=bk)
+        h.recording = False                        # armed only while its own variant runs
+        name = f"{mode}/{scope}" + ("/2bw" if bk is False else "")
+        harmonizers[name] = h
+        variants[name] = (lambda h=h: _armed(h, lambda: harmonized_step(model, h, batch)))
     for scope in filter(None, args.func_scopes.split(",")):
         fp = FuncPCGrad(model, scope, lam)
         variants[f"torch.func/{scope}"] = (lambda fp=fp: fp.step(batch))
@@ -260,33 +224,33 @@ def main(argv=None) -> List[dict]:
     for name, fn in variants.items():                      # warm-up, and one step for the memory peak
         for _ in range(args.warmup):
             fn()
-        _sync(device)
+        sync(device)
         with PeakMemory(device) as pm:
             fn()
         mem[name] = pm.mib
     for _ in range(args.repeats):
         for name, fn in variants.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
 
     base = statistics.median(times["plain"])
-    dev_name, commit = _device_name(device), _git_commit()
+    dev_name = device_name(device)
     print(f"\n{model.describe()}")
     print(f"device {dev_name}; batch {args.batch}; median of {args.repeats} (round-robin) after {args.warmup} warm-up")
-    print(f"{'variant':<24}{'ms':>10}{'x plain':>10}{'peak MiB':>11}")
+    print(f"{'variant':<28}{'bk':>4}{'ms':>10}{'x plain':>10}{'peak MiB':>11}")
     rows = []
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         ratio = ms / (base * 1e3)
-        print(f"{name:<24}{ms:>10.1f}{ratio:>10.2f}{mem[name]:>11.1f}")
-        rows.append(dict(bench="step", variant=name, model=f"vatt-{args.size}", batch=args.batch,
-                         device=dev_name, ms=round(ms, 3), ratio_to_plain=round(ratio, 4),
-                         peak_mib=round(mem[name], 1), repeats=args.repeats, commit=commit,
-                         time=time.strftime("%Y-%m-%dT%H:%M:%S")))
-    _append_csv(Path(args.csv), rows)
+        bk = "-" if name not in harmonizers else ("yes" if harmonizers[name].bookkeeping else "no")
+        print(f"{name:<28}{bk:>4}{ms:>10.1f}{ratio:>10.2f}{mem[name]:>11.1f}")
+        rows.append(dict(bench="step", op=name, shape=f"vatt-{args.size} B={args.batch}", dtype="float32",
+                         backend=f"bookkeeping={bk}", ms=round(ms, 3), rate=round(ratio, 4), unit="x plain",
+                         notes=f"peak {mem[name]:.1f} MiB above the step's start; median of {args.repeats}"))
+    append_csv(args.csv, rows, device)
     print(f"appended {len(rows)} rows to {args.csv}")
     return rows
 

@@ -108,7 +108,7 @@ def weighted_grads(modules, records, grads, names: Dict[str, Sequence[str]], B: 
         gs = grads.get(name)
         if not names or not gs or all(g is None for g in gs):
             continue
-        comb = [None if g is None else g[0] * row_scale(da, g[0]) + g[1] * row_scale(dv, g[1]) for g in gs]
+        comb = [None if g is None else torch.addcmul(g[0] * row_scale(da, g[0]), g[1], row_scale(dv, g[1])) for g in gs]
         module = modules[name]
         for pname, g in find_sampler(module, name).weighted(module, name, records[name], comb, B, names).items():
             out[(name, pname)] = g

@@ -14,6 +14,7 @@ from torch import nn
 
 from harmony import ops
 from harmony.grad_sample.base import GradSampler, acc_dtype, dots_from_rows, fold_rows, live
+from harmony.grad_sample.linear import pick_method
 from harmony.grad_sample.registry import register_grad_sampler
 
 
@@ -71,7 +72,8 @@ class ConvSampler(GradSampler):
         g = module.groups
         out = torch.zeros(B, 3, device=X.device)
         if "weight" in names:
-            out += ops.ghost_dots(X, G[0], G[1], method=method).view(B, g, 3).sum(1)
+            m = pick_method(method, X.shape[1], X.shape[2], G.shape[3])
+            out += ops.ghost_dots(X, G[0], G[1], method=m).view(B, g, 3).sum(1)
         if "bias" in names:
             s = G.sum(2).view(G.shape[0], B, -1)                     # [C, B, C_out]
             out += dots_from_rows(s[0], s[1])

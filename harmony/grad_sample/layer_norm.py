@@ -12,12 +12,8 @@ from harmony.grad_sample.registry import register_grad_sampler
 
 
 def normalized(ln: nn.LayerNorm, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """x̂ = (x − mean) / sqrt(var + eps) over the trailing ``normalized_shape`` dims, in ``dt``."""
-    dims = tuple(range(x.dim() - len(ln.normalized_shape), x.dim()))
-    x = x.to(dt)
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + ln.eps)
+    """x̂ = (x − mean) / sqrt(var + eps) over the trailing ``normalized_shape`` dims, in ``dt`` (one fused op)."""
+    return torch.native_layer_norm(x.to(dt), list(ln.normalized_shape), None, None, ln.eps)[0]
 
 
 @register_grad_sampler(nn.LayerNorm)
