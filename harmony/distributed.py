@@ -244,6 +244,30 @@ def grad_sync(model: nn.Module, enabled: bool):
     yield
 
 
+@contextlib.contextmanager
+def unsharded_through_backward(model: nn.Module, enabled: bool = True):
+    """FSDP2: keep parameters unsharded across the several backward passes of one step (the harmonizer's
+    measurement passes, then its update) and reshard once after the last.
+
+    FSDP2 frees a unit's unsharded parameters after its backward; a later backward through the same graph
+    then finds the saved weights' storage gone (seen with torch 2.11 on CUDA). Gradient reduce-scatter
+    is unaffected. No-op for other models."""
+    if not (enabled and is_fsdp(model)):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_backward(True, recurse=False)
+            m.reshard()
+
+
 def is_fsdp(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
 

@@ -592,7 +592,8 @@ class Trainer:
                     with hd.grad_sync(self.model, enabled=k == ga - 1):
                         with self._phase("forward"):
                             l_va, l_vt, va_in, vt_in = self.forward(batch, self.step * ga + k)
-                        with self._phase("harmonize"):
+                        with self._phase("harmonize"), \
+                                hd.unsharded_through_backward(self.model, self.harmonizer is not None):
                             stats = self.harmonize(batch, l_va, l_vt, va_in, vt_in)
                     self._record(win, batch, l_va, l_vt, stats)
                     loss_sum = loss_sum + (l_va.detach().sum() + l_vt.detach().sum())
