@@ -178,7 +178,7 @@ class GradientHarmonizer:
                 for n in self._direct[mname]:
                     self._fwd_ids[id(getattr(module, n))] = self._canonical[(mname, n)]
             self._records.setdefault(mname, []).append(
-                Call(tree_map(det, args), tree_map(det, kwargs), output, params))
+                Call(tree_map(det, args), tree_map(det, kwargs), output, params).stamp())
         return record
 
     def _needs_params(self, mname: str) -> bool:
@@ -478,6 +478,10 @@ class GradientHarmonizer:
         ys, where = [], []
         for mname in self._records:
             for j, call in enumerate(self._records.get(mname, [])):
+                if call.modified():
+                    raise PerSampleError(f"the input or output of module '{mname}' was modified in place after its "
+                                         "forward call, so its kept activations are stale; use out-of-place ops "
+                                         "there (e.g. x = x + y, not x += y; inplace=False)")
                 if isinstance(call.output, torch.Tensor) and call.output.requires_grad:
                     ys.append(call.output)
                     where.append((mname, j))

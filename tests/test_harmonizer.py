@@ -399,3 +399,24 @@ def test_autocast_bf16_accumulates_in_fp32(mode):
     print(f"bf16 autocast vs fp32: cos max abs err {err:.3e}")
     assert st.dots.dtype == torch.float32 and err < 0.03
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h.mul_(2.0)                    # changes the kept output of self.lin after its call
+        z = self.out(h)
+        return z, h, z.flip(1), h
+
+
+def test_in_place_change_of_a_kept_activation_raises():
+    model = _InPlace()
+    h = GradientHarmonizer(model, HarmonyConfig(scope="all", mode="ghost"))
+    z = model(torch.randn(5, 4))
+    with pytest.raises(PerSampleError, match="'lin' was modified in place"):
+        h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])

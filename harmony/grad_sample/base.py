@@ -38,6 +38,21 @@ class Call:
     kwargs: dict
     output: torch.Tensor
     params: Optional[Dict[str, torch.Tensor]] = None
+    versions: tuple = ()
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The call's output and tensor arguments (their version counters tell in-place changes)."""
+        out = [self.output] if isinstance(self.output, torch.Tensor) else []
+        return out + [a for a in self.args if isinstance(a, torch.Tensor)] + \
+            [v for v in self.kwargs.values() if isinstance(v, torch.Tensor)]
+
+    def stamp(self) -> "Call":
+        self.versions = tuple(t._version for t in self.tensors())
+        return self
+
+    def modified(self) -> bool:
+        """True when the output or an input was changed in place after the call (the kept values are stale)."""
+        return tuple(t._version for t in self.tensors()) != self.versions
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
