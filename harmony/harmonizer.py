@@ -26,6 +26,7 @@ autograd graph of the first step (found by walking grad_fn.next_functions to the
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +39,6 @@ from harmony import ghost, materialize
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.curriculum import ScoreMemory, curriculum_weights, update_coefficients
 from harmony.grad_sample import Call, PerSampleError, find_sampler
-from harmony.losses import masked_mean
 from harmony.nvtx import nvtx_range
 from harmony.realign import RealignState, realign
 
@@ -77,11 +77,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _is_fsdp2(model: nn.Module) -> bool:
+    return any(_is_fsdp_unit(m) for m in model.modules())
+
+
+def _is_fsdp_unit(m: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(m, FSDPModule)
+
+
+def _reshard_after_backward(unit: nn.Module) -> bool:
+    """The unit's current reshard-after-backward setting (FSDP2 keeps it in its parameter group; default True)."""
+    try:
+        return bool(unit._get_fsdp_state()._fsdp_param_group.reshard_after_backward)
+    except AttributeError:
+        return True
 
 
 def _reachable_leaves(roots: Sequence[torch.Tensor]) -> set:
@@ -132,6 +144,7 @@ class GradientHarmonizer:
         #: set False to pause recording (e.g. a forward that is not followed by ``backward``)
         self.recording = True
         self._in_backward = False
+        self._late: List[Tuple[str, torch.Tensor]] = []
         self._batched = True
         self._fwd_ids: Dict[int, str] = {}                      # id of a parameter seen in forward -> canonical name
         self._hooks = []
@@ -376,11 +389,35 @@ class GradientHarmonizer:
         dataset indices (score memory). Returns the step's HarmonyStats.
         """
         self._in_backward = True         # the samplers' own forwards (generic) must not be recorded
+        self._late = []
         try:
-            return self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step, total_steps, ids)
+            with self._fsdp_unsharded():
+                stats = self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step,
+                                       total_steps, ids)
+            for q, g in self._late:      # FSDP2: gradients formed here go to the sharded parameters, once resharded
+                self._add_grad(self._param_of(q), g)
+            return stats
         finally:
             self._records = {}
+            self._late = []
             self._in_backward = False
+
+    @contextlib.contextmanager
+    def _fsdp_unsharded(self):
+        """FSDP2: keep the units unsharded across the step's backward passes (measurement, then update), and
+        reshard once after the last; FSDP2 otherwise frees a unit's unsharded weights after its first backward,
+        which a later backward through the same graph still reads."""
+        units = [m for m in self.model.modules() if _is_fsdp_unit(m)] if self.fsdp else []
+        before = [_reshard_after_backward(m) for m in units]
+        for m in units:
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m, b in zip(units, before):
+                m.set_reshard_after_backward(b, recurse=False)
+                if b:
+                    m.reshard()
 
     def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids):
         cfg = self.cfg
@@ -391,10 +428,10 @@ class GradientHarmonizer:
         for z in va_inputs + vt_inputs:
             if z.shape[0] != B:
                 raise ValueError(f"loss inputs must have the batch in dim 0: got {tuple(z.shape)} for B={B}")
-        L_va, L_vt = masked_mean(l_va, m_va), masked_mean(l_vt, m_vt)
+        L_va, L_vt, mean_va, mean_vt = self._losses(l_va, l_vt, m_va, m_vt)
         if not cfg.enabled:
             (L_va + cfg.lam * L_vt).backward()
-            return self._plain_stats(B, dev, L_va, L_vt, m_va & m_vt)
+            return self._plain_stats(B, dev, mean_va, mean_vt, m_va & m_vt)
         with nvtx_range("harmonize/measure"):
             u_va = self._upstream(L_va, va_inputs)
             u_vt = self._upstream(L_vt, vt_inputs)
@@ -426,7 +463,26 @@ class GradientHarmonizer:
                                    bufs if mode == "materialize" else None)
         return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
                             coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
-                            loss_va=L_va.detach(), loss_vt=L_vt.detach(), kept=co["kept"], mode=mode)
+                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode)
+
+    def _losses(self, l_va, l_vt, m_va, m_vt):
+        """(L_va, L_vt) to differentiate and the global masked means (detached) for the stats.
+
+        One process: L = Σ m ℓ / max(Σ m, 1). Data parallel: this rank's share of the GLOBAL masked mean,
+        Σ_local m ℓ / (max(Σ_global m, 1) / W), so that the wrapper's averaging over ranks gives exactly the
+        gradient of the global mean however the masked samples are spread over the ranks.
+        """
+        W = self._world()
+        sum_va = torch.where(m_va, l_va, torch.zeros_like(l_va)).sum()
+        sum_vt = torch.where(m_vt, l_vt, torch.zeros_like(l_vt)).sum()
+        stats = torch.stack([sum_va.detach(), m_va.sum().to(sum_va.dtype), sum_vt.detach().to(sum_va.dtype),
+                             m_vt.sum().to(sum_va.dtype)]).double()
+        if W > 1:
+            dist.all_reduce(stats)
+        n_va, n_vt = stats[1].clamp(min=1), stats[3].clamp(min=1)
+        L_va = sum_va / (n_va / W).to(sum_va.dtype)
+        L_vt = sum_vt / (n_vt / W).to(sum_vt.dtype)
+        return L_va, L_vt, (stats[0] / n_va).float(), (stats[2] / n_vt).float()
 
     def _upstream(self, L: torch.Tensor, inputs) -> List[torch.Tensor]:
         """∂L/∂input for each input (zeros where L does not depend on it)."""
@@ -521,7 +577,7 @@ class GradientHarmonizer:
             flats = materialize.combined(self._plan, bufs, da, dv)
             self._all_reduce_mean(flats)
             for q, g in materialize.views(self._plan, flats).items():
-                self._add_grad(self._param_of(q), g)
+                self._add_named(q, g)
             return
         delta = ghost.weighted_grads(self._modules, self._records, grads, self._scoped, B, da, dv)
         merged: Dict[str, torch.Tensor] = {}
@@ -530,6 +586,13 @@ class GradientHarmonizer:
             merged[q] = g if q not in merged else merged[q] + g
         self._all_reduce_mean(list(merged.values()))
         for q, g in merged.items():
+            self._add_named(q, g)
+
+    def _add_named(self, q: str, g: torch.Tensor) -> None:
+        """Add g to parameter q's gradient; under FSDP2 after the step's units are resharded."""
+        if self.fsdp:
+            self._late.append((q, g))
+        else:
             self._add_grad(self._param_of(q), g)
 
     def _update_bookkeeping(self, co, grads, B, bufs) -> None:

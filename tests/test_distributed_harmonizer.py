@@ -1,8 +1,8 @@
 """Two gloo ranks, DDP and FSDP2: the harmonized .grad and the per-sample dots equal a single-process run on
 the same global batch (SPEC §7). The losses gather negatives across ranks with gradient.
 
-Every rank holds the same number of valid samples per loss, so the mean over ranks of the per-rank masked
-means that DDP / FSDP2 optimize equals the single process's masked mean over the global batch.
+The ranks hold different numbers of valid samples: each rank differentiates its share of the GLOBAL masked
+mean, so the wrappers' averaging gives the single process's gradient exactly.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from harmony import GradientHarmonizer, HarmonyConfig
 from harmony.losses import mil_nce, nce
 
 WORLD, B_LOCAL = 2, 4
-MASK_VA = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)      # 3 valid per rank
-MASK_VT = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)      # 3 valid per rank
+MASK_VA = torch.tensor([1, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)      # 3 + 2 valid
+MASK_VT = torch.tensor([1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)      # 3 + 4 valid
 
 CONFIGS = {
     "ddp_ghost_pcgrad_ratio": ("ddp", dict(realign="pcgrad", curriculum="ratio", curriculum_start=0.0, rho0=0.5,
@@ -97,7 +97,8 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             h = GradientHarmonizer(wrapped, HarmonyConfig(**cfg))
             st = _step(wrapped, h, x, rows)
             results[name] = dict(grads=_grads(model), dots=st.dots, cos=st.cos, weights=st.weights,
-                                 coef_va=st.coef_va, coef_vt=st.coef_vt, scope=h.scope_names())
+                                 coef_va=st.coef_va, coef_vt=st.coef_vt, scope=h.scope_names(),
+                                 loss_va=st.loss_va, loss_vt=st.loss_vt)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -141,6 +142,9 @@ def test_two_ranks_equal_one_process(ranks, name):
     for f, tol in (("dots", 2e-5), ("cos", 2e-5), ("weights", 0.0), ("coef_va", 2e-5), ("coef_vt", 2e-5)):
         _check(f, torch.cat([r[f] for r in res]), getattr(st, f), tol)
     print("cos", st.cos.tolist(), "weights", st.weights.tolist())
+    for r in res:
+        _check("loss_va", r["loss_va"], st.loss_va, 1e-6)
+        _check("loss_vt", r["loss_vt"], st.loss_vt, 1e-6)
     # every rank holds the same (averaged) gradient, equal to the single process's
     tol = 2e-5 if "materialize" in name else 2e-6
     for r in res:
