@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from harmony.data.batch import zero_counts
 from harmony.data.text import tokenize_candidates
+from harmony.nvtx import nvtx_range
 
 # (name, synonyms); the first K factors of shapes × colours are used.
 SHAPES = (
@@ -244,10 +245,16 @@ class SyntheticDataset(Dataset):
             return " ".join(OFF_TOPIC[j] for j in rng.integers(0, len(OFF_TOPIC), size=n))
         shape, colour = self.describe(concept)
         pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-        return pick(TEMPLATES).format(s=pick(SHAPES[shape][1]), c=pick(COLOURS[colour][2]),
-                                      d=pick(DIRECTIONS[direction][1]), f=pick(FILLERS))
+
+        def word(synonyms):
+            # the plain word half the time: a tiny model learns it fast, the synonyms keep it from being trivial
+            return synonyms[0] if rng.random() < 0.5 else pick(synonyms)
+
+        return pick(TEMPLATES).format(s=word(SHAPES[shape][1]), c=word(COLOURS[colour][2]),
+                                      d=word(DIRECTIONS[direction][1]), f=pick(FILLERS))
 
     # -- items --------------------------------------------------------------------------------------
+    @nvtx_range("data/synthetic")
     def generate(self, index: int) -> Tuple[dict, List[str]]:
         """Item ``index`` (the batch-contract dict) and its caption strings (for export)."""
         if not 0 <= index < self.n:
