@@ -85,7 +85,7 @@ class ConvSampler(GradSampler):
         C, g = G.shape[0], module.groups
         res = {}
         if "weight" in names:
-            w = torch.einsum("cbto,bti->cboi", G.to(dt), X.to(dt))    # [C, B·g, C_out/g, C_in/g·K]
+            w = torch.matmul(G.to(dt).transpose(2, 3), X.to(dt).unsqueeze(0))    # [C, B·g, C_out/g, C_in/g·K]
             res["weight"] = w.reshape(C, B, *module.weight.shape)
         if "bias" in names:
             res["bias"] = G.to(dt).sum(2).reshape(C, B, -1)

@@ -57,7 +57,7 @@ class LinearSampler(GradSampler):
         dt = acc_dtype(X, G)
         res = {}
         if "weight" in names:
-            res["weight"] = torch.einsum("cbto,bti->cboi", G.to(dt), X.to(dt))
+            res["weight"] = torch.matmul(G.to(dt).transpose(2, 3), X.to(dt).unsqueeze(0))   # [C, B, Dout, Din]
         if "bias" in names:
             res["bias"] = G.to(dt).sum(2)
         return res
