@@ -173,3 +173,42 @@ def test_registry_lookup():
     assert isinstance(find_sampler(Mine(), "m"), MineSampler)
     with pytest.raises(PerSampleError, match=r"'bn' \(SyncBatchNorm\) mixes samples"):
         find_sampler(nn.SyncBatchNorm(3), "bn")
+
+
+class ScaleShift(nn.Module):
+    """y = x * scale + shift: the example of docs/HARMONIZER.md."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.shift = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+
+def test_documented_sampler_example():
+    from harmony.grad_sample.base import fold_rows, live
+
+    @register_grad_sampler(ScaleShift)
+    class ScaleShiftSampler(GradSampler):
+        def per_sample(self, module, name, calls, grads, B, names):
+            out = {}
+            for call, G in live(calls, grads):
+                X = fold_rows(call.args[0], B, 0, name)            # [B, k, T, d]
+                G = fold_rows(G, B, 1, name)                      # [C, B, k, T, d]
+                part = {"scale": (G * X).sum((2, 3)), "shift": G.sum((2, 3))}
+                for n in names:
+                    out[n] = part[n] if n not in out else out[n] + part[n]
+            return out
+
+    module = ScaleShift(4).double()
+    calls, grads, recs = record(module, [((r(B, 3, 4),), {}), ((r(2 * B, 5, 4, seed=3),), {})], B)
+    ref = reference(module, calls, grads, B)
+    sampler = find_sampler(module, "ss")
+    assert isinstance(sampler, ScaleShiftSampler)
+    got = sampler.per_sample(module, "ss", recs, grads, B, ["scale", "shift"])
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sampler.dots(module, "ss", recs, grads, B, ["scale", "shift"]).double(),
+                               dots_of(ref, B), rtol=2e-6, atol=0)
