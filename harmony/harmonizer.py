@@ -18,7 +18,12 @@ grad enabled each call keeps (inputs X, output Y) until the next ``backward``. `
    (ca, cv) = w·(α, β)/norm (harmony.realign, harmony.curriculum); under data parallelism on the global
    batch (B·3 scalars per rank are all-gathered), so every rank agrees with a single-process run.
 5. update (``harmonize/update``): ghost — one weighted ordinary backward; materialize — ``combine`` into
-   the scoped parameters' .grad plus a weighted backward restricted to the other parameters.
+   the scoped parameters' .grad plus a weighted backward restricted to the other parameters. With
+   bookkeeping (single process, chosen on the first step) no second backward runs: every parameter's
+   gradient is formed from its layer's kept X and the combined output gradient ca·G^va + cv·G^vt.
+
+Under DDP / FSDP2 each rank differentiates its share of the global masked mean, and the reported dots are
+those of the averaged objective (divided by W²); see docs/HARMONIZER.md.
 
 Scope: a name asks ``model.scope_parameters(name)`` when the (unwrapped) model has it; otherwise ``all``
 is every trainable parameter and ``shared`` the parameters reachable from BOTH losses' inputs in the
