@@ -22,7 +22,6 @@ Rows are appended to a CSV with the device name and the git commit.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time

@@ -16,7 +16,7 @@ that computes z_vt from z_v.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence
 
 import torch
 from torch import nn

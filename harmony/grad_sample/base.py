@@ -14,7 +14,7 @@ several times per step accumulates per sample: its calls' tokens are concatenate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
