@@ -286,7 +286,8 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_bad = 0
         self.bad_total: Dict[str, float] = {}
-        self.noise_window: deque = deque(maxlen=cfg.eval.noise_window)
+        # one entry per micro-step: the window spans eval.noise_window optimizer steps
+        self.noise_window: deque = deque(maxlen=cfg.eval.noise_window * cfg.train.grad_accum)
         self.item_flags = torch.full((0,), -1, dtype=torch.int8)  # per item: noisy_text + 2·noisy_audio
 
     def _build_sampler(self):
@@ -505,8 +506,8 @@ class Trainer:
     def noise_metrics(self) -> dict:
         """noise_auc over the last eval.noise_window training steps and noise_auc_memory of the score memory."""
         out = {}
-        local = {k: torch.cat([w[k] for w in self.noise_window]) for k in ("cos", "valid", "noisy_text", "noisy_audio")} \
-            if self.noise_window else None
+        keys = ("cos", "valid", "noisy_text", "noisy_audio")
+        local = {k: torch.cat([w[k] for w in self.noise_window]) for k in keys} if self.noise_window else None
         parts = [p for p in hd.all_gather_object(local) if p is not None]
         if parts:
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -160,7 +160,8 @@ def test_linear_probe_with_labels_cycling_with_the_index():
     """Labels that cycle with the item index (like the synthetic eval split) must not defeat the split."""
     n, k = 64, 16
     labels = torch.arange(n) % k
-    feats = torch.nn.functional.one_hot(labels, k).double() * 3 + 0.1 * torch.randn(n, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(n, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    feats = torch.nn.functional.one_hot(labels, k).double() * 3 + 0.1 * noise
     acc = linear_probe(feats, labels, 1.0)
     print("probe acc on cyclic labels", acc)
     assert acc > 0.9
