@@ -106,14 +106,19 @@ def max_weight_diff(w1, w2):
 
 def test_ddp_two_ranks(tmp_path):
     single, full, resumed = tmp_path / "single", tmp_path / "ddp", tmp_path / "ddp_resumed"
+    single_ga, ddp_ga = tmp_path / "single_ga", tmp_path / "ddp_ga"
     main(tiny_args(single, 4, *COMMON), parts=standin_parts(feature_keep=FEATURE_KEEP))
+    main(tiny_args(single_ga, 2, *COMMON, "--train.grad_accum=2"), parts=standin_parts(feature_keep=FEATURE_KEEP))
     runs = [tiny_args(full, 4, *COMMON, "--train.parallel=ddp"),
             tiny_args(resumed, 4, *COMMON, "--train.parallel=ddp",
-                      f"--train.resume={full / 'checkpoints' / 'step_00000002'}")]
-    spawn(train_worker, (free_ports(3), runs, str(tmp_path), True))
+                      f"--train.resume={full / 'checkpoints' / 'step_00000002'}"),
+            # gradient accumulation: no_sync on the first micro-step, one reduction on the second
+            tiny_args(ddp_ga, 2, *COMMON, "--train.parallel=ddp", "--train.grad_accum=2")]
+    spawn(train_worker, (free_ports(4), runs, str(tmp_path), True))
 
     _check_collective_results(tmp_path)
     compare_runs(single, full)
+    compare_runs(single_ga, ddp_ga)
     w1 = ckpt.load(single / "checkpoints" / "step_00000004" / "state.pt")["model"]
     w2 = ckpt.load(full / "checkpoints" / "step_00000004" / "state.pt")["model"]
     err = max_weight_diff(w1, w2)

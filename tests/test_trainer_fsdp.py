@@ -19,13 +19,18 @@ def _dcp_model(ckpt_dir, out):
 
 def test_fsdp2_two_ranks(tmp_path):
     single, full, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "fsdp_resumed"
+    single_ga, fsdp_ga = tmp_path / "single_ga", tmp_path / "fsdp_ga"
     main(tiny_args(single, 4, *COMMON), parts=standin_parts(feature_keep=FEATURE_KEEP))
+    main(tiny_args(single_ga, 2, *COMMON, "--train.grad_accum=2"), parts=standin_parts(feature_keep=FEATURE_KEEP))
     runs = [tiny_args(full, 4, *COMMON, "--train.parallel=fsdp"),
             tiny_args(resumed, 4, *COMMON, "--train.parallel=fsdp",
-                      f"--train.resume={full / 'checkpoints' / 'step_00000002'}")]
-    spawn(train_worker, (free_ports(3), runs, str(tmp_path), False))
+                      f"--train.resume={full / 'checkpoints' / 'step_00000002'}"),
+            # gradient accumulation: no reduce-scatter on the first micro-step
+            tiny_args(fsdp_ga, 2, *COMMON, "--train.parallel=fsdp", "--train.grad_accum=2")]
+    spawn(train_worker, (free_ports(4), runs, str(tmp_path), False))
 
     compare_runs(single, full)
+    compare_runs(single_ga, fsdp_ga)
     step4 = full / "checkpoints" / "step_00000004"
     assert (step4 / "dcp").is_dir() and not (step4 / "state.pt").exists()
     w_single = ckpt.load(single / "checkpoints" / "step_00000004" / "state.pt")["model"]
