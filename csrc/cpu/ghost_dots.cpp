@@ -2,21 +2,22 @@
 // and Ga, Gb [B, T, Dout], never writing Ga_iᵀX_i to memory. Own blocked loops (no BLAS call), so the
 // summation order is fixed and the result does not depend on the thread count.
 //
-// Gram form (method 0), work item = (sample, token t): with K = X Xᵀ symmetric,
+// Gram form (method 0), work item = (sample, block of 8 tokens t): with K = X Xᵀ symmetric,
 //   Σ_{t,s} K_ts (Ga Gbᵀ)_ts = Σ_t K_tt Ga_t·Gb_t + Σ_{t<s} K_ts (Ga_t·Gb_s + Ga_s·Gb_t),
 //   Σ_{t,s} K_ts (Ga Gaᵀ)_ts = Σ_t K_tt Ga_t·Ga_t + 2 Σ_{t<s} K_ts Ga_t·Ga_s   (likewise for Gb),
-// so item t walks s = t..T-1 and needs one Din dot and four Dout dots per pair.
+// so token t pairs with s = t..T-1 and needs one Din dot and four Dout dots per pair.
 // Instantiate form (method 1), work item = (sample, tile of 16 output features): a register tile of
 // [2 features x 16 inputs] of Ga_iᵀX_i and Gb_iᵀX_i accumulates over t, then its three dots are taken;
 // X_i's 16-column strip (T x 64 B) stays in L1/L2 while the tile's 8 feature pairs sweep it.
 // Both forms store per-item partials (double) and sum them per sample in item order.
+// bf16/fp16 inputs are converted to fp32 copies first: both forms read every input element many times
+// (once per token pair, or once per feature pair), and widening it each time costs more than one conversion.
 #include <algorithm>
 #include <vector>
 
 #include <ATen/ops/empty.h>
 
 #include "../checks.h"
-#include "../dispatch.h"
 #include "../ops.h"
 #include "parallel.h"
 #include "simd.h"
@@ -26,6 +27,7 @@ namespace {
 
 using namespace harmony::simd;
 
+constexpr int64_t kTokBlock = 8;   // tokens per Gram-form item (their rows stay in L1 while s sweeps)
 constexpr int64_t kFeatTile = 16;  // output features per instantiate-form item (8 register-tile pairs)
 constexpr int64_t kColTile = 16;   // input columns per register tile (two vectors)
 
@@ -71,26 +73,31 @@ void dots4(const T* at, const T* bt, const T* as, const T* bs, int64_t n, float*
   r[3] = hsum(ba);
 }
 
-// Gram-form item: token t of one sample against tokens s >= t. X [T, Din], Ga/Gb [T, Dout] of that sample.
+// Gram-form item: tokens [t0, t0 + kTokBlock) of one sample against tokens s >= t. X [T, Din], Ga/Gb [T, Dout]
+// of that sample. The s loop is outside, so each s row is read from memory once per item and then reused from
+// L1 by the block's tokens.
 template <typename T>
-void gram_form_row(const T* X, const T* Ga, const T* Gb, int64_t Tn, int64_t Din, int64_t Dout, int64_t t,
-                   double* res) {
-  const T* xt = X + t * Din;
-  const T* at = Ga + t * Dout;
-  const T* bt = Gb + t * Dout;
+void gram_form_block(const T* X, const T* Ga, const T* Gb, int64_t Tn, int64_t Din, int64_t Dout, int64_t t0,
+                     double* res) {
+  const int64_t t1 = std::min(t0 + kTokBlock, Tn);
   double ab = 0.0, aa = 0.0, bb = 0.0;
   float d[4];
-  for (int64_t s = t; s < Tn; ++s) {
-    const double k = dot(xt, X + s * Din, Din);
-    dots4(at, bt, Ga + s * Dout, Gb + s * Dout, Dout, d);
-    if (s == t) {
-      ab += k * d[2];
-      aa += k * d[0];
-      bb += k * d[1];
-    } else {
-      ab += k * (static_cast<double>(d[2]) + d[3]);
-      aa += 2.0 * k * d[0];
-      bb += 2.0 * k * d[1];
+  for (int64_t s = t0; s < Tn; ++s) {
+    const T* xs = X + s * Din;
+    const T* as = Ga + s * Dout;
+    const T* bs = Gb + s * Dout;
+    for (int64_t t = t0; t < std::min(t1, s + 1); ++t) {
+      const double k = dot(X + t * Din, xs, Din);
+      dots4(Ga + t * Dout, Gb + t * Dout, as, bs, Dout, d);
+      if (s == t) {
+        ab += k * d[2];
+        aa += k * d[0];
+        bb += k * d[1];
+      } else {
+        ab += k * (static_cast<double>(d[2]) + d[3]);
+        aa += 2.0 * k * d[0];
+        bb += 2.0 * k * d[1];
+      }
     }
   }
   res[0] = ab;
@@ -156,30 +163,30 @@ void instantiate_item(const T* X, const T* Ga, const T* Gb, int64_t Tn, int64_t 
 at::Tensor ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at::Tensor& Gb_in, int64_t method) {
   const char* op = "harmony::ghost_dots";
   check_ghost(op, X_in, Ga_in, Gb_in, method, c10::DeviceType::CPU);
-  const at::Tensor X = X_in.contiguous(), Ga = Ga_in.contiguous(), Gb = Gb_in.contiguous();
+  const at::Tensor X = X_in.to(at::kFloat).contiguous();
+  const at::Tensor Ga = Ga_in.to(at::kFloat).contiguous();
+  const at::Tensor Gb = Gb_in.to(at::kFloat).contiguous();
   const int64_t B = X.size(0), Tn = X.size(1), Din = X.size(2), Dout = Ga.size(2);
   const bool gram_form = method == 0;
-  const int64_t per_sample = gram_form ? Tn : (Dout + kFeatTile - 1) / kFeatTile;
+  const int64_t per_sample = gram_form ? (Tn + kTokBlock - 1) / kTokBlock : (Dout + kFeatTile - 1) / kFeatTile;
   std::vector<double> partial(static_cast<size_t>(B * per_sample) * 3, 0.0);
 
-  HARMONY_DISPATCH(X.scalar_type(), op, T, {
-    const T* px = X.const_data_ptr<T>();
-    const T* pa = Ga.const_data_ptr<T>();
-    const T* pb = Gb.const_data_ptr<T>();
-    // Dynamic schedule: Gram-form items shrink with t (triangle); results do not depend on who runs an item.
-    parallel_items(B * per_sample, Schedule::kDynamic, [&](int64_t w) {
-      const int64_t i = w / per_sample, j = w % per_sample;
-      const T* x = px + i * Tn * Din;
-      const T* a = pa + i * Tn * Dout;
-      const T* b = pb + i * Tn * Dout;
-      if (gram_form)
-        gram_form_row(x, a, b, Tn, Din, Dout, j, partial.data() + 3 * w);
-      else
-        instantiate_item(x, a, b, Tn, Din, Dout, j * kFeatTile, partial.data() + 3 * w);
-    });
+  const float* px = X.const_data_ptr<float>();
+  const float* pa = Ga.const_data_ptr<float>();
+  const float* pb = Gb.const_data_ptr<float>();
+  // Dynamic schedule: Gram-form items shrink with t (triangle); results do not depend on who runs an item.
+  parallel_items(B * per_sample, Schedule::kDynamic, [&](int64_t w) {
+    const int64_t i = w / per_sample, j = w % per_sample;
+    const float* x = px + i * Tn * Din;
+    const float* a = pa + i * Tn * Dout;
+    const float* b = pb + i * Tn * Dout;
+    if (gram_form)
+      gram_form_block(x, a, b, Tn, Din, Dout, j * kTokBlock, partial.data() + 3 * w);
+    else
+      instantiate_item(x, a, b, Tn, Din, Dout, j * kFeatTile, partial.data() + 3 * w);
   });
 
-  at::Tensor out = at::empty({B, 3}, X.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({B, 3}, X.options());
   float* o = out.mutable_data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
     double s[3] = {0.0, 0.0, 0.0};
