@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harmony.metrics import read_jsonl
@@ -58,3 +59,24 @@ def test_grid_run_end_to_end(tmp_path):
           "--eval.size=8", "--eval.batch_size=4", "--data.eval_size=8", "--log.every=1", "--log.progress=false"])
     summary = _check_outputs(run, 2, synthetic=False)
     assert summary["eval_items"] == 8 and "noise_auc" not in summary
+
+
+def test_memory_sampler_follows_the_training_step(tmp_path):
+    """harmony.memory_use=sampler: the prioritized sampler starts each epoch at the trainer's current step
+    (its priorities follow the curriculum's progress); 64 items in batches of 8 start epoch 1 at step 8."""
+    from harmony.cli import parse_args
+    from harmony.trainer import Trainer
+
+    cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'mem'}", "--train.steps=10", "--harmony.curriculum=memory",
+                         "--harmony.memory_use=sampler", "--harmony.curriculum_start=0", "--eval.final=false",
+                         "--log.plots=false", *SMALL])
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+        sampler = trainer.sampler.sampler
+        print("sampler epoch", sampler.epoch, "step", sampler.step)
+        assert sampler.epoch == 1 and sampler.step == 8
+        seen, _ = trainer.harmonizer.memory.scores(torch.arange(64))
+        assert torch.isfinite(seen).all()
+    finally:
+        trainer.close()
