@@ -7,9 +7,10 @@ torch-ops composition and a plain copy of the same bytes measured in the same ru
 
 Every result is validated against a float64 computation before it is timed. Times are medians over repeats
 after warm-up. Columns: GB/s counts the bytes an op must move (gram: read A and V; combine: read A and V, write
-out); "% of copy" divides that by the GB/s of dst.copy_(src) over the same number of bytes (read + write
-counted; CPU: torch's copy on all threads, GPU: device-to-device); "vs torch" is the torch composition's time
-over this row's (> 1: faster). ghost_dots rows report GFLOP/s for the nominal flops of the cheaper form
+out); "% of copy" compares it with dst.copy_(src) moving the same number of bytes (read + write counted; CPU:
+torch's copy on all threads, GPU: device-to-device), timed in rounds alternating with the op so that both see
+the same machine load (the median of the per-round ratios); "vs torch" is the torch composition's time over
+this row's (> 1: faster). ghost_dots rows report GFLOP/s for the nominal flops of the cheaper form
 (use_gram_form), the same count for every row of a shape, so the rates compare times. Rows are appended to
 --csv with the device name, date and git commit.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -25,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import append_csv, copy_gbps, device_name, format_table, median_ms, sync  # noqa: E402
+from common import (append_csv, copy_buffers, device_name, format_table, interleaved_ms, median_ms,  # noqa: E402
+                    sync)
 
 from harmony import backends, ops  # noqa: E402
 
@@ -53,10 +56,11 @@ def label(p: int) -> str:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float = 2.0) -> float:
-    """Median ms; fewer repeats (at least 3) for calls so slow that ``repeats`` would exceed the budget."""
-    first = median_ms(fn, device, warmup=1, repeats=1)
+    """Median ms of a warm fn; fewer repeats (at least 3) for calls so slow that ``repeats`` would exceed the
+    budget."""
+    first = median_ms(fn, device, warmup=0, repeats=1)
     n = max(3, min(repeats, int(budget_s * 1e3 / max(first, 1e-3))))
-    return median_ms(fn, device, warmup=1, repeats=n)
+    return median_ms(fn, device, warmup=0, repeats=n)
 
 
 def kernel_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
@@ -115,7 +119,7 @@ def torch_combine(As, Vs, ca, cv, outs):
 
 
 def bench_buffers(op: str, sizes: List[int], tag: str, B: int, dtype: torch.dtype, device: torch.device,
-                  repeats: int, copy: float) -> List[Dict[str, object]]:
+                  repeats: int) -> List[Dict[str, object]]:
     """gram or combine over buckets of the given sizes; one row per backend plus the torch composition."""
     gen = torch.Generator(device=device).manual_seed(0)
     As = [torch.randn(B, p, device=device, generator=gen).to(dtype) for p in sizes]
@@ -124,6 +128,8 @@ def bench_buffers(op: str, sizes: List[int], tag: str, B: int, dtype: torch.dtyp
     outs = [torch.empty(p, dtype=dtype, device=device) for p in sizes]
     es, P = As[0].element_size(), sum(sizes)
     nbytes = 2 * B * P * es + (P * es if op == "combine" else 0)
+    dst, src = copy_buffers(nbytes // 2, device)  # read + write = the op's bytes
+    copy_fn = lambda: dst.copy_(src)  # noqa: E731
 
     def run(backend: str) -> Callable[[], object]:
         if op == "gram":
@@ -135,16 +141,18 @@ def bench_buffers(op: str, sizes: List[int], tag: str, B: int, dtype: torch.dtyp
     rows = []
     for backend in kernel_backends(device, dtype) + ["torch"]:
         name = f"{op} {backend} {dtype} {tag}"
-        res = run(backend)()
+        t0 = time.perf_counter()
+        res = run(backend)()  # the warm-up call, also validated
         sync(device)
+        first_ms = (time.perf_counter() - t0) * 1e3
         if op == "gram":
             check_gram(name, res, As, Vs)
         else:
             check_combine(name, outs, As, Vs, ca, cv)
-        ms = timed(run(backend), device, repeats)
-        gbps = nbytes / (ms * 1e-3) / 1e9
+        ms, copy_ms, ratio = interleaved_ms(run(backend), copy_fn, device, repeats, first_ms=first_ms)
         rows.append(dict(bench="kernels", op=op, shape=tag, dtype=str(dtype).replace("torch.", ""), backend=backend,
-                         ms=ms, rate=gbps, unit="GB/s", pct_copy=100 * gbps / copy, copy_gbps=copy))
+                         ms=ms, rate=nbytes / (ms * 1e-3) / 1e9, unit="GB/s", pct_copy=100 * ratio,
+                         copy_gbps=nbytes / (copy_ms * 1e-3) / 1e9))
     torch_ms = rows[-1]["ms"]
     for r in rows:
         r["vs_torch"] = torch_ms / r["ms"]
@@ -218,18 +226,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    backends.explain().items()))
     rows: List[Dict[str, object]] = []
     for dtype in dtypes:
-        es = torch.tensor([], dtype=dtype).element_size()
         cases = [([p], f"{args.B}x{label(p)}") for p in sizes]
         if not args.no_buckets:
             mix = bucket_mix(max(sizes))
             cases.append((mix, f"{args.B}x{label(sum(mix))}~/{len(mix)} buckets"))
         for bucket_sizes, tag in cases:
-            copy = copy_gbps(2 * args.B * sum(bucket_sizes) * es, device)  # the bytes gram reads
-            print(f"copy of {2 * args.B * sum(bucket_sizes) * es / 1e9:.2f} GB: {copy:.1f} GB/s")
             for op in ("gram", "combine"):
                 if op in wanted:
-                    rows += bench_buffers(op, bucket_sizes, tag, args.B, dtype, device, args.repeats, copy)
-                    print(format_table(rows[-(len(kernel_backends(device, dtype)) + 1):], COLUMNS), flush=True)
+                    rows += bench_buffers(op, bucket_sizes, tag, args.B, dtype, device, args.repeats)
+                    print(format_table(rows[-(len(kernel_backends(device, dtype)) + 1):], COLUMNS + ("copy_gbps",)),
+                          flush=True)
         if "ghost_dots" in wanted:
             for shape in GHOST_SHAPES[device.type]:
                 rows += bench_ghost(shape, dtype, device, args.repeats)

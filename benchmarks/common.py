@@ -2,6 +2,7 @@
 
   median_ms(fn, device)            median wall time of fn() over repeats after warm-up (CUDA-synchronised)
   copy_gbps(nbytes, device)        bandwidth of a plain copy of nbytes (dst.copy_(src), read + write counted)
+  interleaved_ms(fn, copy_fn, ...) fn and a copy timed in alternating rounds (ratio robust to shared load)
   device_name(device), git_commit()
   append_csv(path, rows)           rows (dicts) appended under one fixed header, with date/commit/device
   format_table(rows, columns)      a plain-text table
@@ -16,7 +17,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -44,6 +45,38 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def copy_buffers(nbytes: int, device: torch.device):
+    """(dst, src) fp32 buffers of nbytes each for a plain-copy probe."""
+    src = torch.rand(max(1, nbytes // 4), device=device)
+    return torch.empty_like(src), src
+
+
+def interleaved_ms(fn: Callable[[], object], copy_fn: Callable[[], object], device: torch.device,
+                   repeats: int = 10, budget_s: float = 2.0, first_ms: Optional[float] = None):
+    """(median ms of fn, median ms of copy_fn, median of the per-round ratios copy_ms / fn_ms).
+
+    Rounds alternate one copy and one fn call, so on a shared, noisy machine both see the same load and their
+    ratio stays meaningful. fn must already be warm; ``first_ms`` (the warm-up call's time, else measured)
+    sets the rounds: calls slower than budget_s / repeats get fewer (at least 3)."""
+    copy_fn()
+    sync(device)
+    if first_ms is None:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first_ms = (time.perf_counter() - t0) * 1e3
+    rounds = max(3, min(repeats, int(budget_s * 1e3 / max(first_ms, 1e-3))))
+    op_ms, copy_ms = [], []
+    for _ in range(rounds):
+        for f, sink in ((copy_fn, copy_ms), (fn, op_ms)):
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            sink.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(op_ms), statistics.median(copy_ms), statistics.median(c / o for c, o in
+                                                                                 zip(copy_ms, op_ms))
 
 
 def copy_gbps(nbytes: int, device: torch.device, repeats: int = 10) -> float:

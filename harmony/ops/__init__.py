@@ -8,6 +8,7 @@ HARMONY_BACKEND=cuda|triton|cpu|ref forces one):
 Registered ops behind them: torch.ops.harmony.{gram, combine, ghost_dots} (C++/CUDA, harmony._C) and
 torch.ops.harmony.{gram, combine, ghost_dots}_triton (kernels/, see harmony.ops._triton).
 """
+from harmony import _ext  # noqa: F401  (loads harmony._C when built: torch.ops.harmony.* exist after this import)
 from harmony.ops.combine import combine, combine_ref
 from harmony.ops.ghost_dots import ghost_dots, ghost_dots_ref, use_gram_form
 from harmony.ops.gram import gram, gram_ref
