@@ -35,19 +35,41 @@ def _gather_sizes(b: int, device: torch.device) -> List[int]:
     return [int(s.item()) for s in sizes]
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather equal-sized blocks [m, ...] from every rank -> [world·m, ...] in rank order, differentiable.
+
+    Each rank differentiates its own loss, which reads every rank's rows; the gradient of this rank's block is
+    therefore the sum over ranks of the gradient each one computed for it: an all_reduce (sum) of the full
+    gathered gradient, then this rank's slice. Every rank must run the backward (as with any collective).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(_world())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()  # all_reduce works in place; autograd's buffer must stay untouched
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def _gather_rows(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     """All-gather x [b, ...] from every rank WITH gradient -> [Σ sizes, ...] in rank order.
 
     Ranks may hold different b: rows are zero-padded to max(sizes) for the collective and cut off after it.
-    The backward of the collective sums every rank's gradient for a row into the rank that owns it.
+    The backward sums every rank's gradient for a row into the rank that owns it (``_AllGatherWithGrad``).
     """
-    from torch.distributed.nn.functional import all_gather
-
-    pad = max(sizes) - x.shape[0]
+    m = max(sizes)
+    pad = m - x.shape[0]
     if pad:
         x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
-    parts = all_gather(x)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    full = _AllGatherWithGrad.apply(x)
+    return torch.cat([full[r * m:r * m + n] for r, n in enumerate(sizes)])
 
 
 def _gather_global(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor

@@ -2,6 +2,7 @@
 import datetime
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -52,8 +53,11 @@ def _worker(rank, port, out_dir):
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         results = {}
-        for k, (sizes, n_cand) in enumerate(CASES):
-            results[("gather", k)] = _run_case(sizes, n_cand, seed=k, gather=True, rank=rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k, (sizes, n_cand) in enumerate(CASES):
+                results[("gather", k)] = _run_case(sizes, n_cand, seed=k, gather=True, rank=rank)
+        results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
         results[("local", 0)] = _run_case(*CASES[0], seed=0, gather=False, rank=rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -117,3 +121,10 @@ def test_gather_false_stays_local(rank_results):
     print("gather=False max err", errs, "| gathered vs local gap", gaps)
     assert max(errs) < 1e-12
     assert min(gaps) > 1e-3  # the gathered loss does see the other rank's negatives
+
+
+def test_gather_emits_no_warnings(rank_results):
+    """The gather with gradient is our own autograd function: no deprecation warnings from the collective."""
+    for rank in range(WORLD):
+        print(f"rank {rank} warnings: {rank_results[rank]['warnings']}")
+        assert rank_results[rank]["warnings"] == []
