@@ -320,3 +320,29 @@ def test_learns_a_fixed_batch():
         losses.append(loss.item())
     print("losses", [round(x, 3) for x in losses])
     assert sum(losses[-5:]) / 5 < 0.85 * losses[0]
+
+
+def test_text_ids_fold_into_a_small_vocabulary():
+    """Ids from the data tokenizer (2^16 buckets) fold into model.vocab_buckets: 0 stays padding, id ->
+    1 + (id − 1) mod (V − 1), so a small vocabulary embeds them instead of raising IndexError."""
+    from harmony.data.text import tokenize
+
+    data = small_data(candidates=2)
+    model = build(small_model(vocab_buckets=97), data).eval()
+    raw = torch.stack([tokenize("a crimson box moves to the left", data.max_words),
+                       tokenize("okay so the blue orb is moving up", data.max_words),
+                       tokenize("ring", data.max_words),
+                       torch.tensor([65535, 97, 96, 1, 193, 0, 0])])
+    raw = torch.stack([raw[:2], raw[2:]])                                  # [2, 2, 7]
+    assert raw.max() >= 97                                                 # ids past the table
+    folded = torch.tensor([[[0 if i == 0 else 1 + (i - 1) % 96 for i in row] for row in s] for s in raw.tolist()])
+    assert folded.max() < 97 and ((folded == 0) == (raw == 0)).all()
+    with torch.no_grad():
+        got, ref = model.encode_text(raw), model.encode_text(folded)
+        err = max(_max_err(got.z_vt_t, ref.z_vt_t), _max_err(got.feat_t, ref.feat_t))
+        # 97 and 193 fold onto 1, 96 stays 96: equal ids give equal single-word captions
+        one = model.encode_text(torch.tensor([[[97]], [[193]], [[1]], [[96]]]))
+    print("raw vs pre-folded ids max err", err)
+    assert err == 0.0 and torch.equal(got.cand_mask, (raw != 0).any(-1))
+    assert torch.equal(one.z_vt_t[0], one.z_vt_t[2]) and torch.equal(one.z_vt_t[1], one.z_vt_t[2])
+    assert _max_err(one.z_vt_t[3], one.z_vt_t[2]) > 1e-4

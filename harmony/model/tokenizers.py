@@ -92,12 +92,25 @@ class AudioEmbed(nn.Module):
         return self.agg(_keep_tokens(x, keep))
 
 
+def fold_word_ids(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Word ids [...] (0 = padding) -> ids in [0, vocab): 0 stays 0, any other id -> 1 + (id − 1) mod (vocab − 1).
+
+    The data tokenizer hashes into 2^16 buckets; a model with a smaller model.vocab_buckets folds those ids
+    into its own table (ids already below vocab are unchanged), so no id can index past the embedding.
+    """
+    return torch.where(words != 0, 1 + (words - 1).remainder(vocab - 1), torch.zeros_like(words))
+
+
 class TextEmbed(nn.Module):
-    """Hashed word ids [B', N] (0 = padding) -> tokens [B', 1 + N, d] and a key mask [B', 1 + N]."""
+    """Hashed word ids [B', N] (0 = padding) -> tokens [B', 1 + N, d] and a key mask [B', 1 + N].
+
+    Ids >= vocab are folded into the table by :func:`fold_word_ids`.
+    """
 
     def __init__(self, vocab: int, max_words: int, width: int):
         super().__init__()
         self.max_words = int(max_words)
+        self.vocab = int(vocab)
         self.word_embed = nn.Embedding(vocab, width, padding_idx=0)
         self.pre_proj = nn.Linear(width, width)
         self.pos = AddEmbedding(self.max_words, width)
@@ -108,7 +121,7 @@ class TextEmbed(nn.Module):
         if words.dim() != 2 or words.shape[1] > self.max_words:
             raise ValueError(f"text must be [B, L, N] with N <= data.max_words={self.max_words}, "
                              f"got words of shape {list(words.shape)}")
-        x = self.agg(self.pos(self.pre_proj(self.word_embed(words))))
+        x = self.agg(self.pos(self.pre_proj(self.word_embed(fold_word_ids(words, self.vocab)))))
         present = words != 0
         # Always a mask (testing for "no padding" would cost a host sync). The AGG token is always a valid
         # key, so no attention row is fully masked (SDPA would return NaN for it).
