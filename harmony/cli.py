@@ -1,7 +1,8 @@
 """Command line and YAML into a typed, validated :class:`~harmony.config.Config` (SPEC §11).
 
 ``train.py [--config FILE.yaml] [--section.key=value | --section.key value ...]``: defaults, then the
-YAML file (a mapping of sections), then the overrides, in that order. Every value is converted by the
+YAML file (a mapping of sections), then the overrides, in that order. Without ``--config`` the file is the
+repository's ``configs/default.yaml`` (next to ``train.py``), so a bare ``torchrun train.py`` runs the default job. Every value is converted by the
 type of its dataclass field (bool accepts true/false/yes/no/on/off/1/0; lists accept ``2,8,8`` or
 ``[2,8,8]``). An unknown section or key is an error that lists the valid ones; a bad value is an error
 naming the field and what is allowed — all before any work.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +23,8 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 # torchrun/launch may pass these; they carry nothing the config needs (LOCAL_RANK comes from the env).
 _IGNORED_FLAGS = ("--local-rank", "--local_rank")
+# The config a run reads when no --config is given: configs/default.yaml beside train.py.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def _sections(cfg: Config) -> Dict[str, Any]:
@@ -167,15 +171,22 @@ def _split_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
     return configs, overrides
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str]:
+def parse_args(argv: Optional[Sequence[str]] = None,
+               default_config: Optional[Path] = DEFAULT_CONFIG) -> Tuple[Config, str]:
     """argv (without the program name) -> (validated Config, config name for the run folder).
 
-    The config name is the stem of the last ``--config`` file, or ``default``.
+    Without ``--config``, ``default_config`` is read (the repository's configs/default.yaml; ``None``: the
+    dataclass defaults alone). The config name is the stem of the last config file read, or ``default``.
     """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     configs, overrides = _split_args(argv)
+    if not configs and default_config is not None:
+        if Path(default_config).is_file():
+            configs = [str(default_config)]
+        else:  # an installed package without the repository's configs/: the built-in defaults
+            warnings.warn(f"no --config and no {default_config}; using the built-in defaults", stacklevel=2)
     cfg = Config()
     for path in configs:
         apply_mapping(cfg, load_yaml(path), origin=path)
@@ -212,7 +223,9 @@ def dump_yaml(cfg: Config) -> str:
 
 def format_help() -> str:
     """One line per field: --section.key (type, default): help [choices]."""
-    lines = ["usage: train.py [--config FILE.yaml] [--section.key=value ...]", ""]
+    lines = ["usage: train.py [--config FILE.yaml] [--section.key=value ...]",
+             f"(no --config: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}; the defaults below are the "
+             "built-in ones that a config file overrides)", ""]
     cfg = Config()
     for section, obj in _sections(cfg).items():
         lines.append(f"[{section}] {type(obj).__doc__.strip().splitlines()[0]}")

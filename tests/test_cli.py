@@ -11,7 +11,33 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_validate():
+    cfg, name = parse_args([], default_config=None)
+    assert name == "default" and cfg == Config()
+
+
+def test_no_config_reads_configs_default_yaml(tmp_path):
+    """A bare ``train.py`` runs configs/default.yaml (run folder name ``default``); --config replaces it."""
+    from harmony.cli import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG == CONFIGS / "default.yaml"
     cfg, name = parse_args([])
+    assert name == "default"
+    written = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    checked = 0
+    for section, values in written.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+            checked += 1
+    print(f"{checked} values of default.yaml checked")
+    assert cfg != Config() and checked >= 10
+    cfg, _ = parse_args(["--train.steps=5"])  # overrides still apply on top of the file
+    assert cfg.train.steps == 5 and cfg.data.noise == written["data"]["noise"]
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"train": {"steps": 3}}))
+    cfg, name = parse_args(["--config", str(other)])  # an explicit --config replaces default.yaml
+    assert name == "other" and cfg.train.steps == 3 and cfg.data == Config().data
+    with pytest.warns(UserWarning, match="built-in defaults"):
+        cfg, name = parse_args([], default_config=tmp_path / "missing.yaml")
     assert name == "default" and cfg == Config()
 
 
