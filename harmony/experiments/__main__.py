@@ -1,0 +1,72 @@
+"""``python -m harmony.experiments run GRID --out DIR [--jobs N] [--budget-min M] [--set section.key=value ...]``,
+``python -m harmony.experiments aggregate DIR``, ``python -m harmony.experiments list [GRID] [--out DIR]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from harmony.config import ConfigError
+from harmony.experiments.aggregate import aggregate
+from harmony.experiments.grid import GRIDS, expand, get_grid, parse_sets
+from harmony.experiments.runner import run_grid, summarize
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harmony.experiments", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run a named grid (skips runs whose summary.json exists), then aggregate")
+    run.add_argument("grid", choices=sorted(GRIDS))
+    run.add_argument("--out", required=True, help="experiment folder; one sub-folder per run")
+    run.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    run.add_argument("--budget-min", type=float, default=None, help="start no run after this many minutes")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override added to every run's command (repeatable)")
+    run.add_argument("--no-aggregate", action="store_true", help="do not write results.* and plots afterwards")
+    agg = sub.add_parser("aggregate", help="results.csv, results.md and plots/ of an experiment folder")
+    agg.add_argument("dir")
+    agg.add_argument("--no-plots", action="store_true")
+    ls = sub.add_parser("list", help="the named grids, or one grid's runs with their train.py commands")
+    ls.add_argument("grid", nargs="?", choices=sorted(GRIDS))
+    ls.add_argument("--out", default=None, help="experiment folder the commands write to (default runs/GRID)")
+    ls.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return p
+
+
+def _list(grid_name: Optional[str], out: Optional[str], sets: List[str]) -> None:
+    if grid_name is None:
+        for name, grid in GRIDS.items():
+            print(f"{name:18s} {len(expand(grid)):4d} runs  {grid.description}")
+        return
+    extra = parse_sets(sets)
+    base = out or f"runs/{grid_name}"
+    for run in expand(get_grid(grid_name)):
+        print(f"# {run.name}")
+        print(run.command(f"{base}/{run.name}", extra))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "list":
+            _list(args.grid, args.out, args.set)
+            return 0
+        if args.cmd == "aggregate":
+            res = aggregate(args.dir, plots=not args.no_plots)
+            print(f"{len(res['groups'])} settings -> {res['csv']}, {res['md']}, {len(res['plots'])} plots"
+                  + (f"; incomplete runs: {len(res['incomplete'])}" if res["incomplete"] else ""))
+            return 0
+        results = run_grid(expand(get_grid(args.grid)), args.out, jobs=args.jobs, budget_min=args.budget_min,
+                           extra=parse_sets(args.set))
+        print(summarize(results))
+        if not args.no_aggregate:
+            res = aggregate(args.out)
+            print(f"{len(res['groups'])} settings -> {res['csv']}, {res['md']}, {len(res['plots'])} plots")
+        return 1 if any(r.status == "failed" for r in results) else 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Read an experiment folder's runs into one table: mean ± std over seeds per setting, CSV, Markdown, plots.
+
+Every sub-folder holding a ``config.yaml`` is a run; its ``summary.json`` gives the final metrics (a run
+without one is listed as incomplete and left out of the means), ``metrics.jsonl`` the curves over training,
+and ``run.json`` (written by the runner) its axis labels and command. Runs are grouped by the config fields
+that differ between them, seeds excepted; the spread is the sample standard deviation (n − 1) over the runs
+of a group that report the metric (a metric a run cannot have, e.g. ``noise_auc`` of the plain baseline,
+which measures no cosines, is absent rather than zero).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from harmony.experiments.grid import short_name
+from harmony.metrics import read_jsonl
+
+# column -> path into summary.json
+METRICS: Dict[str, Tuple[str, ...]] = {
+    **{f"{d}_r{k}": ("retrieval", d, f"r{k}") for d in ("v2t", "t2v", "v2a", "a2v") for k in (1, 5)},
+    "v2t_concept_acc": ("retrieval", "v2t", "concept_acc"),
+    "t2v_concept_acc": ("retrieval", "t2v", "concept_acc"),
+    "probe_acc": ("probe_acc",),
+    "noise_auc": ("noise_auc",), "noise_auc_text": ("noise_auc_text",), "noise_auc_audio": ("noise_auc_audio",),
+    "noise_auc_memory": ("noise_auc_memory",),
+    "wall_s": ("wall_s",), "samples_per_s": ("samples_per_s",),
+}
+# the Markdown table's columns (the CSV has all of METRICS)
+TABLE_METRICS = ["v2t_r1", "v2t_r5", "t2v_r1", "t2v_r5", "v2a_r1", "a2v_r1", "v2t_concept_acc", "probe_acc",
+                 "noise_auc", "noise_auc_memory", "wall_s", "samples_per_s"]
+# plotted against the noise rate
+PLOT_METRICS = ["v2t_r1", "t2v_r1", "v2a_r1", "v2t_concept_acc", "probe_acc", "noise_auc", "noise_auc_memory"]
+# plotted over training from metrics.jsonl when a run logs them
+CURVE_KEYS = ["noise_auc", "frac_conflict", "cos_mean", "kept", "loss"]
+# fields that differ between runs without defining a setting
+SEED_FIELDS = ("train.seed", "data.seed", "log.run_dir", "train.resume")
+NOISE_FIELDS = ("data.noise", "data.noise_audio")
+
+
+@dataclass
+class RunRecord:
+    name: str
+    config: Dict[str, Any]  # 'section.key' -> value
+    summary: Optional[Dict[str, Any]]
+    rows: List[Dict[str, Any]]
+    labels: Dict[str, str] = field(default_factory=dict)
+    command: str = ""
+
+
+@dataclass
+class Group:
+    """The runs of one setting (all seeds) and their statistics: metric -> (mean, std or None, n)."""
+
+    key: Tuple
+    fields: Dict[str, Any]
+    runs: List[RunRecord]
+    stats: Dict[str, Tuple[Optional[float], Optional[float], int]] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> Dict[str, str]:
+        return {k: v for k, v in self.runs[0].labels.items() if k != "seed"}
+
+    def label(self, exclude: Sequence[str] = ()) -> str:
+        """Axis labels (or varied fields when the runs carry none) minus the ``exclude`` fields."""
+        skip = {short_name(f) for f in exclude}
+        if self.labels:
+            parts = [f"{k}={v}" for k, v in self.labels.items() if k not in skip]
+        else:
+            parts = [f"{short_name(k)}={v}" for k, v in self.fields.items() if short_name(k) not in skip]
+        return " ".join(parts) or "all"
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def flatten_config(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """{section: {key: v}} -> {'section.key': v} (lists become tuples so settings can be compared and hashed)."""
+    return {f"{s}.{k}": _hashable(v) for s, sec in (cfg or {}).items() for k, v in (sec or {}).items()}
+
+
+def load_runs(exp_dir: Path) -> List[RunRecord]:
+    """Every run folder under ``exp_dir`` (any depth) that holds a config.yaml, sorted by path."""
+    records = []
+    for cfg_path in sorted(Path(exp_dir).rglob("config.yaml")):
+        run_dir = cfg_path.parent
+        summary_path = run_dir / "summary.json"
+        meta_path = run_dir / "run.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        records.append(RunRecord(
+            name=str(run_dir.relative_to(exp_dir)),
+            config=flatten_config(yaml.safe_load(cfg_path.read_text())),
+            summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+            rows=read_jsonl(run_dir / "metrics.jsonl"),
+            labels={str(k): str(v) for k, v in meta.get("labels", {}).items()},
+            command=meta.get("command", "")))
+    return records
+
+
+def varied_fields(records: Sequence[RunRecord]) -> List[str]:
+    """Config fields whose value differs between the runs, seeds and run folders excepted, in config order."""
+    keys = list(dict.fromkeys(k for r in records for k in r.config))
+    return [k for k in keys if k not in SEED_FIELDS and len({r.config.get(k) for r in records}) > 1]
+
+
+def metric_value(summary: Optional[Dict], path: Tuple[str, ...]) -> Optional[float]:
+    """summary[path...] as a finite float, else None (missing, null, NaN)."""
+    node: Any = summary
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+        return None
+    return float(node)
+
+
+def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float], int]:
+    """(mean, sample std with n − 1, n); std None below two values, both None for none."""
+    n = len(values)
+    if n == 0:
+        return None, None, 0
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None, 1
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)), n
+
+
+def _sort_key(key: Tuple) -> Tuple:
+    """Numbers by value, everything else by text, so rows come out as 0 < 0.2 < 0.4 and a < b."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+                 for v in key)
+
+
+def group_runs(records: Sequence[RunRecord], fields: Sequence[str]) -> List[Group]:
+    """Complete runs grouped by the values of ``fields``, with every metric's mean ± std over the group."""
+    groups: Dict[Tuple, Group] = {}
+    for r in records:
+        if r.summary is None:
+            continue
+        key = tuple(r.config.get(f) for f in fields)
+        groups.setdefault(key, Group(key, dict(zip(fields, key)), [])).runs.append(r)
+    out = [groups[k] for k in sorted(groups, key=_sort_key)]
+    for g in out:
+        for name, path in METRICS.items():
+            g.stats[name] = mean_std([v for v in (metric_value(r.summary, path) for r in g.runs) if v is not None])
+    return out
+
+
+def _seed(r: RunRecord) -> Any:
+    return r.config.get("train.seed")
+
+
+def write_csv(groups: Sequence[Group], fields: Sequence[str], path: Path) -> Path:
+    """One row per setting: the varied fields, label, seeds, then <metric>_mean, _std, _n for every metric."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*fields, "label", "seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")],
+                    "command"])
+        for g in groups:
+            stats = [x if x is not None else "" for m in METRICS for x in g.stats[m]]
+            w.writerow([*(g.fields[f] for f in fields), g.label(), " ".join(str(_seed(r)) for r in g.runs),
+                        *stats, g.runs[0].command])
+    return path
+
+
+def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:
+    if mean is None:
+        return "–"
+    digits = 1 if abs(mean) >= 100 else 3
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f} (n=1)"
+
+
+def write_markdown(groups: Sequence[Group], fields: Sequence[str], path: Path, title: str,
+                   incomplete: Sequence[str] = ()) -> Path:
+    """A table of mean ± std over seeds per setting, then the command that reproduces each row (first seed)."""
+    lines = [f"# {title}", "",
+             f"Mean ± sample std over seeds (n − 1); varied fields: {', '.join(fields) or 'none'}.", "",
+             "| # | setting | seeds | " + " | ".join(TABLE_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(TABLE_METRICS)]
+    for i, g in enumerate(groups):
+        cells = [_fmt(*g.stats[m]) for m in TABLE_METRICS]
+        lines.append(f"| {i} | {g.label()} | {len(g.runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "Reproduce a row (its first seed; other seeds: change --train.seed and --data.seed):", ""]
+    for i, g in enumerate(groups):
+        if g.runs[0].command:
+            lines.append(f"{i}. `{g.runs[0].command}`")
+    if incomplete:
+        lines += ["", f"Incomplete runs (no summary.json, left out): {', '.join(incomplete)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_vs_noise(groups: Sequence[Group], fields: Sequence[str], out_dir: Path) -> List[Path]:
+    """metric vs noise rate with ±std error bars, one line per method, one panel per noise kind."""
+    paths = []
+    for x in [f for f in NOISE_FIELDS if f in fields]:
+        panel_field = "data.noise_kind" if "data.noise_kind" in fields else None
+        panels = sorted({g.fields[panel_field] for g in groups}) if panel_field else [None]
+        for metric in PLOT_METRICS:
+            if all(g.stats[metric][0] is None for g in groups):
+                continue
+            plt = _pyplot()
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+            for ax, panel in zip(axes[0], panels):
+                series: Dict[str, List[Tuple[float, float, float]]] = {}
+                for g in groups:
+                    mean, std, _ = g.stats[metric]
+                    if mean is None or (panel_field and g.fields[panel_field] != panel):
+                        continue
+                    series.setdefault(g.label(exclude=[x, panel_field or ""]), []).append(
+                        (float(g.fields[x]), mean, std or 0.0))
+                for name, pts in series.items():
+                    pts.sort()
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                                marker="o", capsize=3, label=name)
+                ax.set_xlabel(x)
+                ax.set_ylabel(metric)
+                ax.set_title(f"{short_name(panel_field)}={panel}" if panel_field else metric)
+                ax.grid(alpha=0.3)
+                if series:
+                    ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out_dir / f"{metric}_vs_{short_name(x)}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def mean_curve(runs: Sequence[RunRecord], key: str) -> Tuple[List[int], List[float]]:
+    """(steps, mean over the runs of ``key`` at each logged step where any run has a value)."""
+    by_step: Dict[int, List[float]] = {}
+    for r in runs:
+        for row in r.rows:
+            v = row.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                by_step.setdefault(int(row["step"]), []).append(float(v))
+    steps = sorted(by_step)
+    return steps, [math.fsum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+def plot_curves(groups: Sequence[Group], out_dir: Path) -> List[Path]:
+    """Each CURVE_KEYS entry that the runs log, over training steps, one line per setting (mean over seeds)."""
+    paths = []
+    for key in CURVE_KEYS:
+        curves = [(g.label(), *mean_curve(g.runs, key)) for g in groups]
+        curves = [c for c in curves if c[1]]
+        if not curves:
+            continue
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, steps, values in curves:
+            ax.plot(steps, values, label=name, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} over training (mean over seeds)")
+        ax.grid(alpha=0.3)
+        if len(curves) <= 16:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out_dir / f"curve_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def aggregate(exp_dir: Path, plots: bool = True) -> Dict[str, Any]:
+    """Write results.csv, results.md and plots/ into ``exp_dir``. -> {groups, fields, csv, md, plots, incomplete}."""
+    exp_dir = Path(exp_dir)
+    records = load_runs(exp_dir)
+    complete = [r for r in records if r.summary is not None]
+    incomplete = [r.name for r in records if r.summary is None]
+    fields = varied_fields(complete)
+    groups = group_runs(complete, fields)
+    out = {"groups": groups, "fields": fields, "incomplete": incomplete,
+           "csv": write_csv(groups, fields, exp_dir / "results.csv"),
+           "md": write_markdown(groups, fields, exp_dir / "results.md", f"Results: {exp_dir.name}", incomplete),
+           "plots": []}
+    if plots and groups:
+        plot_dir = exp_dir / "plots"
+        plot_dir.mkdir(exist_ok=True)
+        out["plots"] = plot_vs_noise(groups, fields, plot_dir) + plot_curves(groups, plot_dir)
+    return out

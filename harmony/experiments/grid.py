@@ -1,0 +1,166 @@
+"""Named experiment grids as data: a grid -> the list of its runs, each with its exact ``train.py`` command.
+
+A grid is a base (``section.key -> value`` overrides of ``configs/default.yaml``), a list of axes and a list
+of seeds. An axis is either a config field swept over values (``data.noise: [0, 0.2, 0.4, 0.6]``) or a named
+set of presets (``method: {baseline: {...}, realign: {...}}``). The runs are the cross product of the axes and
+the seeds; a seed sets both ``train.seed`` (model init, batch order) and ``data.seed`` (which items are noisy),
+so the spread over seeds covers both. Every override is written out on the command line, so a printed command
+reproduces its run on its own (given the same ``configs/default.yaml``).
+"""
+from __future__ import annotations
+
+import itertools
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from harmony.config import ConfigError
+
+# The four arms of the main comparison (SPEC §3-4): plain VATT, realignment only, curriculum only, both.
+METHODS = {
+    "baseline": {"harmony.enabled": False, "harmony.realign": "none", "harmony.curriculum": "none"},
+    "realign": {"harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "none"},
+    "curriculum": {"harmony.enabled": True, "harmony.realign": "none", "harmony.curriculum": "threshold"},
+    "both": {"harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "threshold"},
+}
+
+# Shared by the science grids: no progress bar; a checkpoint every 100 steps (only the newest kept) that
+# train.resume=auto continues when a sweep is interrupted and relaunched.
+QUIET = {"log.progress": False, "train.ckpt_every": 100, "train.keep_last": 1, "train.resume": "auto"}
+
+# The smallest run that still exercises every part of the trainer (tests): ~10 s on 2 CPU cores.
+TINY = {"train.steps": 2, "train.batch_size": 4, "train.warmup_steps": 1, "train.device": "cpu",
+        "train.ckpt_every": 0, "train.keep_last": 1, "data.size": 16, "data.eval_size": 8, "data.frames": 2,
+        "data.image_size": 8, "model.video_patch": [2, 8, 8], "data.sample_rate": 1000,
+        "data.audio_seconds": 0.32, "data.noise_audio": 0.0, "eval.size": 8, "eval.batch_size": 8,
+        "eval.every": 0, "log.every": 1, "log.plots": False, "log.progress": False}
+
+SEEDS3 = [0, 1, 2]
+
+
+@dataclass
+class Axis:
+    """One swept dimension: a config field over ``values``, or named ``presets`` of several fields."""
+
+    name: str
+    values: Sequence[Any] = ()
+    presets: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def choices(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """-> [(label, overrides)] in order."""
+        if self.presets:
+            return [(label, dict(over)) for label, over in self.presets.items()]
+        return [(format_value(v), {self.name: v}) for v in self.values]
+
+
+@dataclass
+class Grid:
+    name: str
+    description: str
+    base: Dict[str, Any]
+    axes: List[Axis]
+    seeds: Sequence[int] = tuple(SEEDS3)
+
+
+@dataclass
+class Run:
+    """One run of a grid: its folder name, axis labels, seed and full override list."""
+
+    grid: str
+    name: str
+    labels: Dict[str, str]
+    seed: int
+    overrides: Dict[str, Any]
+
+    def args(self, run_dir: str, extra: Optional[Dict[str, Any]] = None) -> List[str]:
+        """The train.py arguments of this run writing to ``run_dir`` (``extra``: --set overrides, applied last)."""
+        merged = {**self.overrides, **(extra or {})}
+        merged["log.run_dir"] = run_dir
+        return [f"--{k}={format_value(v)}" for k, v in merged.items()]
+
+    def command(self, run_dir: str, extra: Optional[Dict[str, Any]] = None) -> str:
+        """The shell command, run from the repository root, that reproduces this run."""
+        return " ".join(shlex.quote(a) for a in ["python", "train.py", *self.args(run_dir, extra)])
+
+
+def format_value(v: Any) -> str:
+    """A CLI value as harmony.cli reads it back: booleans lower-case, lists as [a,b,c]."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _grid(name, description, base, axes, seeds=SEEDS3) -> Grid:
+    return Grid(name, description, {**QUIET, **base} if name != "smoke" else dict(base), list(axes), list(seeds))
+
+
+NOISE_RATES = [0.0, 0.2, 0.4, 0.6]
+NOISE_KINDS = ["swap", "bias", "unrelated"]
+_method = Axis("method", presets=METHODS)
+
+GRIDS: Dict[str, Grid] = {g.name: g for g in [
+    _grid("smoke", "tests: tiny model and data, 2 steps; 2 seeds x {baseline, pcgrad} x text noise {0, 0.4}",
+          TINY, [Axis("method", presets={"baseline": METHODS["baseline"], "pcgrad": METHODS["realign"]}),
+                 Axis("data.noise", [0.0, 0.4])], seeds=[0, 1]),
+    _grid("noise_text", "misaligned captions: rate x kind x method (audio clean), default.yaml otherwise",
+          {"data.noise_audio": 0.0}, [Axis("data.noise_kind", NOISE_KINDS), Axis("data.noise", NOISE_RATES), _method]),
+    _grid("noise_audio", "misaligned audio tracks: rate x kind x method (captions clean)",
+          {"data.noise": 0.0}, [Axis("data.noise_kind", NOISE_KINDS), Axis("data.noise_audio", NOISE_RATES),
+                                _method]),
+    _grid("ablate_rules", "realignment rules without curriculum at 40% swapped captions (+ the baseline)",
+          {"data.noise": 0.4, "data.noise_audio": 0.0, "data.noise_kind": "swap", "harmony.curriculum": "none"},
+          [Axis("rule", presets={"baseline": METHODS["baseline"],
+                                 **{r: {"harmony.enabled": True, "harmony.realign": r}
+                                    for r in ("pcgrad", "project_va", "project_vt", "gradvac")}})]),
+    _grid("ablate_curriculum", "curriculum schedules (no realignment) x ramp length at 40% swapped captions",
+          {"data.noise": 0.4, "data.noise_audio": 0.0, "data.noise_kind": "swap", "harmony.enabled": True,
+           "harmony.realign": "none"},
+          [Axis("harmony.curriculum", ["threshold", "ratio", "soft", "memory"]),
+           Axis("harmony.ramp", [0.25, 0.5, 0.75])]),
+    _grid("ablate_scope", "parameters the cosine is measured on, PCGrad + threshold at 40% swapped captions",
+          {"data.noise": 0.4, "data.noise_audio": 0.0, "data.noise_kind": "swap", **METHODS["both"]},
+          [Axis("harmony.scope", ["shared", "backbone", "last_block"])]),
+    _grid("long_finite", "many epochs over 256 items (600 steps x 32 = 75 epochs), narrator-bias caption noise",
+          {"data.size": 256, "train.steps": 600, "data.noise_kind": "bias", "data.noise_audio": 0.0,
+           "eval.every": 200},
+          [Axis("data.noise", [0.0, 0.4]), _method]),
+]}
+
+
+def expand(grid: Grid) -> List[Run]:
+    """All runs of a grid: the cross product of its axes, then the seeds (innermost)."""
+    runs = []
+    for combo in itertools.product(*(axis.choices() for axis in grid.axes)):
+        labels, over = {}, dict(grid.base)
+        for axis, (label, values) in zip(grid.axes, combo):
+            labels[short_name(axis.name)] = label
+            over.update(values)
+        for seed in grid.seeds:
+            name = "_".join(f"{k}-{v}" for k, v in labels.items()) + f"_seed-{seed}"
+            runs.append(Run(grid.name, name, dict(labels), seed,
+                            {**over, "train.seed": seed, "data.seed": seed}))
+    return runs
+
+
+def short_name(field_name: str) -> str:
+    """'data.noise_kind' -> 'noise_kind' (folder names and table headers)."""
+    return field_name.rsplit(".", 1)[-1]
+
+
+def get_grid(name: str) -> Grid:
+    if name not in GRIDS:
+        raise ConfigError(f"unknown grid {name!r}; named grids: {sorted(GRIDS)}")
+    return GRIDS[name]
+
+
+def parse_sets(items: Sequence[str]) -> Dict[str, str]:
+    """['train.steps=10', ...] -> {'train.steps': '10'} (values stay strings; train.py converts them)."""
+    out = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        out[key.strip()] = value
+    return out

@@ -1,0 +1,233 @@
+"""Experiment sweeps: named grids expand into valid train.py commands, the subprocess runner runs the smoke
+grid end to end and resumes, the aggregation's mean ± std matches an independent float64 computation, and
+the command printed for a row reproduces that row's saved config."""
+import csv
+import json
+import math
+import shlex
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from harmony.cli import config_to_dict, parse_args
+from harmony.experiments import GRIDS, aggregate, expand, get_grid, run_grid
+from harmony.experiments.__main__ import main as experiments_main
+from harmony.experiments.aggregate import METRICS, mean_std
+
+
+def _config_of_command(command: str) -> dict:
+    """The resolved config that train.py builds from a printed command ('python train.py --a=b ...')."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "train.py"], argv[:2]
+    cfg, _ = parse_args(argv[2:])
+    return config_to_dict(cfg)
+
+
+def test_every_grid_expands_into_valid_distinct_runs():
+    for name, grid in GRIDS.items():
+        runs = expand(grid)
+        expected = len(grid.seeds) * math.prod(len(a.choices()) for a in grid.axes)
+        assert len(runs) == expected, (name, len(runs), expected)
+        assert len({r.name for r in runs}) == len(runs), f"{name}: run names collide"
+        settings = {tuple(sorted((k, str(v)) for k, v in r.overrides.items())) for r in runs}
+        assert len(settings) == len(runs), f"{name}: two runs have the same overrides"
+        for r in runs:
+            cfg = _config_of_command(r.command(f"runs/{name}/{r.name}"))  # validates every field
+            assert cfg["train"]["seed"] == r.seed and cfg["data"]["seed"] == r.seed
+            assert cfg["log"]["run_dir"] == f"runs/{name}/{r.name}"
+    noise = expand(get_grid("noise_text"))
+    assert {r.labels["method"] for r in noise} == {"baseline", "realign", "curriculum", "both"}
+    assert {r.overrides["data.noise"] for r in noise} == {0.0, 0.2, 0.4, 0.6}
+    assert {r.overrides["data.noise_kind"] for r in noise} == {"swap", "bias", "unrelated"}
+
+
+def test_command_overrides_reach_the_config():
+    """Each override of a run, and a --set extra, is what the parsed command holds (lists and booleans too)."""
+    run = expand(get_grid("smoke"))[5]
+    cfg = _config_of_command(run.command("out/x", {"train.lr": "0.002"}))
+    for dotted, value in run.overrides.items():
+        section, key = dotted.split(".")
+        assert cfg[section][key] == (list(value) if isinstance(value, tuple) else value), dotted
+    assert cfg["train"]["lr"] == 0.002
+
+
+def test_smoke_grid_runs_end_to_end_and_resumes(tmp_path):
+    """The real trainer through subprocesses (jobs=1), aggregation, a second launch that skips every run,
+    and the printed command of a row that reproduces the row's saved config."""
+    out = tmp_path / "smoke"
+    t0 = time.perf_counter()
+    assert experiments_main(["run", "smoke", "--out", str(out), "--jobs", "1"]) == 0
+    print(f"smoke grid: {time.perf_counter() - t0:.1f} s")
+    runs = expand(get_grid("smoke"))
+    for r in runs:
+        summary = json.loads((out / r.name / "summary.json").read_text())
+        assert summary["steps"] == 2 and 0 <= summary["retrieval"]["v2t"]["r1"] <= 1, r.name
+        assert json.loads((out / r.name / "run.json").read_text())["labels"] == r.labels
+
+    again = run_grid(runs, out, jobs=1)
+    assert [x.status for x in again] == ["skipped"] * len(runs)
+
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(row["seeds"] == "0 1" for row in rows)
+    assert {"harmony.enabled", "data.noise"} <= set(rows[0])
+    for row in rows:  # each row's mean/std against the two summaries it came from
+        names = [r.name for r in runs if r.labels["method"] in row["label"] and
+                 f"noise={r.labels['noise']}" in row["label"]]
+        values = np.array([json.loads((out / n / "summary.json").read_text())["retrieval"]["v2t"]["r1"]
+                           for n in names], dtype=np.float64)
+        assert len(values) == 2
+        err = max(abs(float(row["v2t_r1_mean"]) - values.mean()), abs(float(row["v2t_r1_std"]) - values.std(ddof=1)))
+        print(row["label"], "max error", err)
+        assert err < 1e-12
+        # the printed command reproduces the config the run saved
+        saved = yaml.safe_load((out / f"{names[0]}" / "config.yaml").read_text())
+        assert _config_of_command(row["command"]) == saved
+    md = (out / "results.md").read_text()
+    assert md.count("python train.py") == 4
+    assert (out / "plots" / "v2t_r1_vs_noise.png").is_file()
+    assert (out / "plots" / "curve_loss.png").is_file()
+
+
+# ------------------------------------------------------------------------------------ runner (stand-in)
+
+FAKE_TRAIN = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    run_dir = Path(args["log.run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "started").write_text(repr(time.time()))
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    if args.get("data.noise") == os.environ.get("FAKE_FAIL_NOISE"):
+        sys.exit(3)
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 1}))
+    (run_dir / "ended").write_text(repr(time.time()))
+""")
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+    path = tmp_path / "fake_train.py"
+    path.write_text(FAKE_TRAIN)
+    return path
+
+
+def test_resume_runs_only_the_missing_and_failed_ones(tmp_path, fake_train, monkeypatch):
+    runs = expand(get_grid("smoke"))
+    out = tmp_path / "exp"
+    monkeypatch.setenv("FAKE_FAIL_NOISE", "0.4")
+    first = run_grid(runs, out, script=fake_train, say=lambda s: None, poll_s=0.01)
+    expect = ["failed" if r.overrides["data.noise"] == 0.4 else "done" for r in runs]
+    assert [x.status for x in first] == expect
+    assert all(x.returncode == 3 for x in first if x.status == "failed")
+    (out / runs[0].name / "summary.json").unlink()  # an interrupted run: relaunched
+    monkeypatch.delenv("FAKE_FAIL_NOISE")
+    second = run_grid(runs, out, script=fake_train, say=lambda s: None, poll_s=0.01)
+    expect = ["done" if (i == 0 or r.overrides["data.noise"] == 0.4) else "skipped" for i, r in enumerate(runs)]
+    assert [x.status for x in second] == expect
+    assert all((out / r.name / "summary.json").is_file() for r in runs)
+
+
+def test_parallel_jobs_overlap_and_budget_stops_launching(tmp_path, fake_train, monkeypatch):
+    runs = expand(get_grid("smoke"))[:4]
+    monkeypatch.setenv("FAKE_SLEEP", "1.0")
+    out = tmp_path / "par"
+    res = run_grid(runs, out, jobs=2, script=fake_train, say=lambda s: None, poll_s=0.01)
+    assert [x.status for x in res] == ["done"] * 4
+    spans = [(float((out / r.name / "started").read_text()), float((out / r.name / "ended").read_text()))
+             for r in runs]
+    overlapping = sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+    print("overlapping pairs", overlapping)
+    assert overlapping >= 2
+    # a budget spent before the first launch starts nothing; one spent during the first run stops the rest
+    assert [x.status for x in run_grid(runs, tmp_path / "none", budget_min=0, script=fake_train,
+                                       say=lambda s: None)] == ["not_started"] * 4
+    res = run_grid(runs, tmp_path / "some", budget_min=0.5 / 60, script=fake_train, say=lambda s: None,
+                   poll_s=0.01)
+    assert [x.status for x in res] == ["done", "not_started", "not_started", "not_started"]
+
+
+# ------------------------------------------------------------------------------- aggregation (hand-made)
+
+def _write_run(root: Path, name: str, overrides: list, summary) -> None:
+    cfg, _ = parse_args(overrides)
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+    rows = [{"step": s, "loss": 8.0 - s, "frac_conflict": 0.1 * s} for s in (1, 2, 3)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _random_summary(rng) -> dict:
+    return {"retrieval": {d: {"r1": rng.random(), "r5": rng.random(), "r10": rng.random(), "medr": 3.0,
+                              "concept_acc": rng.random()} for d in ("v2t", "t2v", "v2a", "a2v")},
+            "probe_acc": rng.random(), "noise_auc": rng.random(), "noise_auc_memory": rng.random(),
+            "wall_s": 100 * rng.random(), "samples_per_s": 50 * rng.random(), "steps": 3}
+
+
+def test_aggregate_mean_std_matches_float64_reference(tmp_path):
+    rng = np.random.default_rng(1234)
+    settings = [("false", 0.0, 3), ("false", 0.4, 3), ("true", 0.0, 2), ("true", 0.4, 1)]
+    expected = {}
+    for enabled, noise, seeds in settings:
+        summaries = []
+        for seed in range(seeds):
+            s = _random_summary(rng)
+            if enabled == "false":
+                del s["noise_auc"]  # the plain baseline measures no cosines
+            if seed == 1:
+                s["probe_acc"] = None  # null in the JSON: left out, not zero
+            summaries.append(s)
+            _write_run(tmp_path, f"en{enabled}_n{noise}_s{seed}",
+                       [f"--harmony.enabled={enabled}", f"--data.noise={noise}", f"--train.seed={seed}",
+                        f"--data.seed={seed}", f"--log.run_dir=x{seed}"], s)
+        expected[(enabled == "true", noise)] = summaries
+    _write_run(tmp_path, "unfinished", ["--harmony.enabled=true", "--data.noise=0.6"], None)
+
+    res = aggregate(tmp_path)
+    assert res["fields"] == ["data.noise", "harmony.enabled"]
+    assert res["incomplete"] == ["unfinished"]
+    with open(res["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    worst = 0.0
+    for row in rows:
+        summaries = expected[(row["harmony.enabled"] == "True", float(row["data.noise"]))]
+        for metric, path in METRICS.items():
+            vals = []
+            for s in summaries:
+                node = s
+                for p in path:
+                    node = node.get(p) if isinstance(node, dict) else None
+                if node is not None:
+                    vals.append(node)
+            vals = np.array(vals, dtype=np.float64)
+            assert int(row[f"{metric}_n"]) == len(vals), (metric, row["label"])
+            if len(vals) == 0:
+                assert row[f"{metric}_mean"] == "" and row[f"{metric}_std"] == ""
+                continue
+            worst = max(worst, abs(float(row[f"{metric}_mean"]) - vals.mean()))
+            if len(vals) >= 2:
+                worst = max(worst, abs(float(row[f"{metric}_std"]) - vals.std(ddof=1)))
+            else:
+                assert row[f"{metric}_std"] == ""
+    print("max error of mean/std", worst)
+    assert worst < 1e-12
+    md = res["md"].read_text()
+    assert md.count("\n| ") == 5 and "unfinished" in md  # header + 4 rows
+    names = {p.name for p in res["plots"]}
+    assert {"v2t_r1_vs_noise.png", "noise_auc_vs_noise.png", "curve_loss.png", "curve_frac_conflict.png"} <= names
+
+
+def test_mean_std_edge_cases():
+    assert mean_std([]) == (None, None, 0)
+    assert mean_std([0.25]) == (0.25, None, 1)
+    m, s, n = mean_std([1.0, 2.0, 4.0])
+    assert n == 3 and abs(m - 7 / 3) < 1e-15 and abs(s - np.std([1.0, 2.0, 4.0], ddof=1)) < 1e-15
