@@ -7,9 +7,10 @@
 # Made for the H100/H200 machine (python3 with a CUDA torch, triton, nvcc; no network: nothing is installed from
 # a registry). Without a GPU it runs as a dry check: CPU build, CPU tests (Triton under its interpreter) and a
 # tiny CPU benchmark. A failing stage is logged and the next one runs; the exit status is non-zero if any stage
-# failed. OUTDIR receives at most 7 files: nvidia-smi.log, build.log, info.log, tests.log, bench.log,
+# failed. OUTDIR receives at most 8 files: nvidia-smi.log, build.log, info.log, tests.log, bench.log, bench_step.log,
 # results.csv, summary.txt. Estimated at 4-5 minutes on an H100 (not yet timed there); each stage has a time limit
-# (build 300 s, tests 200 s, benchmark 150 s) so a hang cannot eat the machine time.
+# (build 240 s, tests 150 s, each benchmark 90 s; BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT, STEP_LIMIT) so a hang
+# cannot eat the machine time.
 # Environment: PYTHON (default python3), HARMONY_CUDA_ARCHS (default 9.0), MAX_JOBS (default: all cores).
 set -uo pipefail
 
@@ -53,7 +54,7 @@ else
 fi
 
 # In place, so the tests and benchmark below import this build; prints which kernels it builds and why.
-stage "build" "$OUT/build.log" 300 "$PY" setup.py build_ext --inplace
+stage "build" "$OUT/build.log" "${BUILD_LIMIT:-240}" "$PY" setup.py build_ext --inplace
 
 stage "harmony.info" "$OUT/info.log" 60 "$PY" -m harmony.info
 if [ $GPU -eq 1 ]; then
@@ -63,9 +64,14 @@ if [ $GPU -eq 1 ]; then
 fi
 
 if [ $GPU -eq 1 ]; then
-  stage "tests (CUDA, compiled Triton)" "$OUT/tests.log" 200 "$PY" -m pytest -q -rs tests/test_ops.py
-  stage "kernel benchmark (GPU sizes)" "$OUT/bench.log" 150 "$PY" benchmarks/bench_kernels.py --device cuda \
-    --csv "$OUT/results.csv"
+  # pytest-xdist spreads the many small op tests over the host cores when it is installed.
+  XDIST=$("$PY" -c "import xdist" 2> /dev/null && echo "-n 8" || true)
+  stage "tests (CUDA, compiled Triton)" "$OUT/tests.log" "${TEST_LIMIT:-150}" "$PY" -m pytest -q -rs $XDIST \
+    tests/test_ops.py
+  stage "kernel benchmark (GPU sizes)" "$OUT/bench.log" "${BENCH_LIMIT:-90}" "$PY" benchmarks/bench_kernels.py \
+    --device cuda --sizes "${BENCH_SIZES:-16M,64M}" --repeats 10 --csv "$OUT/results.csv"
+  stage "step benchmark (VATT-small)" "$OUT/bench_step.log" "${STEP_LIMIT:-90}" "$PY" benchmarks/bench_step.py \
+    --device cuda --size small --batch 64 --repeats 5 --warmup 2 --func-scopes "" --second-backward "" --csv "$OUT/results.csv"
 else
   stage "tests (CPU, Triton interpreter)" "$OUT/tests.log" 300 env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs \
     tests/test_ops.py tests/test_ops_triton.py
