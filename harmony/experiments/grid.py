@@ -33,7 +33,7 @@ TINY = {"train.steps": 2, "train.batch_size": 4, "train.warmup_steps": 1, "train
         "train.ckpt_every": 0, "train.keep_last": 1, "data.size": 16, "data.eval_size": 8, "data.frames": 2,
         "data.image_size": 8, "model.video_patch": [2, 8, 8], "data.sample_rate": 1000,
         "data.audio_seconds": 0.32, "data.noise_audio": 0.0, "eval.size": 8, "eval.batch_size": 8,
-        "eval.every": 0, "log.every": 1, "log.plots": False, "log.progress": False}
+        "eval.every": 0, "log.every": 1, "log.plots": False, "log.progress": False, "train.resume": "auto"}
 
 SEEDS3 = [0, 1, 2]
 
