@@ -231,3 +231,23 @@ def test_mean_std_edge_cases():
     assert mean_std([0.25]) == (0.25, None, 1)
     m, s, n = mean_std([1.0, 2.0, 4.0])
     assert n == 3 and abs(m - 7 / 3) < 1e-15 and abs(s - np.std([1.0, 2.0, 4.0], ddof=1)) < 1e-15
+
+
+def test_noise_plots_have_one_panel_per_kind(tmp_path):
+    """Runs varying noise kind, rate and method: one figure per metric with a panel per kind."""
+    import matplotlib.image
+
+    rng = np.random.default_rng(7)
+    for kind in ("swap", "bias", "unrelated"):
+        for noise in (0.0, 0.4):
+            for enabled in ("true", "false"):
+                for seed in (0, 1):
+                    _write_run(tmp_path, f"{kind}_{noise}_{enabled}_{seed}",
+                               [f"--data.noise_kind={kind}", f"--data.noise={noise}",
+                                f"--harmony.enabled={enabled}", f"--train.seed={seed}"], _random_summary(rng))
+    res = aggregate(tmp_path)
+    assert res["fields"] == ["data.noise", "data.noise_kind", "harmony.enabled"]
+    assert len(res["groups"]) == 12 and all(len(g.runs) == 2 for g in res["groups"])
+    image = matplotlib.image.imread(tmp_path / "plots" / "v2t_r1_vs_noise.png")
+    print("figure shape", image.shape)
+    assert image.shape[1] > 2.5 * image.shape[0]  # three panels side by side

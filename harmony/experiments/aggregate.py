@@ -225,9 +225,12 @@ def plot_vs_noise(groups: Sequence[Group], fields: Sequence[str], out_dir: Path)
                         continue
                     series.setdefault(g.label(exclude=[x, panel_field or ""]), []).append(
                         (float(g.fields[x]), mean, std or 0.0))
-                for name, pts in series.items():
+                xs = sorted({p[0] for pts in series.values() for p in pts})
+                nudge = 0.012 * ((xs[-1] - xs[0]) if len(xs) > 1 else 1.0)
+                for i, (name, pts) in enumerate(series.items()):
                     pts.sort()
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    shift = (i - (len(series) - 1) / 2) * nudge  # methods with equal values stay visible
+                    ax.errorbar([p[0] + shift for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                                 marker="o", capsize=3, label=name)
                 ax.set_xlabel(x)
                 ax.set_ylabel(metric)
