@@ -15,16 +15,18 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, git_commit  # noqa: E402
 from harmony.config import DataConfig  # noqa: E402
 from harmony.data import build_loader, collate  # noqa: E402
 from harmony.data.decode import decode_clip  # noqa: E402
@@ -33,24 +35,6 @@ from harmony.data.synthetic import SyntheticDataset  # noqa: E402
 
 def grid_dir() -> Path:
     return Path(os.environ.get("HARMONY_GRID_DIR", REPO / ".." / "shared" / "data" / "grid"))
-
-
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def per_item(fn, items, warmup=2):
@@ -122,7 +106,7 @@ def main(argv=None):
         print(f"{r['kind']:<26} {r['source']:<30} {r['items']:>5} {r['workers']:>7} {r['median_ms']:>9} "
               f"{r['cpu_ms']:>7} {r['items_per_s']:>8}")
     stamp = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "commit": commit(), "device": device_name()}
+             "commit": git_commit(), "device": device_name(torch.device("cpu"))}
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="") as f:
