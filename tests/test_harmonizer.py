@@ -20,13 +20,7 @@ from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # relative tolerances, one table: dots are fp32 sums; coefficients are fp32; fp32 buffers in materialize
 TOL = {"dots": 2e-5, "grad_exact": 1e-11, "grad_fp32_coef": 2e-6, "grad_fp32_buffers": 2e-5}

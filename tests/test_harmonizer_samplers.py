@@ -16,13 +16,7 @@ from harmony.grad_sample import Call, GradSampler, PerSampleError, find_sampler,
 from harmony.layers import AddEmbedding, PrependToken
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(module, calls, grads, B):
