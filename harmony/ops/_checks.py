@@ -38,13 +38,7 @@ def check_buckets(op: str, As: List[torch.Tensor], Vs: List[torch.Tensor],
         if a.shape[0] != B:
             raise ValueError(f"harmony.ops.{op}: A[{k}] has B={a.shape[0]} rows (shape {tuple(a.shape)}) but A[0] "
                              f"has B={B} (shape {tuple(a0.shape)})")
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v)):
-            if t.dtype != a0.dtype:
-                raise ValueError(f"harmony.ops.{op}: {name} is {t.dtype} but A[0] is {a0.dtype}; one dtype for all")
-            if t.device != a0.device:
-                raise ValueError(f"harmony.ops.{op}: {name} is on {t.device} but A[0] is on {a0.device}")
-    if a0.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"harmony.ops.{op}: dtype {a0.dtype} is not supported (float32, bfloat16, float16)")
+        _same_dtype_device(op, ((f"A[{k}]", a), (f"V[{k}]", v)), "A[0]", a0)
     return B, a0.device, a0.dtype
 
 
@@ -91,13 +85,7 @@ def check_ghost(op: str, X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor) ->
     if Ga.shape != Gb.shape or Ga.shape[:2] != X.shape[:2]:
         raise ValueError(f"harmony.ops.{op}: X {tuple(X.shape)}, Ga {tuple(Ga.shape)}, Gb {tuple(Gb.shape)}: "
                          "B and T must match, and Ga and Gb must have one shape")
-    for name, t in (("Ga", Ga), ("Gb", Gb)):
-        if t.dtype != X.dtype:
-            raise ValueError(f"harmony.ops.{op}: {name} is {t.dtype} but X is {X.dtype}; one dtype for all")
-        if t.device != X.device:
-            raise ValueError(f"harmony.ops.{op}: {name} is on {t.device} but X is on {X.device}")
-    if X.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"harmony.ops.{op}: dtype {X.dtype} is not supported (float32, bfloat16, float16)")
+    _same_dtype_device(op, (("Ga", Ga), ("Gb", Gb)), "X", X)
 
 
 def op_range(name: str):
@@ -105,3 +93,14 @@ def op_range(name: str):
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return nvtx_range(name)
+
+
+def _same_dtype_device(op: str, named, ref_name: str, ref: torch.Tensor) -> None:
+    """Every (name, tensor) has ref's dtype and device, and that dtype is a supported float type."""
+    for name, t in named:
+        if t.dtype != ref.dtype:
+            raise ValueError(f"harmony.ops.{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; one dtype for all")
+        if t.device != ref.device:
+            raise ValueError(f"harmony.ops.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    if ref.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"harmony.ops.{op}: dtype {ref.dtype} is not supported (float32, bfloat16, float16)")
