@@ -215,6 +215,8 @@ class EvalConfig:
     probe_ridge: float = _f(1.0, "ridge penalty of the linear probe (on standardised features)", lo=0.0)
     final: bool = _f(True, "evaluate at the end of training and write summary.json")
     noise_window: int = _f(50, "noise AUC: the last this many TRAINING steps' cosines are scored", lo=1)
+    feature_cos: bool = _f(True, "also measure the per-sample cosine at the pooled video feature (noise_auc_feat "
+                           "in metrics.jsonl) when the data carries misalignment flags; not under FSDP2")
 
     def validate(self) -> "EvalConfig":
         validate_section(self, "eval")

@@ -204,6 +204,14 @@ class _Window:
         self.bad: Dict[str, float] = {}
         self.hist = torch.zeros(self.bins, dtype=torch.float64)
         self.has_cos = False
+        # per micro-step, where the batch carries ground-truth misalignment flags: per-sample cosines and flags
+        # for the noise statistics of this window (noise AUC, conflict fraction on clean vs misaligned samples)
+        self.noise: List[dict] = []
+
+
+def _finite(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Drop NaN entries (an AUC with no positives or no negatives in the window)."""
+    return {k: v for k, v in metrics.items() if v == v}
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -372,6 +380,7 @@ class Trainer:
             kwargs["generator"] = gen
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(batch["video"], batch["audio"], batch["text"], **kwargs)
+        self._feat_v = getattr(out, "feat_v", None)
         # the contrastive losses run in fp32 whatever the model's precision
         z_va_v, z_va_a = out.z_va_v.float(), out.z_va_a.float()
         z_vt_v, z_vt_t = out.z_vt_v.float(), out.z_vt_t.float()
@@ -416,7 +425,30 @@ class Trainer:
         return {"grad_norm": float(norm), "lr": lr, "skipped": float(skipped)}
 
     # --------------------------------------------------------------------------------------- bookkeeping
-    def _record(self, win: _Window, batch: dict, l_va, l_vt, stats) -> None:
+    def feature_cosine(self, batch: dict, l_va, l_vt) -> Optional[torch.Tensor]:
+        """Per-sample cosine of ∂L_va/∂f_i and ∂L_vt/∂f_i at the pooled video feature f_i [b] (NaN where a
+        loss is masked or a gradient is zero), or None when eval.feature_cos is off or the batch carries no
+        misalignment flags. By SPEC §2's path decomposition, sample i's per-sample gradient at its own pooled
+        feature is the gradient of the batch loss with respect to f_i, so two small backwards through the heads
+        and the losses give it; the parameters' .grad is untouched. Not under FSDP2 (its backward hooks)."""
+        feat = self._feat_v
+        if not (self.cfg.eval.feature_cos and self.cfg.train.parallel != "fsdp" and feat is not None
+                and feat.requires_grad and "noisy_text" in batch and "noisy_audio" in batch):
+            return None
+        m_va, m_vt = batch["mask_va"].bool(), batch["mask_vt"].bool()
+        grads = []
+        for loss, m in ((l_va, m_va), (l_vt, m_vt)):
+            total = torch.where(m, loss, torch.zeros_like(loss)).sum()
+            g = torch.autograd.grad(total, feat, retain_graph=True, allow_unused=True)[0] \
+                if total.requires_grad else None
+            grads.append(torch.zeros_like(feat) if g is None else g)
+        g_va, g_vt = (g.detach().double() for g in grads)
+        n_va, n_vt = g_va.norm(dim=1), g_vt.norm(dim=1)
+        cos = (g_va * g_vt).sum(1) / (n_va * n_vt)
+        ok = m_va & m_vt & (n_va > 0) & (n_vt > 0)
+        return torch.where(ok, cos, torch.full_like(cos, float("nan"))).float().cpu()
+
+    def _record(self, win: _Window, batch: dict, l_va, l_vt, stats, feat_cos=None) -> None:
         """Add one micro-step's losses, cosine statistics and data counters to the window."""
         for l, m in ((l_va, batch["mask_va"]), (l_vt, batch["mask_vt"])):
             m = m.bool()
@@ -424,12 +456,20 @@ class Trainer:
         win.sums["samples"] += int(batch["index"].shape[0])
         for k, v in _bad_counts(batch).items():
             win.bad[k] = win.bad.get(k, 0.0) + v
-        if stats is None:
-            return
-        cos, valid = _stat(stats, "cos"), _stat(stats, "valid")
+        cos = _stat(stats, "cos") if stats is not None else None
+        if cos is not None:
+            valid = _stat(stats, "valid")
+            valid = (valid.bool() if valid is not None else torch.ones_like(cos, dtype=torch.bool)) \
+                & torch.isfinite(cos)
+        if "noisy_text" in batch and "noisy_audio" in batch and (cos is not None or feat_cos is not None):
+            entry = {"noisy_text": batch["noisy_text"].bool().cpu(), "noisy_audio": batch["noisy_audio"].bool().cpu()}
+            if cos is not None:  # NaN marks a sample without a valid cosine
+                entry["cos"] = torch.where(valid, cos.float(), torch.full_like(cos.float(), float("nan"))).cpu()
+            if feat_cos is not None:
+                entry["feat_cos"] = feat_cos
+            win.noise.append(entry)
         if cos is None:
             return
-        valid = (valid.bool() if valid is not None else torch.ones_like(cos, dtype=torch.bool)) & torch.isfinite(cos)
         cos_v = cos[valid].double().cpu()
         win.has_cos = True
         win.sums["cos_sum"] += float(cos_v.sum())
@@ -491,9 +531,37 @@ class Trainer:
                "bad": {k: int(v) for k, v in bad.items()}}
         if has_cos:
             row["cos_hist"] = [int(round(h)) for h in hist]
+        row.update(self._window_noise(win))
         if self.env.device.type == "cuda":
             row["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return row
+
+    def _window_noise(self, win: _Window) -> dict:
+        """The window's premise-(a) statistics, over all ranks: noise AUC of the per-sample cosine (overall,
+        text, audio), of the pooled-feature cosine (noise_auc_feat*), the conflict fraction (cosine below
+        harmony.conflict_threshold) on clean, text-misaligned and audio-misaligned samples, and the score
+        memory's AUC over the items seen so far. Keys whose cosine was not measured are absent."""
+        parts = hd.all_gather_object(win.noise) if self.env.world_size > 1 else [win.noise]
+        entries = [e for p in parts for e in p]
+        out: dict = {}
+        if not entries:
+            return out
+        nt = torch.cat([e["noisy_text"] for e in entries])
+        na = torch.cat([e["noisy_audio"] for e in entries])
+        for key, prefix in (("cos", "noise_auc"), ("feat_cos", "noise_auc_feat")):
+            if not all(key in e for e in entries):
+                continue
+            cos = torch.cat([e[key] for e in entries])
+            valid = torch.isfinite(cos)
+            out.update(_finite(noise_detection_auc(cos, valid, nt, na, prefix=prefix)))
+            if key == "cos":
+                conflict = cos < self.cfg.harmony.conflict_threshold
+                for name, sel in (("clean", ~(nt | na)), ("text", nt), ("audio", na)):
+                    sel = sel & valid
+                    if bool(sel.any()):
+                        out[f"frac_conflict_{name}"] = float(conflict[sel].double().mean())
+        out.update(_finite(self._memory_auc()))
+        return out
 
     # ------------------------------------------------------------------------------------- eval / noise
     def run_eval(self) -> dict:
@@ -512,6 +580,12 @@ class Trainer:
         if parts:
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             out.update(noise_detection_auc(cat["cos"], cat["valid"], cat["noisy_text"], cat["noisy_audio"]))
+        out.update(self._memory_auc())
+        return out
+
+    def _memory_auc(self) -> dict:
+        """noise_auc_memory(_text/_audio): the score memory's AUC over the items seen so far ({} without one)."""
+        out: dict = {}
         memory = getattr(self.harmonizer, "memory", None)
         if memory is not None:
             ids = torch.nonzero(self.item_flags >= 0).flatten()
@@ -593,10 +667,11 @@ class Trainer:
                     with hd.grad_sync(self.model, enabled=k == ga - 1):
                         with self._phase("forward"):
                             l_va, l_vt, va_in, vt_in = self.forward(batch, self.step * ga + k)
+                        feat_cos = self.feature_cosine(batch, l_va, l_vt)
                         with self._phase("harmonize"), \
                                 hd.unsharded_through_backward(self.model, self.harmonizer is not None):
                             stats = self.harmonize(batch, l_va, l_vt, va_in, vt_in)
-                    self._record(win, batch, l_va, l_vt, stats)
+                    self._record(win, batch, l_va, l_vt, stats, feat_cos)
                     loss_sum = loss_sum + (l_va.detach().sum() + l_vt.detach().sum())
                 with self._phase("step"):
                     info = self.optimizer_step(loss_sum)

@@ -31,13 +31,26 @@ METRICS: Dict[str, Tuple[str, ...]] = {
     "noise_auc_memory": ("noise_auc_memory",),
     "wall_s": ("wall_s",), "samples_per_s": ("samples_per_s",),
 }
+# per-window statistics of metrics.jsonl, summarised per run as the mean over the windows of one phase of
+# training: "early" = the first quarter of the steps, "late" = the last quarter (column <key>_early / _late)
+WINDOW_KEYS = ["noise_auc", "noise_auc_text", "noise_auc_audio", "noise_auc_feat", "noise_auc_feat_text",
+               "noise_auc_feat_audio", "noise_auc_memory", "frac_conflict_clean", "frac_conflict_text",
+               "frac_conflict_audio"]
+PHASES = ("early", "late")
+WINDOW_METRICS = [f"{k}_{p}" for k in WINDOW_KEYS for p in PHASES]
 # the Markdown table's columns (the CSV has all of METRICS)
 TABLE_METRICS = ["v2t_r1", "v2t_r5", "t2v_r1", "t2v_r5", "v2a_r1", "a2v_r1", "v2t_concept_acc", "probe_acc",
                  "noise_auc", "noise_auc_memory", "wall_s", "samples_per_s"]
+# the second Markdown table (premise (a)), shown when the runs log them
+PREMISE_METRICS = ["noise_auc_early", "noise_auc_late", "noise_auc_feat_early", "noise_auc_feat_late",
+                   "noise_auc_memory_late", "frac_conflict_clean_late", "frac_conflict_text_late",
+                   "frac_conflict_audio_late"]
 # plotted against the noise rate
 PLOT_METRICS = ["v2t_r1", "t2v_r1", "v2a_r1", "v2t_concept_acc", "probe_acc", "noise_auc", "noise_auc_memory"]
 # plotted over training from metrics.jsonl when a run logs them
-CURVE_KEYS = ["noise_auc", "frac_conflict", "cos_mean", "kept", "loss"]
+CURVE_KEYS = ["noise_auc", "noise_auc_text", "noise_auc_audio", "noise_auc_feat", "noise_auc_memory",
+              "frac_conflict", "frac_conflict_clean", "frac_conflict_text", "cos_mean", "kept", "loss"]
+ALL_METRICS = [*METRICS, *WINDOW_METRICS]
 # fields that differ between runs without defining a setting
 SEED_FIELDS = ("train.seed", "data.seed", "log.run_dir", "train.resume")
 NOISE_FIELDS = ("data.noise", "data.noise_audio")
@@ -121,6 +134,27 @@ def metric_value(summary: Optional[Dict], path: Tuple[str, ...]) -> Optional[flo
     return float(node)
 
 
+def phase_value(rows: Sequence[Dict[str, Any]], key: str, phase: str) -> Optional[float]:
+    """Mean of ``key`` over the metrics.jsonl rows of one phase: "early" = steps in the first quarter of the
+    run (its last logged step), "late" = steps in the last quarter; None when no row of the phase has it."""
+    steps = [int(r["step"]) for r in rows if isinstance(r.get("step"), int)]
+    if not steps:
+        return None
+    total = max(steps)
+    lo, hi = (0, total / 4) if phase == "early" else (total * 3 / 4, total)
+    vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+            and math.isfinite(r[key]) and lo < int(r["step"]) <= hi]
+    return math.fsum(vals) / len(vals) if vals else None
+
+
+def run_metric(r: "RunRecord", name: str) -> Optional[float]:
+    """A run's value of one column: from summary.json (METRICS) or its metrics.jsonl phases (WINDOW_METRICS)."""
+    if name in METRICS:
+        return metric_value(r.summary, METRICS[name])
+    key, _, phase = name.rpartition("_")
+    return phase_value(r.rows, key, phase)
+
+
 def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float], int]:
     """(mean, sample std with n − 1, n); std None below two values, both None for none."""
     n = len(values)
@@ -148,8 +182,8 @@ def group_runs(records: Sequence[RunRecord], fields: Sequence[str]) -> List[Grou
         groups.setdefault(key, Group(key, dict(zip(fields, key)), [])).runs.append(r)
     out = [groups[k] for k in sorted(groups, key=_sort_key)]
     for g in out:
-        for name, path in METRICS.items():
-            g.stats[name] = mean_std([v for v in (metric_value(r.summary, path) for r in g.runs) if v is not None])
+        for name in ALL_METRICS:
+            g.stats[name] = mean_std([v for v in (run_metric(r, name) for r in g.runs) if v is not None])
     return out
 
 
@@ -161,10 +195,10 @@ def write_csv(groups: Sequence[Group], fields: Sequence[str], path: Path) -> Pat
     """One row per setting: the varied fields, label, seeds, then <metric>_mean, _std, _n for every metric."""
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow([*fields, "label", "seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")],
+        w.writerow([*fields, "label", "seeds", *[f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std", "n")],
                     "command"])
         for g in groups:
-            stats = [x if x is not None else "" for m in METRICS for x in g.stats[m]]
+            stats = [x if x is not None else "" for m in ALL_METRICS for x in g.stats[m]]
             w.writerow([*(g.fields[f] for f in fields), g.label(), " ".join(str(_seed(r)) for r in g.runs),
                         *stats, g.runs[0].command])
     return path
@@ -187,6 +221,13 @@ def write_markdown(groups: Sequence[Group], fields: Sequence[str], path: Path, t
     for i, g in enumerate(groups):
         cells = [_fmt(*g.stats[m]) for m in TABLE_METRICS]
         lines.append(f"| {i} | {g.label()} | {len(g.runs)} | " + " | ".join(cells) + " |")
+    premise = [m for m in PREMISE_METRICS if any(g.stats[m][0] is not None for g in groups)]
+    if premise:
+        lines += ["", "Noise detection over training (per-window statistics of metrics.jsonl; early = first quarter "
+                  "of the steps, late = last quarter; `feat` = the cosine at the pooled video feature):", "",
+                  "| # | setting | " + " | ".join(premise) + " |", "|---|---|" + "---|" * len(premise)]
+        for i, g in enumerate(groups):
+            lines.append(f"| {i} | {g.label()} | " + " | ".join(_fmt(*g.stats[m]) for m in premise) + " |")
     lines += ["", "Reproduce a row (its first seed; other seeds: change --train.seed and --data.seed):", ""]
     for i, g in enumerate(groups):
         if g.runs[0].command:
