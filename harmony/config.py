@@ -128,9 +128,11 @@ class DataConfig:
     seed: int = _f(0, "data seed: item i is generated from (seed, i)")
     concepts: int = _f(16, "synthetic: number of concepts (shapes × colours: 16 = 4 × 4; at most 8 × 8)",
                        lo=2, hi=64)
-    noise: float = _f(0.0, "synthetic: rate of misaligned text", lo=0.0, hi=1.0)
-    noise_audio: float = _f(0.0, "synthetic: rate of misaligned audio", lo=0.0, hi=1.0)
-    noise_kind: str = _f("swap", "synthetic: kind of misalignment", choices=("swap", "bias", "unrelated"))
+    noise: float = _f(0.0, "rate of misaligned captions (synthetic; manifest: training captions swapped "
+                      "between clips)", lo=0.0, hi=1.0)
+    noise_audio: float = _f(0.0, "rate of misaligned audio (synthetic; manifest: training audio tracks swapped "
+                            "between clips)", lo=0.0, hi=1.0)
+    noise_kind: str = _f("swap", "kind of misalignment (manifest: swap only)", choices=("swap", "bias", "unrelated"))
     frames: int = _f(8, "video frames per clip", lo=1)
     image_size: int = _f(32, "video frame height and width after resize/crop", lo=8)
     fps: float = _f(8.0, "manifest/shards: frame sampling rate", lo=0.1)
@@ -148,6 +150,13 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         validate_section(self, "data")
+        noisy = self.noise > 0 or self.noise_audio > 0
+        if noisy and self.kind == "shards":
+            raise ConfigError("data.noise / data.noise_audio are not supported for data.kind=shards; use "
+                              "data.kind=synthetic or manifest")
+        if noisy and self.kind == "manifest" and self.noise_kind != "swap":
+            raise ConfigError(f"data.noise_kind={self.noise_kind!r} needs concepts, which real clips do not have; "
+                              "data.kind=manifest supports only noise_kind=swap")
         return self
 
 

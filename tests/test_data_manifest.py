@@ -203,3 +203,55 @@ def test_split_is_stable_and_labels_map(tmp_path):
     assert split_entries(entries, eval_size=0, seed=3)[1] == []
     assert label_map([{"label": 3}, {"label": 7}, {}]) == {3: 3, 7: 7}
     assert label_map([{"label": "dog"}, {"label": "cat"}, {"label": "dog"}]) == {"cat": 0, "dog": 1}
+
+
+def test_misalign_records_swaps_between_clips_with_flags():
+    from harmony.data.item import ClipRecord
+    from harmony.data.manifest import misalign_records
+
+    recs = [ClipRecord(video=f"v{i}.mp4", text=f"caption {i}", align=f"a{i}.align", index=i, name=f"c{i}")
+            for i in range(37)]
+    out = misalign_records(recs, 0.3, 0.2, seed=5)
+    assert [r.index for r in out] == list(range(37)) and all(r.video == f"v{i}.mp4" for i, r in enumerate(out))
+    text_noisy = [i for i, r in enumerate(out) if r.noisy_text]
+    audio_noisy = [i for i, r in enumerate(out) if r.noisy_audio]
+    assert len(text_noisy) == round(0.3 * 37) and len(audio_noisy) == round(0.2 * 37)
+    for i, r in enumerate(out):
+        if r.noisy_text:  # someone else's caption and alignment, together
+            j = int(r.text.split()[1])
+            assert j != i and r.align == f"a{j}.align"
+        else:
+            assert r.text == f"caption {i}" and r.align == f"a{i}.align"
+        if r.noisy_audio:
+            assert r.audio != f"v{i}.mp4" and r.audio.startswith("v")
+        else:
+            assert r.audio is None
+    donors = sorted(int(out[i].text.split()[1]) for i in text_noisy)
+    assert donors == sorted(text_noisy)  # a permutation of the chosen clips: each caption is used once
+    again = misalign_records(recs, 0.3, 0.2, seed=5)
+    assert [(r.text, r.audio) for r in again] == [(r.text, r.audio) for r in out]  # seeded
+    other = misalign_records(recs, 0.3, 0.2, seed=6)
+    assert [r.noisy_text for r in other] != [r.noisy_text for r in out]
+    assert not any(r.noisy_text or r.noisy_audio for r in misalign_records(recs, 0.0, 0.0, seed=5))
+    with pytest.raises(ValueError):
+        misalign_records(recs[:1], 0.5, 0.0, seed=0)
+
+
+def test_grid_noise_swaps_captions_and_audio_of_training_clips_only():
+    g = grid_dir()
+    cfg = DataConfig(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32,
+                     noise=0.3, noise_audio=0.3).validate()
+    clean_cfg = DataConfig(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32)
+    train, held = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
+    clean = build_dataset(clean_cfg, "train")
+    assert "noisy_text" not in held[0] and "noisy_text" not in clean[0]  # flags only where noise was injected
+    i = next(k for k, r in enumerate(train.records) if r.noisy_text and r.noisy_audio)
+    j = next(k for k, r in enumerate(train.records) if not (r.noisy_text or r.noisy_audio))
+    noisy, own = train[i], clean[i]
+    assert noisy["noisy_text"] and noisy["noisy_audio"] and not train[j]["noisy_text"]
+    assert torch.equal(noisy["video"], own["video"])                    # same clip ...
+    assert not torch.equal(noisy["text"], own["text"])                  # ... another clip's words
+    assert not torch.allclose(noisy["audio"], own["audio"])             # ... another clip's sound
+    assert torch.equal(train[j]["audio"], clean[j]["audio"]) and torch.equal(train[j]["text"], clean[j]["text"])
+    with pytest.raises(Exception, match="swap only|supports only"):
+        DataConfig(kind="manifest", manifest="m.jsonl", noise=0.2, noise_kind="bias").validate()

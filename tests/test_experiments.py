@@ -253,3 +253,24 @@ def test_noise_plots_have_one_panel_per_kind(tmp_path):
     image = matplotlib.image.imread(tmp_path / "plots" / "v2t_r1_vs_noise.png")
     print("figure shape", image.shape)
     assert image.shape[1] > 2.5 * image.shape[0]  # three panels side by side
+
+
+def test_phase_values_average_the_first_and_last_quarter_of_the_windows():
+    from harmony.experiments.aggregate import phase_value
+
+    rows = [{"step": s, "noise_auc": s / 1000, "frac_conflict_clean": None} for s in range(10, 401, 10)]
+    rows.append({"step": 400, "loss": 1.0})  # a row without the key is skipped
+    early = np.mean([s / 1000 for s in range(10, 101, 10)])   # steps in (0, 100]
+    late = np.mean([s / 1000 for s in range(310, 401, 10)])   # steps in (300, 400]
+    assert abs(phase_value(rows, "noise_auc", "early") - early) < 1e-15
+    assert abs(phase_value(rows, "noise_auc", "late") - late) < 1e-15
+    assert phase_value(rows, "frac_conflict_clean", "late") is None and phase_value([], "noise_auc", "late") is None
+
+
+def test_study_grid_runs_on_the_grid_config():
+    run = expand(get_grid("study_grid"))[0]
+    argv = shlex.split(run.command("runs/g/x"))
+    assert argv[2:4] == ["--config", "configs/grid.yaml"]
+    cfg = _config_of_command(run.command("runs/g/x"))
+    assert cfg["data"]["kind"] == "manifest" and cfg["data"]["noise"] == 0.3
+    assert cfg["harmony"]["realign"] == "none" and cfg["harmony"]["curriculum"] == "none"

@@ -80,3 +80,63 @@ def test_memory_sampler_follows_the_training_step(tmp_path):
         assert torch.isfinite(seen).all()
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("method", ["measure", "plain"])
+def test_window_noise_statistics_are_logged(tmp_path, method):
+    """Premise-(a) statistics per log window: the harmonizer's cosine (noise_auc*, frac_conflict_*), the
+    pooled-feature cosine (noise_auc_feat*, also without a harmonizer) and the score memory's AUC."""
+    run = tmp_path / method
+    arm = ["--harmony.realign=none", "--harmony.curriculum=memory", "--harmony.curriculum_start=0"] \
+        if method == "measure" else ["--harmony.enabled=false"]
+    main([f"--log.run_dir={run}", "--train.steps=3", "--log.plots=false", "--data.noise=0.5", *arm, *SMALL])
+    rows = read_jsonl(run / "metrics.jsonl")
+    for r in rows:
+        for key in ("noise_auc_feat", "noise_auc_feat_text"):
+            assert 0 <= r[key] <= 1
+        if method == "measure":
+            for key in ("noise_auc", "noise_auc_text", "noise_auc_memory", "frac_conflict_clean",
+                        "frac_conflict_text"):
+                assert 0 <= r[key] <= 1
+        else:
+            measured = {k for k, v in r.items() if v is not None}
+            assert not measured & {"noise_auc", "noise_auc_text", "noise_auc_memory", "frac_conflict",
+                                   "frac_conflict_clean", "frac_conflict_text", "cos_mean"}
+
+
+def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
+    """Trainer.feature_cosine against SPEC §2's definition at the pooled video feature: give every sample a
+    private copy of its feature (f_i + δ_i, δ = 0) in a float64 model and differentiate each loss by δ_i."""
+    from harmony.cli import parse_args
+    from harmony.trainer import Trainer
+
+    cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'fc'}", "--train.steps=1", "--train.batch_size=7",
+                         "--harmony.enabled=false", "--data.noise=0.5", *SMALL[1:]])
+    trainer = Trainer(cfg)
+    try:
+        batch = next(iter(trainer._train_loader()))
+        batch["mask_vt"][2] = False  # a masked caption: no cosine for that sample
+        l_va, l_vt, _, _ = trainer.forward(batch, micro_index=3)
+        got = trainer.feature_cosine(batch, l_va, l_vt)
+
+        model = trainer.model.double()
+        delta = torch.zeros(7, trainer.model.video_post.in_features if hasattr(trainer.model.video_post,
+                            "in_features") else trainer.model.dims["width"], dtype=torch.float64, requires_grad=True)
+        hook = model.video_post.register_forward_pre_hook(lambda m, args: (args[0] + delta,))
+        try:
+            out = model(batch["video"].double(), batch["audio"].double(), batch["text"],
+                        generator=trainer._droptoken_generator(3))
+        finally:
+            hook.remove()
+        m_va, m_vt = batch["mask_va"].bool(), batch["mask_vt"].bool()
+        lva = trainer.parts.nce(out.z_va_v, out.z_va_a, mask=m_va)
+        lvt = trainer.parts.mil_nce(out.z_vt_v, out.z_vt_t, mask=m_vt, cand_mask=out.cand_mask)
+        g_va = torch.autograd.grad(lva[m_va].sum(), delta, retain_graph=True)[0]
+        g_vt = torch.autograd.grad(lvt[m_vt].sum(), delta)[0]
+        want = torch.nn.functional.cosine_similarity(g_va, g_vt, dim=1)
+        ok = m_va & m_vt
+        assert not ok[2] and torch.isnan(got[2])
+        torch.testing.assert_close(got[ok].double(), want[ok], atol=2e-5, rtol=0)
+        assert got[ok].abs().max() > 0
+    finally:
+        trainer.close()

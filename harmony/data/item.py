@@ -34,6 +34,8 @@ class ClipRecord:
     label: int = -1
     index: int = 0
     name: str = ""                                  # for messages
+    noisy_text: Optional[bool] = None               # ground truth of injected misalignment (None: no flags)
+    noisy_audio: Optional[bool] = None
 
 
 def _captions(rec: ClipRecord, v0: float, span: float, candidates: int, counts: Dict[str, int]) -> List[str]:
@@ -67,8 +69,11 @@ def load_item(rec: ClipRecord, cfg, counts: Dict[str, int]) -> dict:
         if not bool(text[0].any()):
             note_bad(counts, "empty_caption", f"{rec.name}: caption has no words in the sampled window")
             text.zero_()
-    return {
+    item = {
         "video": clip.video, "audio": clip.audio, "text": text,
         "mask_va": clip.has_audio, "mask_vt": bool(text[0].any()),
         "index": rec.index, "source": rec.source, "concept": rec.label,
     }
+    if rec.noisy_text is not None:
+        item["noisy_text"], item["noisy_audio"] = bool(rec.noisy_text), bool(rec.noisy_audio)
+    return item

@@ -17,8 +17,10 @@ they fall in the caption. A clip with no usable video is replaced by the next us
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -112,6 +114,44 @@ def split_entries(entries: List[dict], eval_size: int, seed: int) -> Tuple[List[
     return [e for i, e in enumerate(entries) if i not in held], [e for i, e in enumerate(entries) if i in held]
 
 
+def _donors(chosen: List[int], n: int, rng: random.Random) -> Dict[int, int]:
+    """Each chosen index -> another index whose content it takes: a cycle through the chosen ones (shuffled),
+    so every chosen clip gets some other chosen clip's content and no clip keeps its own."""
+    order = list(chosen)
+    rng.shuffle(order)
+    if len(order) == 1:
+        return {order[0]: (order[0] + 1 + rng.randrange(n - 1)) % n}
+    return {a: order[(i + 1) % len(order)] for i, a in enumerate(order)}
+
+
+def misalign_records(records: List[ClipRecord], rate_text: float, rate_audio: float,
+                     seed: int) -> List[ClipRecord]:
+    """Real-data noise for the premise check: ``round(rate · n)`` records, chosen by ``seed``, take another
+    record's caption (text and word alignment), and independently ``round(rate_audio · n)`` take another
+    record's audio track (decoded from that clip over the same window). Every record gets ground-truth flags
+    ``noisy_text`` / ``noisy_audio``. Needs at least two records for a non-zero rate."""
+    n = len(records)
+    out = [dataclasses.replace(r, noisy_text=False, noisy_audio=False) for r in records]
+    if n < 2:
+        if rate_text > 0 or rate_audio > 0:
+            raise ValueError(f"data.noise needs at least 2 training clips to swap between, got {n}")
+        return out
+    rng = random.Random(f"misalign:{seed}")
+    for rate, kind in ((rate_text, "text"), (rate_audio, "audio")):
+        k = int(round(rate * n))
+        if k == 0:
+            continue
+        for i, j in _donors(rng.sample(range(n), k), n, rng).items():
+            donor = records[j]
+            if kind == "text":
+                out[i] = dataclasses.replace(out[i], text=donor.text, text_ok=donor.text_ok, align=donor.align,
+                                             noisy_text=True)
+            else:
+                out[i] = dataclasses.replace(out[i], audio=donor.audio if donor.audio is not None else donor.video,
+                                             noisy_audio=True)
+    return out
+
+
 class ManifestDataset(Dataset):
     """Map-style dataset of real clips; item ``i`` is ``records[i]`` or, when that clip has no usable
     video, the next usable one (``i+1``, ``i+2``, ... wrapping), with the failures counted in ``bad``."""
@@ -158,5 +198,8 @@ def build_manifest_splits(cfg) -> Tuple[ManifestDataset, ManifestDataset]:
         stem = os.path.splitext(os.path.basename(path))[0]
         return [to_record(e, base, stem, labels, i) for i, e in enumerate(entries)]
 
-    return (ManifestDataset(cfg, records(train, cfg.manifest), counts),
+    train_records = records(train, cfg.manifest)
+    if cfg.noise > 0 or cfg.noise_audio > 0:  # the held-out split stays clean
+        train_records = misalign_records(train_records, cfg.noise, cfg.noise_audio, cfg.seed)
+    return (ManifestDataset(cfg, train_records, counts),
             ManifestDataset(cfg, records(held, eval_path), eval_counts))

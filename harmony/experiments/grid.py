@@ -64,6 +64,7 @@ class Grid:
     base: Dict[str, Any]
     axes: List[Axis]
     seeds: Sequence[int] = tuple(SEEDS3)
+    config: Optional[str] = None  # a config file (repository-relative) the overrides apply to; None: default.yaml
 
 
 @dataclass
@@ -75,12 +76,14 @@ class Run:
     labels: Dict[str, str]
     seed: int
     overrides: Dict[str, Any]
+    config: Optional[str] = None
 
     def args(self, run_dir: str, extra: Optional[Dict[str, Any]] = None) -> List[str]:
         """The train.py arguments of this run writing to ``run_dir`` (``extra``: --set overrides, applied last)."""
         merged = {**self.overrides, **(extra or {})}
         merged["log.run_dir"] = run_dir
-        return [f"--{k}={format_value(v)}" for k, v in merged.items()]
+        head = ["--config", self.config] if self.config else []
+        return head + [f"--{k}={format_value(v)}" for k, v in merged.items()]
 
     def command(self, run_dir: str, extra: Optional[Dict[str, Any]] = None) -> str:
         """The shell command, run from the repository root, that reproduces this run."""
@@ -96,8 +99,9 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _grid(name, description, base, axes, seeds=SEEDS3) -> Grid:
-    return Grid(name, description, {**QUIET, **base} if name != "smoke" else dict(base), list(axes), list(seeds))
+def _grid(name, description, base, axes, seeds=SEEDS3, config=None) -> Grid:
+    return Grid(name, description, {**QUIET, **base} if name != "smoke" else dict(base), list(axes), list(seeds),
+                config)
 
 
 NOISE_RATES = [0.0, 0.2, 0.4, 0.6]
@@ -171,6 +175,11 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("study_equal_time", "plain baseline (no per-sample work) at 400 steps and at 800 steps, about the "
           "wall-clock time of a 400-step harmonized run, 40% narrator-bias captions",
           {**BIAS40, **METHODS["baseline"]}, [Axis("train.steps", [400, 800])]),
+    _grid("study_grid", "premise (a) on real clips: GRID (configs/grid.yaml, 450 training clips) with 30% of "
+          "the training captions, or audio tracks, swapped between clips; measure-only, 300 steps of 32",
+          {**MEASURE, "train.steps": 300, "eval.every": 0},
+          [Axis("noise", presets={"captions-0.3": {"data.noise": 0.3}, "audio-0.3": {"data.noise_audio": 0.3}})],
+          config="configs/grid.yaml"),
 ]}
 
 
@@ -185,7 +194,7 @@ def expand(grid: Grid) -> List[Run]:
         for seed in grid.seeds:
             name = "_".join(f"{k}-{v}" for k, v in labels.items()) + f"_seed-{seed}"
             runs.append(Run(grid.name, name, dict(labels), seed,
-                            {**over, "train.seed": seed, "data.seed": seed}))
+                            {**over, "train.seed": seed, "data.seed": seed}, grid.config))
     return runs
 
 
