@@ -461,8 +461,11 @@ class Trainer:
             valid = _stat(stats, "valid")
             valid = (valid.bool() if valid is not None else torch.ones_like(cos, dtype=torch.bool)) \
                 & torch.isfinite(cos)
-        if "noisy_text" in batch and "noisy_audio" in batch and (cos is not None or feat_cos is not None):
+        if "noisy_text" in batch and "noisy_audio" in batch:
             entry = {"noisy_text": batch["noisy_text"].bool().cpu(), "noisy_audio": batch["noisy_audio"].bool().cpu()}
+            for key, loss, m in (("loss_va", l_va, batch["mask_va"]), ("loss_vt", l_vt, batch["mask_vt"])):
+                loss = loss.detach().float()
+                entry[key] = torch.where(m.bool(), loss, torch.full_like(loss, float("nan"))).cpu()
             if cos is not None:  # NaN marks a sample without a valid cosine
                 entry["cos"] = torch.where(valid, cos.float(), torch.full_like(cos.float(), float("nan"))).cpu()
             if feat_cos is not None:
@@ -539,8 +542,9 @@ class Trainer:
     def _window_noise(self, win: _Window) -> dict:
         """The window's premise-(a) statistics, over all ranks: noise AUC of the per-sample cosine (overall,
         text, audio), of the pooled-feature cosine (noise_auc_feat*), the conflict fraction (cosine below
-        harmony.conflict_threshold) on clean, text-misaligned and audio-misaligned samples, and the score
-        memory's AUC over the items seen so far. Keys whose cosine was not measured are absent."""
+        harmony.conflict_threshold) on clean, text-misaligned and audio-misaligned samples, the score
+        memory's AUC over the items seen so far, and for comparison the AUC of the sample's own loss
+        (noise_auc_loss_text: ℓ^vt, noise_auc_loss_audio: ℓ^va). Keys whose score was not measured are absent."""
         parts = hd.all_gather_object(win.noise) if self.env.world_size > 1 else [win.noise]
         entries = [e for p in parts for e in p]
         out: dict = {}
@@ -560,6 +564,11 @@ class Trainer:
                     sel = sel & valid
                     if bool(sel.any()):
                         out[f"frac_conflict_{name}"] = float(conflict[sel].double().mean())
+        # the small-loss baseline detector: a sample's own loss (a high one flags it), per kind of misalignment
+        for key, kind in (("loss_vt", "text"), ("loss_va", "audio")):
+            loss = torch.cat([e[key] for e in entries])
+            auc = noise_detection_auc(-loss, torch.isfinite(loss), nt, na, prefix="noise_auc_loss")
+            out.update(_finite({f"noise_auc_loss_{kind}": auc[f"noise_auc_loss_{kind}"]}))
         out.update(_finite(self._memory_auc()))
         return out
 

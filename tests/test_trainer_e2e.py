@@ -92,7 +92,7 @@ def test_window_noise_statistics_are_logged(tmp_path, method):
     main([f"--log.run_dir={run}", "--train.steps=3", "--log.plots=false", "--data.noise=0.5", *arm, *SMALL])
     rows = read_jsonl(run / "metrics.jsonl")
     for r in rows:
-        for key in ("noise_auc_feat", "noise_auc_feat_text"):
+        for key in ("noise_auc_feat", "noise_auc_feat_text", "noise_auc_loss_text", "noise_auc_loss_audio"):
             assert 0 <= r[key] <= 1
         if method == "measure":
             for key in ("noise_auc", "noise_auc_text", "noise_auc_memory", "frac_conflict_clean",

@@ -34,7 +34,7 @@ METRICS: Dict[str, Tuple[str, ...]] = {
 # per-window statistics of metrics.jsonl, summarised per run as the mean over the windows of one phase of
 # training: "early" = the first quarter of the steps, "late" = the last quarter (column <key>_early / _late)
 WINDOW_KEYS = ["noise_auc", "noise_auc_text", "noise_auc_audio", "noise_auc_feat", "noise_auc_feat_text",
-               "noise_auc_feat_audio", "noise_auc_memory", "frac_conflict_clean", "frac_conflict_text",
+               "noise_auc_feat_audio", "noise_auc_memory", "noise_auc_loss_text", "noise_auc_loss_audio", "frac_conflict_clean", "frac_conflict_text",
                "frac_conflict_audio"]
 PHASES = ("early", "late")
 WINDOW_METRICS = [f"{k}_{p}" for k in WINDOW_KEYS for p in PHASES]
@@ -43,7 +43,7 @@ TABLE_METRICS = ["v2t_r1", "v2t_r5", "t2v_r1", "t2v_r5", "v2a_r1", "a2v_r1", "v2
                  "noise_auc", "noise_auc_memory", "wall_s", "samples_per_s"]
 # the second Markdown table (premise (a)), shown when the runs log them
 PREMISE_METRICS = ["noise_auc_early", "noise_auc_late", "noise_auc_feat_early", "noise_auc_feat_late",
-                   "noise_auc_memory_late", "frac_conflict_clean_late", "frac_conflict_text_late",
+                   "noise_auc_loss_text_early", "noise_auc_loss_text_late", "noise_auc_memory_late", "frac_conflict_clean_late", "frac_conflict_text_late",
                    "frac_conflict_audio_late"]
 # plotted against the noise rate
 PLOT_METRICS = ["v2t_r1", "t2v_r1", "v2a_r1", "v2t_concept_acc", "probe_acc", "noise_auc", "noise_auc_memory"]
