@@ -274,3 +274,30 @@ def test_study_grid_runs_on_the_grid_config():
     cfg = _config_of_command(run.command("runs/g/x"))
     assert cfg["data"]["kind"] == "manifest" and cfg["data"]["noise"] == 0.3
     assert cfg["harmony"]["realign"] == "none" and cfg["harmony"]["curriculum"] == "none"
+
+
+def test_report_gathers_every_folder_into_one_table_set(tmp_path):
+    """Two experiment folders -> one tables.md whose rows carry each folder's means, plus per-folder copies."""
+    from harmony.experiments.report import report
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "study"
+    auc = {}
+    for folder, noise in (("alpha", 0.2), ("beta", 0.4)):
+        vals = []
+        for seed in (0, 1):
+            s = _random_summary(rng)
+            _write_run(root / folder, f"s{seed}", [f"--data.noise={noise}", f"--train.seed={seed}",
+                                                   f"--data.seed={seed}", f"--log.run_dir=x{seed}"], s)
+            rows = [{"step": st, "noise_auc": float(rng.random())} for st in range(10, 101, 10)]
+            (root / folder / f"s{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            vals.append(np.mean([r["noise_auc"] for r in rows if r["step"] > 75]))
+        auc[folder] = np.mean(vals)
+    res = report(root, tmp_path / "out", plots=False)
+    assert res["folders"] == ["alpha", "beta"] and res["settings"] == 2
+    text = res["tables"].read_text()
+    for folder in ("alpha", "beta"):
+        assert (tmp_path / "out" / f"{folder}.md").is_file() and (tmp_path / "out" / f"{folder}.csv").is_file()
+        row = next(line for line in text.splitlines() if line.startswith(f"| [{folder}]") and "AUC" not in line)
+        assert f"{auc[folder]:.3f} ± " in text.split("## Retrieval")[0], folder
+        assert row.count("|") > 5

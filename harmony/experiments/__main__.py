@@ -1,5 +1,6 @@
 """``python -m harmony.experiments run GRID --out DIR [--jobs N] [--budget-min M] [--set section.key=value ...]``,
-``python -m harmony.experiments aggregate DIR``, ``python -m harmony.experiments list [GRID] [--out DIR]``."""
+``python -m harmony.experiments aggregate DIR``, ``python -m harmony.experiments report ROOT --out DIR``,
+``python -m harmony.experiments list [GRID] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from typing import List, Optional
 from harmony.config import ConfigError
 from harmony.experiments.aggregate import aggregate
 from harmony.experiments.grid import GRIDS, expand, get_grid, parse_sets
+from harmony.experiments.report import report
 from harmony.experiments.runner import run_grid, summarize
 
 
@@ -26,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregate", help="results.csv, results.md and plots/ of an experiment folder")
     agg.add_argument("dir")
     agg.add_argument("--no-plots", action="store_true")
+    rep = sub.add_parser("report", help="aggregate every experiment folder under ROOT into DIR/tables.md")
+    rep.add_argument("root")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--no-plots", action="store_true")
     ls = sub.add_parser("list", help="the named grids, or one grid's runs with their train.py commands")
     ls.add_argument("grid", nargs="?", choices=sorted(GRIDS))
     ls.add_argument("--out", default=None, help="experiment folder the commands write to (default runs/GRID)")
@@ -50,6 +56,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.cmd == "list":
             _list(args.grid, args.out, args.set)
+            return 0
+        if args.cmd == "report":
+            res = report(args.root, args.out, plots=not args.no_plots)
+            print(f"{len(res['folders'])} folders, {res['settings']} settings -> {res['tables']}")
             return 0
         if args.cmd == "aggregate":
             res = aggregate(args.dir, plots=not args.no_plots)
