@@ -6,6 +6,7 @@ One run times, on the project's VATT model at a realistic batch (random inputs o
                         scope ∈ {shared, backbone, last_block}; bookkeeping (the update formed from the kept
                         activations instead of a second backward) as the harmonizer picks it (column bk)
   <mode>/<scope>/2bw    the same with bookkeeping off: the update by a second, weighted backward
+  ghost/shared/<rule>   (--rules) ghost/shared with another realignment rule (none, project_va, gradvac, ...)
   torch.func/<scope>    a straightforward torch.func implementation of the same per-sample PCGrad:
                         vmap over samples of the per-sample forward's VJP (the two losses' upstream
                         gradients) for the scope's parameters, torch ops for the dots, the PCGrad
@@ -191,6 +192,8 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--func-scopes", default="shared", help="scopes of the torch.func baseline ('' to skip)")
     ap.add_argument("--second-backward", default="ghost/shared",
                     help="mode/scope pairs also timed with bookkeeping off ('' to skip)")
+    ap.add_argument("--rules", default="",
+                    help="extra ghost/shared variants with these realignment rules (e.g. project_va,gradvac)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "out" / "bench_step.csv"))
     args = ap.parse_args(argv)
@@ -206,12 +209,14 @@ def main(argv=None) -> List[dict]:
 
     variants: Dict[str, Callable[[], None]] = {"plain": lambda: plain_step(model, batch, lam)}
     harmonizers: Dict[str, GradientHarmonizer] = {}
-    pairs = [(m, s, None) for m in filter(None, args.modes.split(",")) for s in filter(None, args.scopes.split(","))]
-    pairs += [(*ms.split("/"), False) for ms in filter(None, args.second_backward.split(","))]
-    for mode, scope, bk in pairs:
-        h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode, scope=scope, lam=lam), bookkeeping=bk)
+    pairs = [(m, s, None, "pcgrad") for m in filter(None, args.modes.split(","))
+             for s in filter(None, args.scopes.split(","))]
+    pairs += [(*ms.split("/"), False, "pcgrad") for ms in filter(None, args.second_backward.split(","))]
+    pairs += [("ghost", "shared", None, rule) for rule in filter(None, args.rules.split(","))]
+    for mode, scope, bk, rule in pairs:
+        h = GradientHarmonizer(model, HarmonyConfig(realign=rule, mode=mode, scope=scope, lam=lam), bookkeeping=bk)
         h.recording = False                        # armed only while its own variant runs
-        name = f"{mode}/{scope}" + ("/2bw" if bk is False else "")
+        name = f"{mode}/{scope}" + ("/2bw" if bk is False else "") + (f"/{rule}" if rule != "pcgrad" else "")
         harmonizers[name] = h
         variants[name] = (lambda h=h: _armed(h, lambda: harmonized_step(model, h, batch)))
     for scope in filter(None, args.func_scopes.split(",")):
