@@ -12,14 +12,7 @@ FIELDS = ("z_va_v", "z_va_a", "z_vt_v", "z_vt_t", "feat_v", "feat_a", "feat_t")
 FP32_TOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and far faster when the cores are shared
-    (OpenMP workers spin-waiting for a busy core slow each op down by 10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
 
 def small_data(**kw):
