@@ -82,9 +82,15 @@ def compare_runs(single, multi):
     print("max abs difference of logged values:", worst)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
     assert sb["world_size"] == 2 and sb["eval_items"] == sa["eval_items"]
+    # Retrieval ranks are step functions of the embeddings: the two runs' parameters agree to float rounding
+    # (the per-step losses and gradient norms above, to 1e-5), but a near-tie between two similarities can
+    # flip on the last bit (seen with OMP_NUM_THREADS=1: one of 24 items, v2t R@1). So each retrieval metric
+    # may differ by the effect of at most one item's rank moving by one; any larger difference fails.
+    n = sa["eval_items"]
     for d in sa["retrieval"]:
         for k, v in sa["retrieval"][d].items():
-            _close(sb["retrieval"][d][k], v, f"retrieval {d} {k}")
+            step = 1.0 if k == "medr" else 1.0 / n
+            assert abs(sb["retrieval"][d][k] - v) <= step + 1e-9, (d, k, sb["retrieval"][d][k], v)
     for k in ("noise_auc", "noise_auc_memory", "probe_acc"):
         _close(sb[k], sa[k], k)
 
