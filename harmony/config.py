@@ -147,6 +147,8 @@ class DataConfig:
     shuffle_buffer: int = _f(256, "shards: per-shard shuffle buffer, in raw samples held in memory (<= 1: off)",
                              lo=0)
     workers: int = _f(0, "DataLoader worker processes", lo=0)
+    oracle_drop: bool = _f(False, "oracle control: leave samples flagged misaligned out of that loss (their "
+                           "caption's ℓ^vt, their audio's ℓ^va), the best any curriculum could do; needs flags")
 
     def validate(self) -> "DataConfig":
         validate_section(self, "data")

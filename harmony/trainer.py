@@ -365,6 +365,18 @@ class Trainer:
         return self.parts.build_loader(self.cfg.data, "eval", per_rank, env.rank, env.world_size,
                                        self.cfg.train.seed, 0, drop_last=False)
 
+    def _oracle(self, batch: dict) -> dict:
+        """data.oracle_drop: mask the loss a misalignment flag says is wrong (mask_vt for noisy_text, mask_va for
+        noisy_audio), as a curriculum weight of 0 would; the sample stays in the batch (and a negative)."""
+        if not self.cfg.data.oracle_drop:
+            return batch
+        if "noisy_text" not in batch or "noisy_audio" not in batch:
+            raise ConfigError("data.oracle_drop=true needs misalignment flags in the data (synthetic data, or "
+                              "data.noise / data.noise_audio on a manifest)")
+        batch["mask_vt"] = batch["mask_vt"].bool() & ~batch["noisy_text"].bool()
+        batch["mask_va"] = batch["mask_va"].bool() & ~batch["noisy_audio"].bool()
+        return batch
+
     def _droptoken_generator(self, micro_index: int) -> Optional[torch.Generator]:
         """The same CPU generator on every rank for one micro-step (DropToken's shared permutation)."""
         if not self._takes_generator:
@@ -670,7 +682,7 @@ class Trainer:
                 ts = time.perf_counter()
                 ga = cfg.train.grad_accum
                 with self._phase("data"):
-                    micro = [_to_device(next(loader), env.device) for _ in range(ga)]
+                    micro = [self._oracle(_to_device(next(loader), env.device)) for _ in range(ga)]
                 loss_sum = torch.zeros((), device=env.device)
                 for k, batch in enumerate(micro):
                     with hd.grad_sync(self.model, enabled=k == ga - 1):

@@ -140,3 +140,23 @@ def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
         assert got[ok].abs().max() > 0
     finally:
         trainer.close()
+
+
+def test_oracle_drop_masks_exactly_the_flagged_losses(tmp_path):
+    from harmony.cli import parse_args
+    from harmony.config import ConfigError
+    from harmony.trainer import Trainer
+
+    cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'o'}", "--train.steps=1", "--data.oracle_drop=true", *SMALL])
+    trainer = Trainer(cfg)
+    try:
+        batch = next(iter(trainer._train_loader()))
+        before_va, before_vt = batch["mask_va"].clone(), batch["mask_vt"].clone()
+        nt, na = batch["noisy_text"].clone(), batch["noisy_audio"].clone()
+        assert nt.any() or na.any()
+        out = trainer._oracle(batch)
+        assert torch.equal(out["mask_vt"], before_vt & ~nt) and torch.equal(out["mask_va"], before_va & ~na)
+        with pytest.raises(ConfigError, match="flags"):
+            trainer._oracle({k: v for k, v in batch.items() if k != "noisy_text"})
+    finally:
+        trainer.close()

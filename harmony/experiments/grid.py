@@ -175,6 +175,9 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("study_equal_time", "plain baseline (no per-sample work) at 400 steps and at 800 steps, about the "
           "wall-clock time of a 400-step harmonized run, 40% narrator-bias captions",
           {**BIAS40, **METHODS["baseline"]}, [Axis("train.steps", [400, 800])]),
+    _grid("study_oracle", "control: plain baseline that leaves the truly misaligned captions out of L_vt (an "
+          "oracle curriculum, the most any filter could gain), 40% swap or narrator-bias captions",
+          {**STUDY, **METHODS["baseline"], "data.oracle_drop": True}, [Axis("data.noise_kind", ["swap", "bias"])]),
     _grid("study_grid", "premise (a) on real clips: GRID (configs/grid.yaml, 450 training clips) with 30% of "
           "the training captions, or audio tracks, swapped between clips; measure-only, 300 steps of 32",
           {**MEASURE, "train.steps": 300, "eval.every": 0},
