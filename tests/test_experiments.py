@@ -301,3 +301,17 @@ def test_report_gathers_every_folder_into_one_table_set(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| [{folder}]") and "AUC" not in line)
         assert f"{auc[folder]:.3f} ± " in text.split("## Retrieval")[0], folder
         assert row.count("|") > 5
+
+
+def test_runs_saved_before_a_field_existed_group_with_newer_runs(tmp_path):
+    """A config.yaml without a field (older code) reads as that field's default, not as a new setting."""
+    rng = np.random.default_rng(3)
+    for seed in (0, 1):
+        _write_run(tmp_path, f"s{seed}", ["--data.noise=0.4", f"--train.seed={seed}", f"--data.seed={seed}"],
+                   _random_summary(rng))
+    old = tmp_path / "s0" / "config.yaml"
+    cfg = yaml.safe_load(old.read_text())
+    del cfg["data"]["oracle_drop"]
+    old.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = aggregate(tmp_path, plots=False)
+    assert res["fields"] == [] and len(res["groups"]) == 1 and len(res["groups"][0].runs) == 2

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from harmony.cli import config_to_dict
+from harmony.config import Config
 from harmony.experiments.grid import short_name
 from harmony.metrics import read_jsonl
 
@@ -99,7 +101,10 @@ def flatten_config(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def load_runs(exp_dir: Path) -> List[RunRecord]:
-    """Every run folder under ``exp_dir`` (any depth) that holds a config.yaml, sorted by path."""
+    """Every run folder under ``exp_dir`` (any depth) that holds a config.yaml, sorted by path. A field that a
+    run's saved config lacks (saved before the field existed) takes its current default, so that runs of one
+    setting saved by older and newer code still group together."""
+    defaults = flatten_config(config_to_dict(Config()))
     records = []
     for cfg_path in sorted(Path(exp_dir).rglob("config.yaml")):
         run_dir = cfg_path.parent
@@ -108,7 +113,7 @@ def load_runs(exp_dir: Path) -> List[RunRecord]:
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         records.append(RunRecord(
             name=str(run_dir.relative_to(exp_dir)),
-            config=flatten_config(yaml.safe_load(cfg_path.read_text())),
+            config={**defaults, **flatten_config(yaml.safe_load(cfg_path.read_text()))},
             summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
             rows=read_jsonl(run_dir / "metrics.jsonl"),
             labels={str(k): str(v) for k, v in meta.get("labels", {}).items()},
