@@ -66,6 +66,9 @@ class HarmonyConfig:
     apply_to: str = _f("all", "parameters the realignment coefficients scale (SPEC §3)",
                        choices=("all", "scope"))
     eps: float = _f(1e-12, "ε in c_i = d_i / (sqrt(n^a n^t) + ε)", lo=0.0)
+    curriculum_score: str = _f("cos", "what the curriculum ranks samples by: cos (the per-sample gradient cosine, "
+                               "SPEC §4) or loss (−(ℓ^va + λ·ℓ^vt): the small-loss detector, beyond SPEC; ratio "
+                               "schedule only)", choices=("cos", "loss"))
     curriculum_start: float = _f(0.1, "fraction of training before which no curriculum applies", lo=0.0, hi=1.0)
     ramp: float = _f(0.5, "fraction of training over which the curriculum admits all samples", lo=1e-9)
     kappa0: float = _f(0.0, "threshold/soft curriculum: cosine threshold at the start", lo=-1.0, hi=1.0)
@@ -91,6 +94,14 @@ class HarmonyConfig:
                 and not isinstance(self.scope, (list, tuple)):
             raise ConfigError(f"harmony.scope={self.scope!r} is not allowed; choose one of "
                               "['shared', 'backbone', 'last_block', 'all'] or pass a list of parameters")
+        if self.curriculum_score == "loss":
+            rule = self.memory_schedule if self.curriculum == "memory" else self.curriculum
+            if rule != "ratio":
+                raise ConfigError("harmony.curriculum_score=loss ranks samples by their losses, which have no "
+                                  "fixed scale for a threshold: use harmony.curriculum=ratio (or memory with "
+                                  f"harmony.memory_schedule=ratio), not {self.curriculum!r}"
+                                  + (f" with memory_schedule={self.memory_schedule!r}"
+                                     if self.curriculum == "memory" else ""))
         return self
 
 

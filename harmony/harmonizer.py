@@ -457,7 +457,11 @@ class GradientHarmonizer:
             # W times that (DDP/FSDP2 average, the gathered losses sum), so the dots are W² too large
             dots = dots / float(self._world()) ** 2
         with nvtx_range("harmonize/coefficients"):
-            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids)
+            score = None
+            if cfg.curriculum_score == "loss":  # higher = more trusted, as the cosine
+                zero = torch.zeros((), dtype=l_va.dtype, device=dev)
+                score = -(torch.where(m_va, l_va.detach(), zero) + cfg.lam * torch.where(m_vt, l_vt.detach(), zero))
+            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, score)
         with nvtx_range("harmonize/update"):
             if self.bookkeeping:
                 self._update_bookkeeping(co, grads, B, bufs if mode == "materialize" else None)
@@ -552,18 +556,20 @@ class GradientHarmonizer:
             out[mname][j] = g
         return out
 
-    def _coefficients(self, dots, valid, step, total_steps, ids) -> dict:
-        """Cosines → weights → realignment → (ca, cv), on the global batch under data parallelism."""
+    def _coefficients(self, dots, valid, step, total_steps, ids, score=None) -> dict:
+        """Cosines → weights → realignment → (ca, cv), on the global batch under data parallelism.
+        ``score`` [B]: what the curriculum (and the score memory) ranks by instead of the cosine."""
         cfg = self.cfg
         B = dots.shape[0]
         g_dots, off = self._gather(dots)
         g_valid = self._gather(valid.to(torch.uint8))[0].bool()
         g_ids = self._gather(ids.to(dots.device).long().reshape(-1))[0] if ids is not None else None
         ra = realign(g_dots, g_valid, cfg, self.realign_state)
-        w = curriculum_weights(ra.cos, g_valid, step, total_steps, cfg, ids=g_ids, memory=self.memory)
+        g_score = ra.cos if score is None else self._gather(score.to(ra.cos.device, ra.cos.dtype))[0]
+        w = curriculum_weights(g_score, g_valid, step, total_steps, cfg, ids=g_ids, memory=self.memory)
         ca, cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)
         if g_ids is not None:
-            self.memory.update(g_ids, ra.cos, g_valid)
+            self.memory.update(g_ids, g_score, g_valid)
         sl = slice(off, off + B)
         n_valid = int(ra.valid[sl].sum())
         kept = float(((w[sl] > 0) & ra.valid[sl]).sum()) / n_valid if n_valid else 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from brute_force import ToyVATT, cmaloss, dots_of, flat, path_grads, toy_batch
 from harmony import HarmonyConfig
+from harmony.config import ConfigError
 from harmony.grad_sample import PerSampleError
 from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
@@ -414,3 +416,31 @@ def test_in_place_change_of_a_kept_activation_raises():
     z = model(torch.randn(5, 4))
     with pytest.raises(PerSampleError, match="'lin' was modified in place"):
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
+
+
+def test_loss_ranked_curriculum_keeps_the_lowest_losses():
+    """harmony.curriculum_score=loss: the ratio schedule keeps the ceil(ρ·n) valid samples with the lowest
+    ℓ^va + λ·ℓ^vt (float64 reference), the memory then holds those scores, and thresholds are refused."""
+    B, lam = 7, 0.5
+    cfg = HarmonyConfig(realign="none", curriculum="ratio", curriculum_score="loss", lam=lam, curriculum_start=0.0,
+                        rho0=0.5, ramp=1.0, min_keep=0.0).validate()
+    model = fresh_model()
+    h = GradientHarmonizer(model, cfg)
+    x = toy_batch(B, seed=SEED + B)
+    m_va, m_vt = MASKS[B]
+    z_v, z_a, z_vt, z_t = model(*x)
+    l_va, l_vt = nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt)
+    st = h.backward(l_va, l_vt, va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt,
+                    step=0, total_steps=10, ids=torch.arange(B))
+    valid = m_va & m_vt
+    total = (torch.where(m_va, l_va, 0.0) + lam * torch.where(m_vt, l_vt, 0.0)).detach().double()
+    k = math.ceil(0.5 * int(valid.sum()))
+    order = sorted((float(total[i]), i) for i in range(B) if valid[i])
+    kept = {i for _, i in order[:k]}
+    want = torch.tensor([1.0 if (not valid[i] or i in kept) else 0.0 for i in range(B)])
+    assert torch.equal(st.weights.cpu(), want.float()) and (want == 0).any()
+    scores, seen = h.memory.scores(torch.arange(B))
+    torch.testing.assert_close(scores[valid].double(), -total[valid], rtol=1e-6, atol=1e-6)
+    for bad in (dict(curriculum="threshold"), dict(curriculum="memory", memory_schedule="soft")):
+        with pytest.raises(ConfigError, match="curriculum_score=loss"):
+            HarmonyConfig(curriculum_score="loss", **bad).validate()

@@ -178,6 +178,12 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("study_oracle", "control: plain baseline that leaves the truly misaligned captions out of L_vt (an "
           "oracle curriculum, the most any filter could gain), 40% swap or narrator-bias captions",
           {**STUDY, **METHODS["baseline"], "data.oracle_drop": True}, [Axis("data.noise_kind", ["swap", "bias"])]),
+    _grid("study_loss", "beyond the paper: the curriculum ranks samples by their loss (small-loss filter) or by "
+          "the cosine, as a filter keeping 60% of each batch after the first 10% of training (ratio schedule, "
+          "rho0=0.6, ramp=100), no realignment, 40% misaligned captions",
+          {**STUDY, "harmony.enabled": True, "harmony.realign": "none", "harmony.curriculum": "ratio",
+           "harmony.rho0": 0.6, "harmony.ramp": 100.0},
+          [Axis("data.noise_kind", ["swap", "bias"]), Axis("harmony.curriculum_score", ["cos", "loss"])]),
     _grid("study_grid", "premise (a) on real clips: GRID (configs/grid.yaml, 450 training clips) with 30% of "
           "the training captions, or audio tracks, swapped between clips; measure-only, 300 steps of 32",
           {**MEASURE, "train.steps": 300, "eval.every": 0},
