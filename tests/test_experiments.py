@@ -293,8 +293,12 @@ def test_report_gathers_every_folder_into_one_table_set(tmp_path):
             (root / folder / f"s{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             vals.append(np.mean([r["noise_auc"] for r in rows if r["step"] > 75]))
         auc[folder] = np.mean(vals)
+    run_dir = root.resolve() / "alpha" / "s0"
+    (run_dir / "run.json").write_text(json.dumps({"labels": {}, "command": f"python train.py --log.run_dir={run_dir}"}))
     res = report(root, tmp_path / "out", plots=False)
     assert res["folders"] == ["alpha", "beta"] and res["settings"] == 2
+    md = (tmp_path / "out" / "alpha.md").read_text()  # an absolute run folder is shown under runs/<root name>
+    assert "--log.run_dir=runs/study/alpha/s0" in md and str(tmp_path) not in md
     text = res["tables"].read_text()
     for folder in ("alpha", "beta"):
         assert (tmp_path / "out" / f"{folder}.md").is_file() and (tmp_path / "out" / f"{folder}.csv").is_file()

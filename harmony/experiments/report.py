@@ -45,6 +45,7 @@ def _table(title: str, note: str, columns: Sequence[Tuple[str, str]], rows: List
 def report(root: Path, out: Path, plots: bool = True) -> Dict[str, object]:
     """Aggregate every experiment folder under ``root`` and write ``out``/tables.md and the per-folder copies."""
     root, out = Path(root), Path(out)
+    label = str(root) if not root.is_absolute() else f"runs/{root.name}"
     out.mkdir(parents=True, exist_ok=True)
     rows: List[Tuple[str, Group]] = []
     folders = []
@@ -53,8 +54,9 @@ def report(root: Path, out: Path, plots: bool = True) -> Dict[str, object]:
             continue
         res = aggregate(sub, plots=plots)
         folders.append(sub.name)
-        shutil.copy(res["md"], out / f"{sub.name}.md")
-        shutil.copy(res["csv"], out / f"{sub.name}.csv")
+        for src, dst in ((res["md"], out / f"{sub.name}.md"), (res["csv"], out / f"{sub.name}.csv")):
+            # commands of runs launched with an absolute folder: name it as ROOT was given (or runs/<ROOT name>)
+            dst.write_text(src.read_text().replace(str(root.resolve()), label))
         for plot in res["plots"]:
             if plot.name in PLOTS:
                 (out / sub.name).mkdir(exist_ok=True)

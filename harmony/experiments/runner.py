@@ -46,12 +46,22 @@ def _child_env(jobs: int) -> Dict[str, str]:
     return env
 
 
+def _shown(run_dir: Path) -> str:
+    """The run folder as the command names it: relative to the repository root (the runs' working directory)
+    when it lies inside it, so that the printed command holds no machine path; else absolute."""
+    try:
+        return str(run_dir.relative_to(REPO))
+    except ValueError:
+        return str(run_dir)
+
+
 def _launch(run: Run, run_dir: Path, extra: Dict, python: str, script: Path, env: Dict[str, str]):
     """Write run.json, start the subprocess with its output in train.log. -> (Popen, open log file)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    args = run.args(str(run_dir), extra)
+    shown = _shown(run_dir)
+    args = run.args(shown, extra)
     meta = {"grid": run.grid, "name": run.name, "labels": run.labels, "seed": run.seed,
-            "command": run.command(str(run_dir), extra)}
+            "command": run.command(shown, extra)}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
     log = open(run_dir / "train.log", "w")
     log.write("$ " + " ".join(shlex.quote(a) for a in [python, str(script), *args]) + "\n")
