@@ -118,8 +118,10 @@ def video_text_similarity(z_v: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
 def retrieval_report(emb: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
     """The four directions from gathered embeddings (keys as in the model output plus masks and labels)."""
     concept = emb.get("concept")
-    t_concept = emb.get("text_concept", concept)
-    a_concept = emb.get("audio_concept", concept)
+    if concept is not None and not bool((concept >= 0).any()):
+        concept = None  # unlabelled data (label -1 everywhere, e.g. GRID): no concept accuracy
+    t_concept = emb.get("text_concept", concept) if concept is not None else None
+    a_concept = emb.get("audio_concept", concept) if concept is not None else None
     out = {}
     mvt = emb["mask_vt"].bool()
     if mvt.any():
@@ -226,7 +228,7 @@ def evaluate(model, batches: Iterable[dict], device: torch.device, max_items: in
         return {"eval_items": 0}
     with nvtx_range("eval/metrics"):
         result = {"retrieval": retrieval_report(emb), "eval_items": int(emb["index"].numel())}
-        if probe and "concept" in emb:
+        if probe and "concept" in emb and bool((emb["concept"] >= 0).any()):
             result["probe_acc"] = linear_probe(emb["feat_v"], emb["concept"], ridge)
             result["probe_acc_audio"] = linear_probe(emb["feat_a"], emb.get("audio_concept", emb["concept"]), ridge)
             result["probe_acc_text"] = linear_probe(emb["feat_t"], emb.get("text_concept", emb["concept"]), ridge)

@@ -187,3 +187,18 @@ def test_evaluate_end_to_end_perfect_model():
     assert 0.0 <= res["probe_acc"] <= 1.0
     limited = evaluate(model, batches(), torch.device("cpu"), max_items=7, probe=False)
     assert limited["eval_items"] == 7 and "probe_acc" not in limited
+
+
+def test_unlabelled_items_get_no_concept_accuracy():
+    """Real clips without labels carry concept -1: every top hit 'shares' it, so concept_acc would read 1.0."""
+    from harmony.evaluate import retrieval_report
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 9, 4
+    emb = {"z_vt_v": torch.randn(n, d, generator=g), "z_vt_t": torch.randn(n, 1, d, generator=g),
+           "z_va_v": torch.randn(n, d, generator=g), "z_va_a": torch.randn(n, d, generator=g),
+           "mask_vt": torch.ones(n, dtype=torch.bool), "mask_va": torch.ones(n, dtype=torch.bool)}
+    unlabelled = retrieval_report({**emb, "concept": torch.full((n,), -1)})
+    assert all("concept_acc" not in m and "r1" in m for m in unlabelled.values())
+    labelled = retrieval_report({**emb, "concept": torch.arange(n) % 3})
+    assert all("concept_acc" in m for m in labelled.values())
