@@ -115,11 +115,15 @@ def video_text_similarity(z_v: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("id,jld->ijl", v, t).amax(dim=2)
 
 
+def _labelled(emb: Dict[str, torch.Tensor]) -> bool:
+    """Whether the items carry concept labels: unlabelled data (label -1 everywhere, e.g. GRID) gets no concept
+    accuracy and no probe, where every top hit would trivially 'share' the label."""
+    return "concept" in emb and bool((emb["concept"] >= 0).any())
+
+
 def retrieval_report(emb: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
     """The four directions from gathered embeddings (keys as in the model output plus masks and labels)."""
-    concept = emb.get("concept")
-    if concept is not None and not bool((concept >= 0).any()):
-        concept = None  # unlabelled data (label -1 everywhere, e.g. GRID): no concept accuracy
+    concept = emb.get("concept") if _labelled(emb) else None
     t_concept = emb.get("text_concept", concept) if concept is not None else None
     a_concept = emb.get("audio_concept", concept) if concept is not None else None
     out = {}
@@ -228,7 +232,7 @@ def evaluate(model, batches: Iterable[dict], device: torch.device, max_items: in
         return {"eval_items": 0}
     with nvtx_range("eval/metrics"):
         result = {"retrieval": retrieval_report(emb), "eval_items": int(emb["index"].numel())}
-        if probe and "concept" in emb and bool((emb["concept"] >= 0).any()):
+        if probe and _labelled(emb):
             result["probe_acc"] = linear_probe(emb["feat_v"], emb["concept"], ridge)
             result["probe_acc_audio"] = linear_probe(emb["feat_a"], emb.get("audio_concept", emb["concept"]), ridge)
             result["probe_acc_text"] = linear_probe(emb["feat_t"], emb.get("text_concept", emb["concept"]), ridge)

@@ -473,6 +473,7 @@ class Trainer:
             valid = _stat(stats, "valid")
             valid = (valid.bool() if valid is not None else torch.ones_like(cos, dtype=torch.bool)) \
                 & torch.isfinite(cos)
+        entry = None
         if "noisy_text" in batch and "noisy_audio" in batch:
             entry = {"noisy_text": batch["noisy_text"].bool().cpu(), "noisy_audio": batch["noisy_audio"].bool().cpu()}
             for key, loss, m in (("loss_va", l_va, batch["mask_va"]), ("loss_vt", l_vt, batch["mask_vt"])):
@@ -495,14 +496,15 @@ class Trainer:
         weights = _stat(stats, "weights")
         win.sums["kept_n"] += float((weights[valid] > 0).sum()) if weights is not None else cos_v.numel()
         win.hist += torch.histc(cos_v.clamp(-1, 1), bins=win.bins, min=-1.0, max=1.0)
-        self._record_noise(batch, cos.cpu(), valid.cpu())
+        self._record_noise(batch, entry)
 
-    def _record_noise(self, batch: dict, cos: torch.Tensor, valid: torch.Tensor) -> None:
-        """Keep (cos, valid, flags) for the noise-AUC window and each item's ground-truth flags."""
-        if "noisy_text" not in batch or "noisy_audio" not in batch:
+    def _record_noise(self, batch: dict, entry: Optional[dict]) -> None:
+        """Keep the micro-step's cosines (NaN: no valid cosine) and flags from its window ``entry`` for the
+        final noise AUC over the last eval.noise_window steps, and each item's ground-truth flags."""
+        if entry is None:
             return
-        nt, na = batch["noisy_text"].bool().cpu(), batch["noisy_audio"].bool().cpu()
-        self.noise_window.append({"cos": cos.float(), "valid": valid, "noisy_text": nt, "noisy_audio": na})
+        nt, na = entry["noisy_text"], entry["noisy_audio"]
+        self.noise_window.append({"cos": entry["cos"], "noisy_text": nt, "noisy_audio": na})
         ids = batch["index"].long().cpu()
         if ids.numel():
             need = int(ids.max()) + 1
@@ -595,12 +597,18 @@ class Trainer:
     def noise_metrics(self) -> dict:
         """noise_auc over the last eval.noise_window training steps and noise_auc_memory of the score memory."""
         out = {}
-        keys = ("cos", "valid", "noisy_text", "noisy_audio")
-        local = {k: torch.cat([w[k] for w in self.noise_window]) for k in keys} if self.noise_window else None
+        local = None
+        if self.noise_window:
+            # entries from checkpoints of older runs carry a separate "valid" mask instead of NaN cosines
+            cos = [torch.where(w["valid"], w["cos"], float("nan")) if "valid" in w else w["cos"]
+                   for w in self.noise_window]
+            local = {"cos": torch.cat(cos), **{k: torch.cat([w[k] for w in self.noise_window])
+                                               for k in ("noisy_text", "noisy_audio")}}
         parts = [p for p in hd.all_gather_object(local) if p is not None]
         if parts:
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            out.update(noise_detection_auc(cat["cos"], cat["valid"], cat["noisy_text"], cat["noisy_audio"]))
+            out.update(noise_detection_auc(cat["cos"], torch.isfinite(cat["cos"]), cat["noisy_text"],
+                                           cat["noisy_audio"]))
         out.update(self._memory_auc())
         return out
 

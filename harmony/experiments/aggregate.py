@@ -36,8 +36,8 @@ METRICS: Dict[str, Tuple[str, ...]] = {
 # per-window statistics of metrics.jsonl, summarised per run as the mean over the windows of one phase of
 # training: "early" = the first quarter of the steps, "late" = the last quarter (column <key>_early / _late)
 WINDOW_KEYS = ["noise_auc", "noise_auc_text", "noise_auc_audio", "noise_auc_feat", "noise_auc_feat_text",
-               "noise_auc_feat_audio", "noise_auc_memory", "noise_auc_loss_text", "noise_auc_loss_audio", "frac_conflict_clean", "frac_conflict_text",
-               "frac_conflict_audio"]
+               "noise_auc_feat_audio", "noise_auc_memory", "noise_auc_loss_text", "noise_auc_loss_audio",
+               "frac_conflict_clean", "frac_conflict_text", "frac_conflict_audio"]
 PHASES = ("early", "late")
 WINDOW_METRICS = [f"{k}_{p}" for k in WINDOW_KEYS for p in PHASES]
 # the Markdown table's columns (the CSV has all of METRICS)
@@ -45,8 +45,8 @@ TABLE_METRICS = ["v2t_r1", "v2t_r5", "t2v_r1", "t2v_r5", "v2a_r1", "a2v_r1", "v2
                  "noise_auc", "noise_auc_memory", "wall_s", "samples_per_s"]
 # the second Markdown table (premise (a)), shown when the runs log them
 PREMISE_METRICS = ["noise_auc_early", "noise_auc_late", "noise_auc_feat_early", "noise_auc_feat_late",
-                   "noise_auc_loss_text_early", "noise_auc_loss_text_late", "noise_auc_memory_late", "frac_conflict_clean_late", "frac_conflict_text_late",
-                   "frac_conflict_audio_late"]
+                   "noise_auc_loss_text_early", "noise_auc_loss_text_late", "noise_auc_memory_late",
+                   "frac_conflict_clean_late", "frac_conflict_text_late", "frac_conflict_audio_late"]
 # plotted against the noise rate
 PLOT_METRICS = ["v2t_r1", "t2v_r1", "v2a_r1", "v2t_concept_acc", "probe_acc", "noise_auc", "noise_auc_memory"]
 # plotted over training from metrics.jsonl when a run logs them
@@ -278,18 +278,27 @@ def plot_vs_noise(groups: Sequence[Group], fields: Sequence[str], out_dir: Path)
                     shift = (i - (len(series) - 1) / 2) * nudge  # methods with equal values stay visible
                     ax.errorbar([p[0] + shift for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                                 marker="o", capsize=3, label=name)
-                ax.set_xlabel(x)
-                ax.set_ylabel(metric)
-                ax.set_title(f"{short_name(panel_field)}={panel}" if panel_field else metric)
-                ax.grid(alpha=0.3)
-                if series:
-                    ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out_dir / f"{metric}_vs_{short_name(x)}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+                _style(ax, x, metric, f"{short_name(panel_field)}={panel}" if panel_field else metric,
+                       legend=7 if series else None)
+            paths.append(_save(plt, fig, out_dir / f"{metric}_vs_{short_name(x)}.png"))
     return paths
+
+
+def _style(ax, xlabel: str, ylabel: str, title: str, legend: Optional[int]) -> None:
+    """Axis labels, title, a light grid and (legend = its font size) a legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def mean_curve(runs: Sequence[RunRecord], key: str) -> Tuple[List[int], List[float]]:
@@ -316,17 +325,8 @@ def plot_curves(groups: Sequence[Group], out_dir: Path) -> List[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, steps, values in curves:
             ax.plot(steps, values, label=name, linewidth=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(f"{key} over training (mean over seeds)")
-        ax.grid(alpha=0.3)
-        if len(curves) <= 16:
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / f"curve_{key}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        _style(ax, "step", key, f"{key} over training (mean over seeds)", legend=6 if len(curves) <= 16 else None)
+        paths.append(_save(plt, fig, out_dir / f"curve_{key}.png"))
     return paths
 
 
