@@ -56,6 +56,11 @@ class HarmonyConfig:
                          choices=("none", "threshold", "ratio", "soft", "memory"))
     mode: str = _f("auto", "how per-sample dots are computed (SPEC §5); auto picks by memory_budget_mb",
                    choices=("auto", "ghost", "materialize"))
+    upstream: str = _f("path", "which gradient is sample i's MEASURED gradient (cosine, norms, memory, curriculum "
+                       "score): path (∂L_k/∂z_i, incl. i's role as a negative in other rows), own_row (i's own loss "
+                       "row through its own embeddings) or own_pair (its positive-pair logits only); the update is "
+                       "always built from the path gradients (docs/METHOD.md)",
+                       choices=("path", "own_row", "own_pair"))
     scope: Any = _f("shared", "parameters the cosine is measured on: shared|backbone|last_block|all "
                     "or an explicit list of parameters (Python API only)")
     lam: float = _f(1.0, "weight λ of the video–text loss: L = L_va + λ·L_vt", lo=0.0)
@@ -94,6 +99,10 @@ class HarmonyConfig:
                 and not isinstance(self.scope, (list, tuple)):
             raise ConfigError(f"harmony.scope={self.scope!r} is not allowed; choose one of "
                               "['shared', 'backbone', 'last_block', 'all'] or pass a list of parameters")
+        if self.upstream != "path" and self.apply_to != "all":
+            raise ConfigError(f"harmony.upstream={self.upstream} with harmony.apply_to=scope is not supported: the "
+                              "scope-only correction needs the path per-sample gradients, which only "
+                              "upstream=path measures; use apply_to=all")
         if self.curriculum_score == "loss":
             rule = self.memory_schedule if self.curriculum == "memory" else self.curriculum
             if rule != "ratio":

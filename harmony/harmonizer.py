@@ -290,6 +290,8 @@ class GradientHarmonizer:
                 why = f"module '{mname}' has no per-sample sampler"
             if any(not isinstance(c.output, torch.Tensor) for c in calls):
                 why = f"module '{mname}' does not return one tensor"
+        if why is None and self.cfg.upstream != "path":
+            why = f"harmony.upstream={self.cfg.upstream} measures other gradients than the update's path ones"
         if self._bookkeeping_pref is False:
             return False
         if why is not None:
@@ -386,19 +388,29 @@ class GradientHarmonizer:
     def backward(self, l_va: torch.Tensor, l_vt: torch.Tensor, va_inputs: Sequence[torch.Tensor],
                  vt_inputs: Sequence[torch.Tensor], mask_va: Optional[torch.Tensor] = None,
                  mask_vt: Optional[torch.Tensor] = None, step: int = 0, total_steps: int = 1,
-                 ids: Optional[torch.Tensor] = None) -> HarmonyStats:
+                 ids: Optional[torch.Tensor] = None,
+                 measure_losses: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> HarmonyStats:
         """Fill (accumulate into) the .grad of every trainable parameter with the harmonized update G.
 
         l_va, l_vt [B]: per-sample losses; va_inputs / vt_inputs: the tensors each loss was computed from
         (rows = samples, [B, ...]); mask_va, mask_vt [B] bool (None: all valid); ids [B]: the items' stable
-        dataset indices (score memory). Returns the step's HarmonyStats.
+        dataset indices (score memory). measure_losses: (l̃_va, l̃_vt) [B] computed from the same inputs with
+        ``definition=harmony.upstream`` (harmony.losses), required when ``harmony.upstream`` is not ``path``:
+        their gradients define the MEASURED per-sample gradients, while the update stays built from the path
+        gradients of (l_va, l_vt). Returns the step's HarmonyStats.
         """
+        if (measure_losses is None) != (self.cfg.upstream == "path"):
+            raise ValueError(f"harmony.upstream={self.cfg.upstream}: pass measure_losses=(l_va, l_vt) computed with "
+                             f"definition={self.cfg.upstream!r} (harmony.losses.nce / mil_nce)"
+                             if measure_losses is None else
+                             "measure_losses is for harmony.upstream=own_row|own_pair; with upstream=path the "
+                             "measured gradient is the path gradient of (l_va, l_vt)")
         self._in_backward = True         # the samplers' own forwards (generic) must not be recorded
         self._late = []
         try:
             with self._fsdp_unsharded():
                 stats = self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step,
-                                       total_steps, ids)
+                                       total_steps, ids, measure_losses)
             for q, g in self._late:      # FSDP2: gradients formed here go to the sharded parameters, once resharded
                 self._add_grad(self._param_of(q), g)
             return stats
@@ -424,7 +436,7 @@ class GradientHarmonizer:
                 if b:
                     m.reshard()
 
-    def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids):
+    def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids, measure_losses):
         cfg = self.cfg
         B = l_va.shape[0]
         dev = l_va.device
@@ -440,11 +452,15 @@ class GradientHarmonizer:
         with nvtx_range("harmonize/measure"):
             u_va = self._upstream(L_va, va_inputs)
             u_vt = self._upstream(L_vt, vt_inputs)
+            mu_va, mu_vt = u_va, u_vt                     # the measured upstream: the path one, or by definition
+            if measure_losses is not None:
+                Lm_va, Lm_vt, _, _ = self._losses(measure_losses[0], measure_losses[1], m_va, m_vt)
+                mu_va, mu_vt = self._upstream(Lm_va, va_inputs), self._upstream(Lm_vt, vt_inputs)
             if not self._checked:
                 self._first_step(va_inputs, vt_inputs)
             self._check_recorded()
             mode = self._pick_mode(B)
-            grads = self._measure(va_inputs, u_va, vt_inputs, u_vt)
+            grads = self._measure(va_inputs, mu_va, vt_inputs, mu_vt)
         with nvtx_range("harmonize/dots"):
             if mode == "materialize":
                 bufs = self._plan.allocate(B, getattr(torch, cfg.buffer_dtype))
@@ -465,7 +481,7 @@ class GradientHarmonizer:
         with nvtx_range("harmonize/update"):
             if self.bookkeeping:
                 self._update_bookkeeping(co, grads, B, bufs if mode == "materialize" else None)
-            elif mode == "materialize" and not (self.ddp or self.fsdp):
+            elif mode == "materialize" and not (self.ddp or self.fsdp) and measure_losses is None:
                 self._update_materialize(bufs, co, va_inputs, u_va, vt_inputs, u_vt)
             else:
                 self._update_ghost(co, va_inputs, u_va, vt_inputs, u_vt, grads, B,

@@ -11,6 +11,17 @@ As in the reference code the two sets are concatenated, so the positives appear 
 is invalid when its sample is masked or the candidate itself is; invalid candidates enter every set as −inf.
 An invalid sample (masked, or with no valid candidate) gets ℓ_i = 0 with a zero, finite gradient. Anchors of
 masked samples still serve as negatives: the mask says the *pair* is unusable, not the anchor.
+
+``definition`` picks which gradient the returned ℓ carries; its VALUE is the same in all three. It is how the
+harmonizer's measured per-sample gradient is defined (``harmony.upstream``, docs/METHOD.md, "Which gradient is
+sample i's"):
+
+* ``path``: the ordinary loss. Summed over the batch, its gradient at z_i is ∂L/∂z_i, which includes sample i's
+  role as a negative in every other sample's row.
+* ``own_row``: the gradient of ℓ_i through sample i's own embeddings (e_i and c_{i,·}) only; every other
+  sample's embeddings enter ℓ_i as constants, and ℓ_i reaches no other sample.
+* ``own_pair``: only the positive-pair logits s(e_i, c_{i,l}) carry gradient (wherever they occur in ℓ_i): the
+  term ∂ℓ_i/∂s_ii · ∂s_ii/∂(e_i, c_i) of the chain rule; every negative logit is a constant.
 """
 from __future__ import annotations
 
@@ -21,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from harmony.nvtx import nvtx_range
+
+DEFINITIONS = ("path", "own_row", "own_pair")
 
 
 def _world() -> int:
@@ -73,8 +86,9 @@ def _gather_rows(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
 
 
 def _gather_global(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local e [b, d], c [b, L, d], valid [b, L] -> the global e [G, d], c [G, L, d], valid [G, L].
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Local e [b, d], c [b, L, d], valid [b, L] -> the global e [G, d], c [G, L, d], valid [G, L] and the
+    global index of this rank's first row.
 
     Embeddings and masks travel in one packed collective; the mask columns carry no gradient.
     """
@@ -86,7 +100,7 @@ def _gather_global(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
     e_all = full[:, :d]
     c_all = full[:, d:d + cands * d].reshape(g, cands, d)
     valid_all = full[:, d + cands * d:] > 0.5
-    return e_all, c_all, valid_all
+    return e_all, c_all, valid_all, sum(sizes[:dist.get_rank()])
 
 
 def _logsumexp_rows(scores: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
@@ -101,13 +115,16 @@ def _logsumexp_rows(scores: torch.Tensor, row_valid: torch.Tensor) -> torch.Tens
 
 def asymmetric_nce(anchor: torch.Tensor, cands: torch.Tensor, mask: Optional[torch.Tensor] = None,
                    cand_mask: Optional[torch.Tensor] = None, temperature: float = 0.07,
-                   gather: bool = True) -> torch.Tensor:
+                   gather: bool = True, definition: str = "path") -> torch.Tensor:
     """Per-sample asymmetric NCE ℓ [B] of anchors [B, d] against candidates [B, L, d] (see module doc).
 
     mask [B] bool: sample i is valid; cand_mask [B, L] bool: candidate (i, l) is valid. With torch.distributed
     initialised, world > 1 and ``gather``, negatives come from the global batch and the local samples' ℓ is
-    returned. Computed in float32 at least (float64 stays float64), also under autocast.
+    returned. Computed in float32 at least (float64 stays float64), also under autocast. ``definition``
+    (path | own_row | own_pair): which gradient ℓ carries (module doc); the value is the same.
     """
+    if definition not in DEFINITIONS:
+        raise ValueError(f"definition={definition!r} is not one of {list(DEFINITIONS)}")
     if anchor.dim() != 2 or cands.dim() != 3 or cands.shape[0] != anchor.shape[0] \
             or cands.shape[2] != anchor.shape[1]:
         raise ValueError(f"asymmetric_nce needs anchor [B, d] and cands [B, L, d], got {list(anchor.shape)} "
@@ -126,11 +143,14 @@ def asymmetric_nce(anchor: torch.Tensor, cands: torch.Tensor, mask: Optional[tor
         # then cannot reach anyone's loss or gradient.
         c = F.normalize(torch.where(valid[..., None], cands.to(dtype), torch.zeros((), dtype=dtype,
                                                                                      device=cands.device)), dim=-1)
+        offset = 0
         if gather and _world() > 1:
-            e_all, c_all, valid_all = _gather_global(e, c, valid)
+            e_all, c_all, valid_all, offset = _gather_global(e, c, valid)
         else:
             e_all, c_all, valid_all = e, c, valid
-        return _per_sample_nce(e, c, valid, e_all, c_all, valid_all, temperature)
+        if definition == "path":
+            return _per_sample_nce(e, c, valid, e_all, c_all, valid_all, temperature)
+        return _own_nce(e, c, valid, e_all.detach(), c_all.detach(), valid_all, offset, temperature, definition)
 
 
 def _per_sample_nce(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor, e_all: torch.Tensor,
@@ -151,18 +171,45 @@ def _per_sample_nce(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor, e_all
     return torch.where(row_valid, loss, torch.zeros_like(loss))
 
 
+def _own_nce(e, c, valid, e_all, c_all, valid_all, offset: int, temperature: float, definition: str) -> torch.Tensor:
+    """ℓ [b] with the value of ``_per_sample_nce`` whose gradient reaches only sample i's own embeddings:
+    ``own_row`` through every logit of row i, ``own_pair`` through its positive logits only. e_all, c_all come
+    detached (other samples are constants); the positive logits s(e_i, c_{i,l}) are put back, live in both
+    e_i and c_i, where they occur in the row and column sets."""
+    b, cands, d = c.shape
+    g = e_all.shape[0]
+    neg_inf = torch.tensor(float("-inf"), dtype=e.dtype, device=e.device)
+    pos_raw = (e[:, None, :] * c).sum(-1) / temperature                                  # [b, L], live
+    rows = (e @ c_all.reshape(g * cands, d).T).reshape(b, g, cands) / temperature       # live in e_i only
+    cols = (c.reshape(b * cands, d) @ e_all.T).reshape(b, cands, g) / temperature       # live in c_i only
+    if definition == "own_pair":
+        rows, cols = rows.detach(), cols.detach()
+    own = torch.arange(g, device=e.device)[None, :] == (torch.arange(b, device=e.device) + offset)[:, None]
+    rows = torch.where(own[:, :, None], pos_raw[:, None, :], rows)
+    cols = torch.where(own[:, None, :], pos_raw[:, :, None], cols)
+    rows = torch.where(valid_all.reshape(1, g, cands), rows, neg_inf).reshape(b, g * cands)
+    cols = torch.where(valid[..., None], cols, neg_inf).reshape(b, cands * g)
+    pos = torch.where(valid, pos_raw, neg_inf)
+    row_valid = valid.any(dim=1)
+    loss = _logsumexp_rows(torch.cat([rows, cols], dim=1), row_valid) - _logsumexp_rows(pos, row_valid)
+    return torch.where(row_valid, loss, torch.zeros_like(loss))
+
+
 def nce(z_v: torch.Tensor, z_a: torch.Tensor, mask: Optional[torch.Tensor] = None, temperature: float = 0.07,
-        gather: bool = True) -> torch.Tensor:
+        gather: bool = True, definition: str = "path") -> torch.Tensor:
     """Video–audio NCE: z_v [B, d], z_a [B, d], mask [B] -> ℓ^va [B] (asymmetric NCE with L = 1)."""
-    return asymmetric_nce(z_v, z_a[:, None], mask=mask, temperature=temperature, gather=gather)
+    return asymmetric_nce(z_v, z_a[:, None], mask=mask, temperature=temperature, gather=gather,
+                          definition=definition)
 
 
 def mil_nce(z_vt: torch.Tensor, z_t: torch.Tensor, mask: Optional[torch.Tensor] = None,
-            cand_mask: Optional[torch.Tensor] = None, temperature: float = 0.07, gather: bool = True) -> torch.Tensor:
+            cand_mask: Optional[torch.Tensor] = None, temperature: float = 0.07, gather: bool = True,
+            definition: str = "path") -> torch.Tensor:
     """Video–text MIL-NCE: z_vt [B, d], z_t [B, L, d] or [B, d], mask [B], cand_mask [B, L] -> ℓ^vt [B]."""
     if z_t.dim() == 2:
         z_t = z_t[:, None]
-    return asymmetric_nce(z_vt, z_t, mask=mask, cand_mask=cand_mask, temperature=temperature, gather=gather)
+    return asymmetric_nce(z_vt, z_t, mask=mask, cand_mask=cand_mask, temperature=temperature, gather=gather,
+                          definition=definition)
 
 
 def masked_mean(losses: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

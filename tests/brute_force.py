@@ -149,3 +149,64 @@ def toy_batch(B: int, L: int = 3, n_words: int = 5, vocab: int = 11, dtype=torch
     lengths = torch.randint(1, n_words + 1, (B, L), generator=g)
     text = torch.where(torch.arange(n_words) < lengths[..., None], text, 0)
     return video, audio, text
+
+
+def _logits_loss(S: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample asymmetric (MIL-)NCE written out from the logits, for the own-pair reference.
+
+    S [B, B, L]: S[j, k, l] = s(e_j, c_{k,l}); valid [B] bool (sample masks; every candidate of a valid sample is
+    valid). ℓ_i = logsumexp({S[i, j, l] : valid j} ∪ {S[j, i, l] : all j}) − logsumexp_l S[i, i, l]; 0 if i is masked.
+    """
+    B = S.shape[0]
+    out = []
+    for i in range(B):
+        if not bool(valid[i]):
+            out.append(S.new_zeros(()))
+            continue
+        row = S[i][valid].reshape(-1)          # s(e_i, c_{j,l}) for valid j
+        col = S[:, i].reshape(-1)              # s(e_j, c_{i,l}) for every anchor j
+        out.append(torch.logsumexp(torch.cat([row, col]), 0) - torch.logsumexp(S[i, i], 0))
+    return torch.stack(out)
+
+
+def own_grads(model: nn.Module, inputs: Sequence[torch.Tensor], definition: str, mask_va: torch.Tensor,
+              mask_vt: torch.Tensor, temperature: float = 0.07):
+    """Per-sample gradients under the ``own_row`` / ``own_pair`` definitions, by private parameter copies.
+
+    own_row: g^k_i = ∂(m_i ℓ^k_i / n_k)/∂θ_i — sample i's own loss row, through its own copy only (the other
+    samples' outputs, made from their copies, are constants for θ_i). own_pair: the chain-rule term through the
+    positive logits only, Σ_l (∂ℓ^k_i/∂s_{ii,l}) ∂s_{ii,l}/∂θ_i · m_i / n_k, with ∂ℓ/∂s taken by autograd on a loss
+    written out from the logit matrix (``_logits_loss``), not on the library's. Returns ({name: [B, ...]}, same).
+    """
+    B = inputs[0].shape[0]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta = {n: p.detach().unsqueeze(0).expand(B, *p.shape).clone().requires_grad_(True) for n, p in params.items()}
+    per_sample = [functional_call(model, {n: t[i] for n, t in theta.items()}, tuple(x[i:i + 1] for x in inputs))
+                  for i in range(B)]
+    z_v, z_a, z_vt, z_t = (torch.cat(o) for o in zip(*per_sample))
+    keys = list(theta)
+    out = []
+    for anchor, cands, mask, fn in ((z_v, z_a[:, None], mask_va, nce), (z_vt, z_t, mask_vt, mil_nce)):
+        n = mask.sum().clamp(min=1).to(anchor.dtype)
+        if definition == "own_row":
+            losses = fn(anchor, cands[:, 0] if fn is nce else cands, mask=mask) * mask.to(anchor.dtype) / n
+            rows = [torch.autograd.grad(losses[i], [theta[k] for k in keys], retain_graph=True, allow_unused=True)
+                    for i in range(B)]
+        elif definition == "own_pair":
+            e = torch.nn.functional.normalize(anchor, dim=-1)
+            c = torch.nn.functional.normalize(cands, dim=-1)
+            S = (torch.einsum("jd,kld->jkl", e, c) / temperature).detach().requires_grad_(True)
+            w = torch.autograd.grad(_logits_loss(S, mask).sum(), S)[0]              # w[i, i, l] = ∂ℓ_i/∂S[i,i,l]
+            rows = []
+            for i in range(B):
+                pos = (e[i][None, :] * c[i]).sum(-1) / temperature                   # s(e_i, c_{i,l}) from θ_i
+                term = (w[i, i] * pos).sum() * mask[i].to(anchor.dtype) / n
+                rows.append(torch.autograd.grad(term, [theta[k] for k in keys], retain_graph=True, allow_unused=True))
+        else:
+            raise ValueError(definition)
+        grads = {}
+        for j, k in enumerate(keys):
+            grads[k] = torch.stack([torch.zeros_like(theta[k][i]) if rows[i][j] is None else rows[i][j][i]
+                                    for i in range(B)])
+        out.append(grads)
+    return out[0], out[1]

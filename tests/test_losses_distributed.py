@@ -36,13 +36,16 @@ def _global_batch(sizes, n_cand, seed):
     return anchor, cands, mask, cand_mask, weights
 
 
-def _run_case(sizes, n_cand, seed, gather, rank):
+DEFINITIONS = ("path", "own_row", "own_pair")
+
+
+def _run_case(sizes, n_cand, seed, gather, rank, definition="path"):
     """One rank's local loss and gradients on its slice of the global batch."""
     anchor, cands, mask, cand_mask, weights = _global_batch(sizes, n_cand, seed)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     a = anchor[lo:hi].clone().requires_grad_()
     c = cands[lo:hi].clone().requires_grad_()
-    loss = asymmetric_nce(a, c, mask[lo:hi], cand_mask[lo:hi], gather=gather)
+    loss = asymmetric_nce(a, c, mask[lo:hi], cand_mask[lo:hi], gather=gather, definition=definition)
     (loss * weights[lo:hi]).sum().backward()
     return {"loss": loss.detach(), "grad_anchor": a.grad, "grad_cands": c.grad}
 
@@ -57,6 +60,8 @@ def _worker(rank, port, out_dir):
             warnings.simplefilter("always")
             for k, (sizes, n_cand) in enumerate(CASES):
                 results[("gather", k)] = _run_case(sizes, n_cand, seed=k, gather=True, rank=rank)
+                for d in DEFINITIONS[1:]:
+                    results[(d, k)] = _run_case(sizes, n_cand, seed=k, gather=True, rank=rank, definition=d)
         results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
         results[("local", 0)] = _run_case(*CASES[0], seed=0, gather=False, rank=rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -64,11 +69,11 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _single_process(sizes, n_cand, seed):
+def _single_process(sizes, n_cand, seed, definition="path"):
     """Reference: the whole global batch in one process (no process group)."""
     anchor, cands, mask, cand_mask, weights = _global_batch(sizes, n_cand, seed)
     a, c = anchor.clone().requires_grad_(), cands.clone().requires_grad_()
-    loss = asymmetric_nce(a, c, mask, cand_mask, gather=False)
+    loss = asymmetric_nce(a, c, mask, cand_mask, gather=False, definition=definition)
     (loss * weights).sum().backward()
     return loss.detach(), a.grad, c.grad
 
@@ -92,14 +97,17 @@ def rank_results(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("definition", DEFINITIONS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gathered_loss_and_gradients_equal_single_process(rank_results, case):
+def test_gathered_loss_and_gradients_equal_single_process(rank_results, case, definition):
+    """Also for the own_row / own_pair definitions: a sample's own row is found at its global index on every
+    rank (unequal and empty local batches included), and no gradient crosses ranks."""
     sizes, n_cand = CASES[case]
-    loss, grad_a, grad_c = _single_process(sizes, n_cand, seed=case)
+    loss, grad_a, grad_c = _single_process(sizes, n_cand, seed=case, definition=definition)
     errs = []
     for rank in range(WORLD):
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        got = rank_results[rank][("gather", case)]
+        got = rank_results[rank][("gather" if definition == "path" else definition, case)]
         assert got["loss"].shape == (sizes[rank],)
         for name, ref in (("loss", loss), ("grad_anchor", grad_a), ("grad_cands", grad_c)):
             errs.append((got[name] - ref[lo:hi]).abs().max().item() if hi > lo else 0.0)
