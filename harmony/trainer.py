@@ -64,8 +64,8 @@ class Parts:
     build_model: Callable[[Config], nn.Module]                 # cfg -> model(video, audio, text) -> outputs
     build_loader: Callable[..., Iterable[dict]]                # (data_cfg, split, batch, rank, world, seed, start_step,
                                                                #  drop_last=, sampler=)
-    nce: Callable[..., torch.Tensor]                           # (z_v, z_a, mask=) -> ℓ^va [B]
-    mil_nce: Callable[..., torch.Tensor]                       # (z_vt, z_t, mask=, cand_mask=) -> ℓ^vt [B]
+    nce: Callable[..., torch.Tensor]                           # (z_v, z_a, mask=, definition=) -> ℓ^va [B]
+    mil_nce: Callable[..., torch.Tensor]                       # (z_vt, z_t, mask=, cand_mask=, definition=) -> ℓ^vt
     build_harmonizer: Optional[Callable[[nn.Module, Any], Any]] = None  # (wrapped model, harmony_cfg) -> harmonizer
 
 
@@ -397,10 +397,20 @@ class Trainer:
         z_va_v, z_va_a = out.z_va_v.float(), out.z_va_a.float()
         z_vt_v, z_vt_t = out.z_vt_v.float(), out.z_vt_t.float()
         mask_va, mask_vt = batch["mask_va"], batch["mask_vt"]
-        l_va = self.parts.nce(z_va_v, z_va_a, mask=mask_va)
         cand = getattr(out, "cand_mask", None)
-        l_vt = self.parts.mil_nce(z_vt_v, z_vt_t, mask=mask_vt, **({"cand_mask": cand} if cand is not None else {}))
+        self._loss_args = (z_va_v, z_va_a, mask_va, z_vt_v, z_vt_t, mask_vt, cand)
+        l_va, l_vt = self.losses_under("path")
         return l_va, l_vt, (z_va_v, z_va_a), (z_vt_v, z_vt_t)
+
+    def losses_under(self, definition: str):
+        """(ℓ^va, ℓ^vt) [b] of the last forward whose gradients follow a per-sample ``definition`` (path, own_row,
+        own_pair; harmony.losses): the same values, other gradients."""
+        z_va_v, z_va_a, mask_va, z_vt_v, z_vt_t, mask_vt, cand = self._loss_args
+        d = {} if definition == "path" else {"definition": definition}
+        l_va = self.parts.nce(z_va_v, z_va_a, mask=mask_va, **d)
+        l_vt = self.parts.mil_nce(z_vt_v, z_vt_t, mask=mask_vt, **({"cand_mask": cand} if cand is not None else {}),
+                                  **d)
+        return l_va, l_vt
 
     def harmonize(self, batch: dict, l_va, l_vt, va_inputs, vt_inputs):
         """Fill .grad (added to what earlier micro-steps left): harmonized, or the plain L_va + λ·L_vt."""
@@ -409,9 +419,11 @@ class Trainer:
             loss = hd.global_masked_mean(l_va, batch["mask_va"]) + lam * hd.global_masked_mean(l_vt, batch["mask_vt"])
             loss.backward()
             return None
+        up = self.cfg.harmony.upstream
         return self.harmonizer.backward(l_va, l_vt, va_inputs=va_inputs, vt_inputs=vt_inputs,
                                         mask_va=batch["mask_va"], mask_vt=batch["mask_vt"], step=self.step,
-                                        total_steps=self.cfg.train.steps, ids=batch["index"])
+                                        total_steps=self.cfg.train.steps, ids=batch["index"],
+                                        measure_losses=None if up == "path" else self.losses_under(up))
 
     def optimizer_step(self, loss: torch.Tensor) -> Dict[str, float]:
         """Average accumulated gradients, clip, skip on any rank's non-finite value, step AdamW and the schedule."""
@@ -437,28 +449,39 @@ class Trainer:
         return {"grad_norm": float(norm), "lr": lr, "skipped": float(skipped)}
 
     # --------------------------------------------------------------------------------------- bookkeeping
-    def feature_cosine(self, batch: dict, l_va, l_vt) -> Optional[torch.Tensor]:
-        """Per-sample cosine of ∂L_va/∂f_i and ∂L_vt/∂f_i at the pooled video feature f_i [b] (NaN where a
-        loss is masked or a gradient is zero), or None when eval.feature_cos is off or the batch carries no
-        misalignment flags. By SPEC §2's path decomposition, sample i's per-sample gradient at its own pooled
-        feature is the gradient of the batch loss with respect to f_i, so two small backwards through the heads
-        and the losses give it; the parameters' .grad is untouched. Not under FSDP2 (its backward hooks)."""
+    def feature_cosine(self, batch: dict, l_va, l_vt) -> Optional[Dict[str, torch.Tensor]]:
+        """Per-sample detector scores at the pooled video feature f_i, for every per-sample definition (path,
+        own_row, own_pair), or None when eval.feature_cos is off or the batch carries no misalignment flags.
+
+        For definition d, g^k_i = ∂L̃_k/∂f_i (the batch loss under d; by the path decomposition sample i's own
+        gradient at its own pooled feature). Returns {"feat_cos[_d]": c_i, "feat_gvt[_d]": −‖g^vt_i‖·(1 − c_i),
+        "feat_gva[_d]": −‖g^va_i‖·(1 − c_i)} [b] (higher = more trusted, like the cosine; NaN where a loss is masked
+        or a gradient is zero); the suffix is empty for path. Small backwards through the heads and the losses
+        only; the parameters' .grad is untouched. Not under FSDP2 (its backward hooks)."""
         feat = self._feat_v
         if not (self.cfg.eval.feature_cos and self.cfg.train.parallel != "fsdp" and feat is not None
                 and feat.requires_grad and "noisy_text" in batch and "noisy_audio" in batch):
             return None
         m_va, m_vt = batch["mask_va"].bool(), batch["mask_vt"].bool()
-        grads = []
-        for loss, m in ((l_va, m_va), (l_vt, m_vt)):
-            total = torch.where(m, loss, torch.zeros_like(loss)).sum()
-            g = torch.autograd.grad(total, feat, retain_graph=True, allow_unused=True)[0] \
-                if total.requires_grad else None
-            grads.append(torch.zeros_like(feat) if g is None else g)
-        g_va, g_vt = (g.detach().double() for g in grads)
-        n_va, n_vt = g_va.norm(dim=1), g_vt.norm(dim=1)
-        cos = (g_va * g_vt).sum(1) / (n_va * n_vt)
-        ok = m_va & m_vt & (n_va > 0) & (n_vt > 0)
-        return torch.where(ok, cos, torch.full_like(cos, float("nan"))).float().cpu()
+        out = {}
+        for definition in ("path", "own_row", "own_pair"):
+            losses = (l_va, l_vt) if definition == "path" else self.losses_under(definition)
+            grads = []
+            for loss, m in zip(losses, (m_va, m_vt)):
+                total = torch.where(m, loss, torch.zeros_like(loss)).sum()
+                g = torch.autograd.grad(total, feat, retain_graph=True, allow_unused=True)[0] \
+                    if total.requires_grad else None
+                grads.append(torch.zeros_like(feat) if g is None else g)
+            g_va, g_vt = (g.detach().double() for g in grads)
+            n_va, n_vt = g_va.norm(dim=1), g_vt.norm(dim=1)
+            cos = (g_va * g_vt).sum(1) / (n_va * n_vt)
+            ok = m_va & m_vt & (n_va > 0) & (n_vt > 0)
+            nan = torch.full_like(cos, float("nan"))
+            sfx = "" if definition == "path" else f"_{definition}"
+            out[f"feat_cos{sfx}"] = torch.where(ok, cos, nan).float().cpu()
+            out[f"feat_gvt{sfx}"] = torch.where(ok, -n_vt * (1 - cos), nan).float().cpu()
+            out[f"feat_gva{sfx}"] = torch.where(ok, -n_va * (1 - cos), nan).float().cpu()
+        return out
 
     def _record(self, win: _Window, batch: dict, l_va, l_vt, stats, feat_cos=None) -> None:
         """Add one micro-step's losses, cosine statistics and data counters to the window."""
@@ -480,9 +503,16 @@ class Trainer:
                 loss = loss.detach().float()
                 entry[key] = torch.where(m.bool(), loss, torch.full_like(loss, float("nan"))).cpu()
             if cos is not None:  # NaN marks a sample without a valid cosine
-                entry["cos"] = torch.where(valid, cos.float(), torch.full_like(cos.float(), float("nan"))).cpu()
+                nan = torch.full_like(cos.float(), float("nan"))
+                entry["cos"] = torch.where(valid, cos.float(), nan).cpu()
+                dots = _stat(stats, "dots")
+                if dots is not None:   # the magnitude-aware scores −‖g^k_i‖·(1 − c_i) from the harmonizer's dots
+                    dots = dots.detach().float()
+                    for key, col in (("gva", 1), ("gvt", 2)):
+                        entry[key] = torch.where(valid, -dots[:, col].clamp(min=0).sqrt() * (1 - cos.float()),
+                                                 nan).cpu()
             if feat_cos is not None:
-                entry["feat_cos"] = feat_cos
+                entry.update(feat_cos)
             win.noise.append(entry)
         if cos is None:
             return
@@ -555,7 +585,10 @@ class Trainer:
 
     def _window_noise(self, win: _Window) -> dict:
         """The window's premise-(a) statistics, over all ranks: noise AUC of the per-sample cosine (overall,
-        text, audio), of the pooled-feature cosine (noise_auc_feat*), the conflict fraction (cosine below
+        text, audio) and of the magnitude-aware scores ‖g^vt‖(1 − c), ‖g^va‖(1 − c) from the harmonizer's dots
+        (noise_auc_gvt*, noise_auc_gva*), the same three at the pooled video feature under each per-sample
+        definition (noise_auc_feat*, noise_auc_feat_gvt*, noise_auc_feat_gva*; suffix _own_row / _own_pair, none
+        for path), the conflict fraction (cosine below
         harmony.conflict_threshold) on clean, text-misaligned and audio-misaligned samples, the score
         memory's AUC over the items seen so far, and for comparison the AUC of the sample's own loss
         (noise_auc_loss_text: ℓ^vt, noise_auc_loss_audio: ℓ^va). Keys whose score was not measured are absent."""
@@ -566,7 +599,10 @@ class Trainer:
             return out
         nt = torch.cat([e["noisy_text"] for e in entries])
         na = torch.cat([e["noisy_audio"] for e in entries])
-        for key, prefix in (("cos", "noise_auc"), ("feat_cos", "noise_auc_feat")):
+        scores = [("cos", "noise_auc"), ("gvt", "noise_auc_gvt"), ("gva", "noise_auc_gva")]
+        scores += [(f"feat_{s}{d}", f"noise_auc_feat{'' if s == 'cos' else '_' + s}{d}")
+                   for d in ("", "_own_row", "_own_pair") for s in ("cos", "gvt", "gva")]
+        for key, prefix in scores:
             if not all(key in e for e in entries):
                 continue
             cos = torch.cat([e[key] for e in entries])

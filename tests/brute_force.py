@@ -151,21 +151,23 @@ def toy_batch(B: int, L: int = 3, n_words: int = 5, vocab: int = 11, dtype=torch
     return video, audio, text
 
 
-def _logits_loss(S: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def logits_loss(S: torch.Tensor, valid: torch.Tensor, cand_valid=None) -> torch.Tensor:
     """Per-sample asymmetric (MIL-)NCE written out from the logits, for the own-pair reference.
 
-    S [B, B, L]: S[j, k, l] = s(e_j, c_{k,l}); valid [B] bool (sample masks; every candidate of a valid sample is
-    valid). ℓ_i = logsumexp({S[i, j, l] : valid j} ∪ {S[j, i, l] : all j}) − logsumexp_l S[i, i, l]; 0 if i is masked.
+    S [B, B, L]: S[j, k, l] = s(e_j, c_{k,l}); valid [B] bool (sample masks); cand_valid [B, L] bool (None: all).
+    With V(k, l) = valid_k and cand_valid[k, l]: ℓ_i = logsumexp({S[i, j, l] : V(j, l)} ∪ {S[j, i, l] : all j,
+    V(i, l)}) − logsumexp({S[i, i, l] : V(i, l)}); 0 if i is masked or has no valid candidate.
     """
-    B = S.shape[0]
+    B, _, L = S.shape
+    V = valid[:, None].expand(B, L) & (torch.ones(B, L, dtype=torch.bool) if cand_valid is None else cand_valid)
     out = []
     for i in range(B):
-        if not bool(valid[i]):
+        if not bool(V[i].any()):
             out.append(S.new_zeros(()))
             continue
-        row = S[i][valid].reshape(-1)          # s(e_i, c_{j,l}) for valid j
-        col = S[:, i].reshape(-1)              # s(e_j, c_{i,l}) for every anchor j
-        out.append(torch.logsumexp(torch.cat([row, col]), 0) - torch.logsumexp(S[i, i], 0))
+        row = S[i][V]                          # s(e_i, c_{j,l}) for valid candidates (j, l)
+        col = S[:, i][:, V[i]].reshape(-1)     # s(e_j, c_{i,l}) for every anchor j, valid l
+        out.append(torch.logsumexp(torch.cat([row, col]), 0) - torch.logsumexp(S[i, i][V[i]], 0))
     return torch.stack(out)
 
 
@@ -196,7 +198,7 @@ def own_grads(model: nn.Module, inputs: Sequence[torch.Tensor], definition: str,
             e = torch.nn.functional.normalize(anchor, dim=-1)
             c = torch.nn.functional.normalize(cands, dim=-1)
             S = (torch.einsum("jd,kld->jkl", e, c) / temperature).detach().requires_grad_(True)
-            w = torch.autograd.grad(_logits_loss(S, mask).sum(), S)[0]              # w[i, i, l] = ∂ℓ_i/∂S[i,i,l]
+            w = torch.autograd.grad(logits_loss(S, mask).sum(), S)[0]              # w[i, i, l] = ∂ℓ_i/∂S[i,i,l]
             rows = []
             for i in range(B):
                 pos = (e[i][None, :] * c[i]).sum(-1) / temperature                   # s(e_i, c_{i,l}) from θ_i

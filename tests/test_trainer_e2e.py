@@ -105,8 +105,11 @@ def test_window_noise_statistics_are_logged(tmp_path, method):
 
 
 def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
-    """Trainer.feature_cosine against SPEC §2's definition at the pooled video feature: give every sample a
-    private copy of its feature (f_i + δ_i, δ = 0) in a float64 model and differentiate each loss by δ_i."""
+    """Trainer.feature_cosine against the per-sample definitions at the pooled video feature: give every sample
+    a private copy of its feature (f_i + δ_i, δ = 0) in a float64 model. path: ∂(Σ_j ℓ_j)/∂δ_i; own_row:
+    ∂ℓ_i/∂δ_i (sample i's own row through its own copy); own_pair: (∂ℓ_i/∂s_ii)·∂s_ii/∂δ_i with ∂ℓ/∂s taken
+    on a loss written out from the logit matrix (brute_force.logits_loss). The magnitude-aware scores follow."""
+    from brute_force import logits_loss
     from harmony.cli import parse_args
     from harmony.trainer import Trainer
 
@@ -131,13 +134,42 @@ def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
         m_va, m_vt = batch["mask_va"].bool(), batch["mask_vt"].bool()
         lva = trainer.parts.nce(out.z_va_v, out.z_va_a, mask=m_va)
         lvt = trainer.parts.mil_nce(out.z_vt_v, out.z_vt_t, mask=m_vt, cand_mask=out.cand_mask)
-        g_va = torch.autograd.grad(lva[m_va].sum(), delta, retain_graph=True)[0]
-        g_vt = torch.autograd.grad(lvt[m_vt].sum(), delta)[0]
-        want = torch.nn.functional.cosine_similarity(g_va, g_vt, dim=1)
         ok = m_va & m_vt
-        assert not ok[2] and torch.isnan(got[2])
-        torch.testing.assert_close(got[ok].double(), want[ok], atol=2e-5, rtol=0)
-        assert got[ok].abs().max() > 0
+        assert not ok[2]
+
+        def own_pair(anchor, cands, mask, cand_valid):
+            e = torch.nn.functional.normalize(anchor, dim=-1)
+            c = torch.nn.functional.normalize(cands, dim=-1)
+            S = (torch.einsum("jd,kld->jkl", e, c) / 0.07).detach().requires_grad_(True)
+            w = torch.autograd.grad(logits_loss(S, mask, cand_valid).sum(), S)[0]
+            rows = [torch.autograd.grad((w[i, i] * (e[i] * c[i]).sum(-1) / 0.07).sum(), delta,
+                                        retain_graph=True)[0][i] if mask[i] else torch.zeros(delta.shape[1],
+                                                                                             dtype=torch.float64)
+                    for i in range(7)]
+            return torch.stack(rows)
+
+        cand = out.cand_mask if out.cand_mask is not None else torch.ones(out.z_vt_t.shape[:2], dtype=torch.bool)
+        refs = {
+            "": (torch.autograd.grad(lva[m_va].sum(), delta, retain_graph=True)[0],
+                 torch.autograd.grad(lvt[m_vt].sum(), delta, retain_graph=True)[0]),
+            "_own_row": tuple(torch.stack([torch.autograd.grad(l[i], delta, retain_graph=True)[0][i] if m[i] else
+                                           torch.zeros(delta.shape[1], dtype=torch.float64) for i in range(7)])
+                              for l, m in ((lva, m_va), (lvt, m_vt))),
+            "_own_pair": (own_pair(out.z_va_v, out.z_va_a[:, None], m_va, None),
+                          own_pair(out.z_vt_v, out.z_vt_t, m_vt, cand)),
+        }
+        for sfx, (g_va, g_vt) in refs.items():
+            want = torch.nn.functional.cosine_similarity(g_va, g_vt, dim=1)
+            c = got[f"feat_cos{sfx}"]
+            print(sfx or "path", "max |Δcos|", float((c[ok].double() - want[ok]).abs().max()))
+            assert torch.isnan(c[2])
+            torch.testing.assert_close(c[ok].double(), want[ok], atol=2e-5, rtol=0)
+            assert c[ok].abs().max() > 0
+            gvt = -g_vt.norm(dim=1) * (1 - want)
+            torch.testing.assert_close(got[f"feat_gvt{sfx}"][ok].double(), gvt[ok], atol=0, rtol=1e-4)
+        # the definitions measure different things here (else the comparison above could not tell them apart)
+        assert (got["feat_cos"][ok] - got["feat_cos_own_row"][ok]).abs().max() > 1e-3
+        assert (got["feat_cos_own_row"][ok] - got["feat_cos_own_pair"][ok]).abs().max() > 1e-3
     finally:
         trainer.close()
 
