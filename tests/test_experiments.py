@@ -319,3 +319,15 @@ def test_runs_saved_before_a_field_existed_group_with_newer_runs(tmp_path):
     old.write_text(yaml.safe_dump(cfg, sort_keys=False))
     res = aggregate(tmp_path, plots=False)
     assert res["fields"] == [] and len(res["groups"]) == 1 and len(res["groups"][0].runs) == 2
+
+
+def test_only_selects_runs_by_name(capsys):
+    from harmony.experiments.grid import select
+
+    runs = expand(get_grid("long_headroom"))
+    picked = select(runs, ["size-4096", "oracle"])
+    assert [r.name for r in picked] == [f"size-4096_arm-oracle_seed-{s}" for s in (0, 1, 2)]
+    assert picked[0].overrides["data.oracle_drop"] is True and picked[0].overrides["data.size"] == 4096
+    assert select(runs, []) == runs
+    assert experiments_main(["run", "long_headroom", "--out", "unused", "--only", "size-123"]) == 2
+    assert "no run of long_headroom matches" in capsys.readouterr().err

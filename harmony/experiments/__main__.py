@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from harmony.config import ConfigError
 from harmony.experiments.aggregate import aggregate
-from harmony.experiments.grid import GRIDS, expand, get_grid, parse_sets
+from harmony.experiments.grid import GRIDS, expand, get_grid, parse_sets, select
 from harmony.experiments.report import report
 from harmony.experiments.runner import run_grid, summarize
 
@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override added to every run's command (repeatable)")
     run.add_argument("--no-aggregate", action="store_true", help="do not write results.* and plots afterwards")
+    run.add_argument("--only", action="append", default=[], metavar="TEXT",
+                     help="run only the runs whose name contains TEXT (repeat: all of them); the others are left "
+                          "for a later call")
     agg = sub.add_parser("aggregate", help="results.csv, results.md and plots/ of an experiment folder")
     agg.add_argument("dir")
     agg.add_argument("--no-plots", action="store_true")
@@ -66,8 +69,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{len(res['groups'])} settings -> {res['csv']}, {res['md']}, {len(res['plots'])} plots"
                   + (f"; incomplete runs: {len(res['incomplete'])}" if res["incomplete"] else ""))
             return 0
-        results = run_grid(expand(get_grid(args.grid)), args.out, jobs=args.jobs, budget_min=args.budget_min,
-                           extra=parse_sets(args.set))
+        runs = select(expand(get_grid(args.grid)), args.only)
+        if not runs:
+            print(f"error: no run of {args.grid} matches --only {args.only}", file=sys.stderr)
+            return 2
+        results = run_grid(runs, args.out, jobs=args.jobs, budget_min=args.budget_min, extra=parse_sets(args.set))
         print(summarize(results))
         if not args.no_aggregate:
             res = aggregate(args.out)

@@ -116,6 +116,15 @@ BIAS40 = {**STUDY, "data.noise_kind": "bias"}
 _arms = Axis("method", presets={"measure": MEASURE, **{k: METHODS[k] for k in ("realign", "curriculum", "both")}})
 _memory = {"harmony.enabled": True, "harmony.realign": "none", "harmony.curriculum": "memory"}
 
+# 2000 steps of 64 (about 16 epochs of the default 8192 items), evaluated every 250 steps, 40% noise.
+LONG = {"train.steps": 2000, "train.batch_size": 64, "train.lr": 1e-3, "train.warmup_steps": 20,
+        "data.noise": 0.4, "data.noise_audio": 0.0, "data.noise_kind": "swap", "data.size": 8192,
+        "eval.every": 250, "eval.feature_cos": True}
+NOISE40 = {"swap-0.4": {"data.noise_kind": "swap", "data.noise": 0.4, "data.noise_audio": 0.0},
+           "bias-0.4": {"data.noise_kind": "bias", "data.noise": 0.4, "data.noise_audio": 0.0},
+           "unrelated-0.4": {"data.noise_kind": "unrelated", "data.noise": 0.4, "data.noise_audio": 0.0},
+           "audio-swap-0.4": {"data.noise_kind": "swap", "data.noise": 0.0, "data.noise_audio": 0.4}}
+
 GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("smoke", "tests: tiny model and data, 2 steps; 2 seeds x {baseline, pcgrad} x text noise {0, 0.4}",
           TINY, [Axis("method", presets={"baseline": METHODS["baseline"], "pcgrad": METHODS["realign"]}),
@@ -184,12 +193,35 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
           {**STUDY, "harmony.enabled": True, "harmony.realign": "none", "harmony.curriculum": "ratio",
            "harmony.rho0": 0.6, "harmony.ramp": 100.0},
           [Axis("data.noise_kind", ["swap", "bias"]), Axis("harmony.curriculum_score", ["cos", "loss"])]),
+    # ---- where the model learns (docs/RESULTS.md, "Where the model learns"): 2000 steps of 64, 40% swapped
+    # captions unless named; every run spells out its length and evaluation so default.yaml changes leave it alone
+    _grid("long_premise", "premise map: plain training for 2000 steps with the pooled-feature cosines of every "
+          "per-sample definition and the own-loss detector logged per window, 8192 items, 40% narrator-bias or "
+          "off-topic captions or swapped audio (swapped captions: long_headroom's plain 8192-item arm)",
+          {**LONG, **METHODS["baseline"]},
+          [Axis("noise", presets={k: NOISE40[k] for k in ("bias-0.4", "unrelated-0.4", "audio-swap-0.4")})]),
+    _grid("long_headroom", "headroom map: plain training against the oracle (misaligned captions or audio left "
+          "out of their loss) at 2000 steps, over the training-set size, 40% swapped captions",
+          {**LONG, **METHODS["baseline"]},
+          [Axis("data.size", [8192, 4096, 2048]),
+           Axis("arm", presets={"plain": {"data.oracle_drop": False}, "oracle": {"data.oracle_drop": True}})]),
+    _grid("long_headroom_kinds", "headroom map at 4096 items: plain vs oracle for 60% swapped captions, 40% "
+          "narrator bias and 40% swapped audio",
+          {**LONG, **METHODS["baseline"], "data.size": 4096},
+          [Axis("noise", presets={k: NOISE40[k] for k in ("bias-0.4", "audio-swap-0.4")} |
+                {"swap-0.6": {"data.noise_kind": "swap", "data.noise": 0.6, "data.noise_audio": 0.0}}),
+           Axis("arm", presets={"plain": {"data.oracle_drop": False}, "oracle": {"data.oracle_drop": True}})]),
     _grid("study_grid", "premise (a) on real clips: GRID (configs/grid.yaml, 450 training clips) with 30% of "
           "the training captions, or audio tracks, swapped between clips; measure-only, 300 steps of 32",
           {**MEASURE, "train.steps": 300, "eval.every": 0},
           [Axis("noise", presets={"captions-0.3": {"data.noise": 0.3}, "audio-0.3": {"data.noise_audio": 0.3}})],
           config="configs/grid.yaml"),
 ]}
+
+
+def select(runs: Sequence[Run], only: Sequence[str]) -> List[Run]:
+    """The runs whose name contains every text of ``only`` (all of them when it is empty)."""
+    return [r for r in runs if all(t in r.name for t in only)]
 
 
 def expand(grid: Grid) -> List[Run]:
