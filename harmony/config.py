@@ -71,9 +71,16 @@ class HarmonyConfig:
     apply_to: str = _f("all", "parameters the realignment coefficients scale (SPEC §3)",
                        choices=("all", "scope"))
     eps: float = _f(1e-12, "ε in c_i = d_i / (sqrt(n^a n^t) + ε)", lo=0.0)
-    curriculum_score: str = _f("cos", "what the curriculum ranks samples by: cos (the per-sample gradient cosine, "
-                               "SPEC §4) or loss (−(ℓ^va + λ·ℓ^vt): the small-loss detector, beyond SPEC; ratio "
-                               "schedule only)", choices=("cos", "loss"))
+    curriculum_score: str = _f("cos", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
+                               "gradient cosine), gvt (−‖g^vt‖·(1 − cos), magnitude-aware), loss (−(ℓ^va + λ·ℓ^vt): "
+                               "the small-loss detector), gmm (clean posterior of a two-Gaussian mixture fitted to "
+                               "recent ℓ^vt), combo (mean of the batch-standardized loss and gvt scores); gvt, loss "
+                               "and combo have no fixed scale: ratio schedule only (docs/METHOD.md)",
+                               choices=("cos", "gvt", "loss", "gmm", "combo"))
+    curriculum_target: str = _f("triplet", "what a curriculum weight scales: the whole triplet (both losses) or only "
+                                "the sample's video–text loss (vt), keeping its video–audio pair",
+                                choices=("triplet", "vt"))
+    gmm_window: int = _f(4096, "curriculum_score=gmm: how many recent per-sample ℓ^vt the mixture is fitted to", lo=8)
     curriculum_start: float = _f(0.1, "fraction of training before which no curriculum applies", lo=0.0, hi=1.0)
     ramp: float = _f(0.5, "fraction of training over which the curriculum admits all samples", lo=1e-9)
     kappa0: float = _f(0.0, "threshold/soft curriculum: cosine threshold at the start", lo=-1.0, hi=1.0)
@@ -82,6 +89,8 @@ class HarmonyConfig:
     temperature: float = _f(0.1, "soft curriculum: sigmoid temperature", lo=1e-9)
     min_keep: float = _f(0.25, "guard: never keep fewer than this fraction of valid samples", lo=0.0, hi=1.0)
     memory_decay: float = _f(0.9, "score memory: EMA decay of each item's cosine across epochs", lo=0.0, hi=1.0)
+    memory_until: float = _f(1.0, "score memory: fraction of training after which it stops updating (its scores "
+                             "are frozen from then on, e.g. before the noisy items are memorized)", lo=0.0, hi=1.0)
     memory_schedule: str = _f("ratio", "memory curriculum: which schedule is applied to the items' memory scores",
                               choices=("threshold", "ratio", "soft"))
     memory_use: str = _f("weights", "memory curriculum: item weights or a prioritized sampler",
@@ -103,12 +112,12 @@ class HarmonyConfig:
             raise ConfigError(f"harmony.upstream={self.upstream} with harmony.apply_to=scope is not supported: the "
                               "scope-only correction needs the path per-sample gradients, which only "
                               "upstream=path measures; use apply_to=all")
-        if self.curriculum_score == "loss":
+        if self.curriculum_score in ("loss", "gvt", "combo"):
             rule = self.memory_schedule if self.curriculum == "memory" else self.curriculum
-            if rule != "ratio":
-                raise ConfigError("harmony.curriculum_score=loss ranks samples by their losses, which have no "
-                                  "fixed scale for a threshold: use harmony.curriculum=ratio (or memory with "
-                                  f"harmony.memory_schedule=ratio), not {self.curriculum!r}"
+            if rule not in ("ratio", "none"):
+                raise ConfigError(f"harmony.curriculum_score={self.curriculum_score} ranks samples by a score "
+                                  "with no fixed scale for a threshold: use harmony.curriculum=ratio (or memory "
+                                  f"with harmony.memory_schedule=ratio), not {self.curriculum!r}"
                                   + (f" with memory_schedule={self.memory_schedule!r}"
                                      if self.curriculum == "memory" else ""))
         return self

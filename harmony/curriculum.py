@@ -163,6 +163,104 @@ def update_coefficients(alpha: Tensor, beta: Tensor, weights: Tensor, renormaliz
     return (w * alpha.double() / norm).float(), (w * beta.double() / norm).float()
 
 
+SCORES = ("cos", "loss", "gvt", "gmm", "combo")
+
+
+def _standardize(x: Tensor, valid: Tensor) -> Tensor:
+    """(x − mean) / std over the valid entries (std 1 when fewer than two or all equal). float64."""
+    x = x.double()
+    v = x[valid & torch.isfinite(x)]
+    if v.numel() < 2:
+        return x - (v.mean() if v.numel() else 0.0)
+    sd = v.std()
+    return (x - v.mean()) / torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
+def sample_scores(kind: str, cos: Tensor, dots: Tensor, l_va: Tensor, l_vt: Tensor, valid: Tensor, lam: float,
+                  gmm: Optional["LossMixture"] = None) -> Tensor:
+    """What the curriculum ranks or thresholds, higher = more trusted, [N] float32 (``harmony.curriculum_score``).
+
+    cos: the per-sample cosine c_i; gvt: −‖g^vt_i‖·(1 − c_i) from the measured dots (a large caption gradient
+    that does not agree with the audio one); loss: −(ℓ^va_i + λ·ℓ^vt_i) (the small-loss detector); gmm: the
+    posterior of the low-loss component of a two-component Gaussian mixture fitted to recent ℓ^vt (as the
+    noisy-correspondence literature splits clean from noisy pairs; needs ``gmm``); combo: the mean of the
+    batch-standardized loss and gvt scores. dots [N, 3]; l_va, l_vt [N] (0 where masked); valid [N] bool.
+    """
+    if kind == "cos":
+        return cos
+    gvt = -dots[:, 2].double().clamp(min=0).sqrt() * (1 - cos.double())
+    loss = -(l_va.double() + lam * l_vt.double())
+    if kind == "gvt":
+        out = gvt
+    elif kind == "loss":
+        out = loss
+    elif kind == "combo":
+        out = (_standardize(loss, valid) + _standardize(gvt, valid)) / 2
+    elif kind == "gmm":
+        if gmm is None:
+            raise ValueError("curriculum_score=gmm needs a LossMixture")
+        out = gmm.clean_posterior(l_vt)
+    else:
+        raise ConfigError(f"harmony.curriculum_score={kind!r} is not one of {list(SCORES)}")
+    return out.to(cos.dtype)
+
+
+class LossMixture:
+    """A two-component 1-D Gaussian mixture over the most recent ``window`` valid per-sample losses, refitted
+    by EM at every call (warm-started from the last fit); the posterior of the lower-mean component is the
+    probability that a sample is clean. The window is state (``state_dict``), so a resumed run refits the
+    same mixture."""
+
+    def __init__(self, window: int = 4096, iters: int = 10, min_var: float = 1e-4):
+        self.window, self.iters, self.min_var = int(window), int(iters), float(min_var)
+        self.values = torch.zeros(0, dtype=torch.float64)
+        self.params: Optional[Tensor] = None      # [3, 2]: weights, means, variances
+
+    def add(self, losses: Tensor, valid: Tensor) -> None:
+        v = losses.detach().cpu().double().reshape(-1)[valid.detach().cpu().bool().reshape(-1)]
+        v = v[torch.isfinite(v)]
+        self.values = torch.cat([self.values, v])[-self.window:]
+
+    def fit(self) -> Optional[Tensor]:
+        x = self.values
+        if x.numel() < 4 or float(x.max() - x.min()) <= 0:
+            self.params = None
+            return None
+        if self.params is None:
+            lo, hi = torch.quantile(x, 0.25), torch.quantile(x, 0.75)
+            var = x.var().clamp(min=self.min_var)
+            self.params = torch.stack([torch.tensor([0.5, 0.5], dtype=torch.float64), torch.stack([lo, hi]),
+                                       torch.stack([var, var])])
+        w, mu, var = self.params.clone()
+        for _ in range(self.iters):
+            logp = torch.log(w.clamp(min=1e-12)) - 0.5 * (torch.log(2 * math.pi * var)
+                                                          + (x[:, None] - mu) ** 2 / var)
+            r = torch.softmax(logp, dim=1)                                   # [n, 2] responsibilities
+            nk = r.sum(0).clamp(min=1e-9)
+            w = nk / nk.sum()
+            mu = (r * x[:, None]).sum(0) / nk
+            var = ((r * (x[:, None] - mu) ** 2).sum(0) / nk).clamp(min=self.min_var)
+        self.params = torch.stack([w, mu, var])
+        return self.params
+
+    def clean_posterior(self, losses: Tensor) -> Tensor:
+        """p(low-loss component | ℓ) for losses [N] with the current fit (0.5 everywhere without one)."""
+        x = losses.detach().cpu().double().reshape(-1)
+        if self.params is None:
+            return torch.full_like(x, 0.5).to(losses.device)
+        w, mu, var = self.params
+        logp = torch.log(w.clamp(min=1e-12)) - 0.5 * (torch.log(2 * math.pi * var) + (x[:, None] - mu) ** 2 / var)
+        post = torch.softmax(logp, dim=1)[:, int(torch.argmin(mu))]
+        return post.to(losses.device)
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.clone(), "params": None if self.params is None else self.params.clone()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.values = d["values"].double().clone()
+        self.params = None if d.get("params") is None else d["params"].double().clone()
+
+
 class ScoreMemory:
     """Per-item score: an EMA of each dataset item's cosine across its observations (epochs).
 

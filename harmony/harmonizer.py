@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_map
 
 from harmony import ghost, materialize
 from harmony.config import ConfigError, HarmonyConfig
-from harmony.curriculum import ScoreMemory, curriculum_weights, update_coefficients
+from harmony.curriculum import LossMixture, ScoreMemory, curriculum_weights, sample_scores, update_coefficients
 from harmony.grad_sample import Call, PerSampleError, find_sampler
 from harmony.nvtx import nvtx_range
 from harmony.realign import RealignState, realign
@@ -140,6 +140,7 @@ class GradientHarmonizer:
             raise ConfigError("harmony.mode=materialize is not supported under FSDP2 (fully_shard): its [B, P] buffers "
                               "would hold whole unsharded layers; use harmony.mode=ghost (or auto)")
         self.memory = ScoreMemory(self.cfg.memory_decay)
+        self.gmm = LossMixture(self.cfg.gmm_window) if self.cfg.curriculum_score == "gmm" else None
         self.realign_state = RealignState(self.cfg)
         self._modules: Dict[str, nn.Module] = {}
         self._direct: Dict[str, List[str]] = {}                 # module name -> its trainable direct params
@@ -473,11 +474,9 @@ class GradientHarmonizer:
             # W times that (DDP/FSDP2 average, the gathered losses sum), so the dots are W² too large
             dots = dots / float(self._world()) ** 2
         with nvtx_range("harmonize/coefficients"):
-            score = None
-            if cfg.curriculum_score == "loss":  # higher = more trusted, as the cosine
-                zero = torch.zeros((), dtype=l_va.dtype, device=dev)
-                score = -(torch.where(m_va, l_va.detach(), zero) + cfg.lam * torch.where(m_vt, l_vt.detach(), zero))
-            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, score)
+            zero = torch.zeros((), dtype=l_va.dtype, device=dev)
+            losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
+            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
         with nvtx_range("harmonize/update"):
             if self.bookkeeping:
                 self._update_bookkeeping(co, grads, B, bufs if mode == "materialize" else None)
@@ -572,24 +571,39 @@ class GradientHarmonizer:
             out[mname][j] = g
         return out
 
-    def _coefficients(self, dots, valid, step, total_steps, ids, score=None) -> dict:
+    def _coefficients(self, dots, valid, step, total_steps, ids, losses) -> dict:
         """Cosines → weights → realignment → (ca, cv), on the global batch under data parallelism.
-        ``score`` [B]: what the curriculum (and the score memory) ranks by instead of the cosine."""
+        ``losses`` [B, 2]: (ℓ^va, ℓ^vt), 0 where masked, for the curriculum scores other than the cosine."""
         cfg = self.cfg
         B = dots.shape[0]
         g_dots, off = self._gather(dots)
         g_valid = self._gather(valid.to(torch.uint8))[0].bool()
         g_ids = self._gather(ids.to(dots.device).long().reshape(-1))[0] if ids is not None else None
         ra = realign(g_dots, g_valid, cfg, self.realign_state)
-        g_score = ra.cos if score is None else self._gather(score.to(ra.cos.device, ra.cos.dtype))[0]
+        g_score = ra.cos
+        if cfg.curriculum_score != "cos":
+            g_loss = self._gather(losses.to(ra.cos.device, torch.float32))[0]
+            if self.gmm is not None:
+                self.gmm.add(g_loss[:, 1], g_valid)
+                self.gmm.fit()
+            g_score = sample_scores(cfg.curriculum_score, ra.cos, g_dots, g_loss[:, 0], g_loss[:, 1], g_valid,
+                                    cfg.lam, self.gmm)
         w = curriculum_weights(g_score, g_valid, step, total_steps, cfg, ids=g_ids, memory=self.memory)
-        ca, cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)
-        if g_ids is not None:
+        ones = torch.ones_like(w)
+        plain_a = torch.ones_like(ra.alpha)
+        if cfg.curriculum_target == "vt":          # the weights scale only the video–text loss of each sample
+            ca = update_coefficients(ra.alpha, ra.beta, ones, cfg.renormalize)[0]
+            cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)[1]
+            pa = update_coefficients(plain_a, torch.full_like(ra.beta, cfg.lam), ones, cfg.renormalize)[0]
+            pv = update_coefficients(plain_a, torch.full_like(ra.beta, cfg.lam), w, cfg.renormalize)[1]
+        else:
+            ca, cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)
+            pa, pv = update_coefficients(plain_a, torch.full_like(ra.beta, cfg.lam), w, cfg.renormalize)
+        if g_ids is not None and step < cfg.memory_until * total_steps:
             self.memory.update(g_ids, g_score, g_valid)
         sl = slice(off, off + B)
         n_valid = int(ra.valid[sl].sum())
         kept = float(((w[sl] > 0) & ra.valid[sl]).sum()) / n_valid if n_valid else 1.0
-        pa, pv = update_coefficients(torch.ones_like(ra.alpha), torch.full_like(ra.beta, cfg.lam), w, cfg.renormalize)
         return dict(cos=ra.cos[sl], alpha=ra.alpha[sl], beta=ra.beta[sl], conflict=ra.conflict[sl], valid=ra.valid[sl],
                     w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept)
 
@@ -683,8 +697,13 @@ class GradientHarmonizer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Score memory and realignment state (plain tensors and ints: safe for weights_only loading)."""
-        return {"memory": self.memory.state_dict(), "realign": self.realign_state.state_dict()}
+        d = {"memory": self.memory.state_dict(), "realign": self.realign_state.state_dict()}
+        if self.gmm is not None:
+            d["gmm"] = self.gmm.state_dict()
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         self.memory.load_state_dict(d["memory"])
         self.realign_state.load_state_dict(d["realign"])
+        if self.gmm is not None and "gmm" in d:
+            self.gmm.load_state_dict(d["gmm"])

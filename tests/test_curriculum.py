@@ -377,3 +377,27 @@ def test_cuda_matches_cpu(rule):
         assert b.is_cuda and torch.allclose(a, b.cpu(), rtol=1e-6, atol=0)
     ca, cv = update_coefficients(cos.cuda(), cos.cuda(), b, True)
     assert ca.is_cuda and cv.is_cuda
+
+
+def test_loss_mixture_recovers_two_components_and_orders_the_posterior():
+    """EM on 4000 draws of 0.3·N(1, 0.2²) + 0.7·N(4, 0.5²): weights, means and variances within a few standard
+    errors of the truth, the posterior of the low component falls with the loss, and the state round-trips."""
+    from harmony.curriculum import LossMixture
+
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    low = torch.rand(n, generator=g) < 0.3
+    x = torch.where(low, 1 + 0.2 * torch.randn(n, generator=g), 4 + 0.5 * torch.randn(n, generator=g))
+    gm = LossMixture(window=n, iters=50)
+    gm.add(x, torch.ones(n, dtype=torch.bool))
+    w, mu, var = gm.fit()
+    i = int(torch.argmin(mu))
+    print("weights", w.tolist(), "means", mu.tolist(), "sd", var.sqrt().tolist())
+    assert abs(float(w[i]) - 0.3) < 0.03 and abs(float(mu[i]) - 1) < 0.03 and abs(float(mu[1 - i]) - 4) < 0.05
+    assert abs(float(var[i].sqrt()) - 0.2) < 0.02 and abs(float(var[1 - i].sqrt()) - 0.5) < 0.03
+    post = gm.clean_posterior(torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert post[0] > 0.99 and post[-1] < 0.01 and (post[:-1] >= post[1:]).all()
+    again = LossMixture(window=n)
+    again.load_state_dict(gm.state_dict())
+    assert torch.equal(again.clean_posterior(x[:10]), gm.clean_posterior(x[:10]))
+    assert torch.equal(LossMixture().clean_posterior(x[:3]), torch.full((3,), 0.5, dtype=torch.float64))

@@ -444,3 +444,73 @@ def test_loss_ranked_curriculum_keeps_the_lowest_losses():
     for bad in (dict(curriculum="threshold"), dict(curriculum="memory", memory_schedule="soft")):
         with pytest.raises(ConfigError, match="curriculum_score=loss"):
             HarmonyConfig(curriculum_score="loss", **bad).validate()
+
+
+@pytest.mark.parametrize("score", ["gvt", "combo", "gmm"])
+def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
+    """curriculum_score gvt / combo / gmm with curriculum_target=vt: the kept set follows the score computed
+    in float64 from the brute-force dots and the losses, the weights scale only each sample's video–text
+    coefficient, and .grad = Σ_i α_i g^va_i + w_i β_i g^vt_i / norm on the brute-force gradients."""
+    B, lam = 7, 0.5
+    g_va, g_vt = reference(B)
+    extra = dict(curriculum="threshold", kappa0=0.5, kappa1=0.5, gmm_window=64) if score == "gmm" else \
+        dict(curriculum="ratio", rho0=0.5)
+    cfg = HarmonyConfig(realign="none", curriculum_score=score, curriculum_target="vt", lam=lam, mode="ghost",
+                        curriculum_start=0.0, ramp=1.0, min_keep=0.0, **extra).validate()
+    model = fresh_model()
+    h = GradientHarmonizer(model, cfg)
+    x = toy_batch(B, seed=SEED + B)
+    m_va, m_vt = MASKS[B]
+    z_v, z_a, z_vt, z_t = model(*x)
+    l_va, l_vt = nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt)
+    st = h.backward(l_va, l_vt, va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt,
+                    step=0, total_steps=10, ids=torch.arange(B))
+    valid = m_va & m_vt
+    names = h.scope_names()
+    d, na, nt = dots_of(flat(g_va, names), flat(g_vt, names)).unbind(1)
+    cos = d / (na * nt).sqrt()
+    lva = torch.where(m_va, l_va, 0.0).detach().double()
+    lvt = torch.where(m_vt, l_vt, 0.0).detach().double()
+    gvt = -nt.sqrt() * (1 - cos)
+    if score == "gmm":
+        vals = lvt[valid]
+        assert h.gmm.values.numel() == vals.numel()
+        w_, mu, var = h.gmm.params
+        dens = w_ * torch.exp(-(vals[:, None] - mu) ** 2 / (2 * var)) / torch.sqrt(2 * math.pi * var)
+        post = dens[:, int(torch.argmin(mu))] / dens.sum(1)
+        want = torch.ones(B)
+        want[valid] = (post >= 0.5).float()
+    else:
+        if score == "gvt":
+            s = gvt
+        else:
+            z = lambda t: (t - t[valid].mean()) / t[valid].std()  # noqa: E731
+            s = (z(-(lva + lam * lvt)) + z(gvt)) / 2
+        k = math.ceil(0.5 * int(valid.sum()))
+        kept = {i for _, i in sorted(((-float(s[i]), i) for i in range(B) if valid[i]))[:k]}
+        want = torch.tensor([1.0 if (not valid[i] or i in kept) else 0.0 for i in range(B)])
+    print(score, "weights", st.weights.tolist(), "want", want.tolist())
+    assert torch.equal(st.weights.cpu(), want.float())
+    norm = want.double().sum() / B
+    torch.testing.assert_close(st.coef_va.double(), torch.ones(B, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.coef_vt.double(), lam * want.double() / norm, rtol=1e-6, atol=0)
+    check_grads(model, expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt), TOL["grad_fp32_coef"])
+    if score != "gmm":
+        assert (want == 0).any()
+    for bad in (dict(curriculum="threshold"), dict(curriculum="soft")):
+        if score != "gmm":
+            with pytest.raises(ConfigError, match=f"curriculum_score={score}"):
+                HarmonyConfig(curriculum_score=score, **bad).validate()
+
+
+def test_memory_stops_updating_after_memory_until():
+    cfg = HarmonyConfig(realign="none", curriculum="none", memory_until=0.5)
+    model = fresh_model()
+    h = GradientHarmonizer(model, cfg)
+    x = toy_batch(3, seed=SEED + 3)
+    m = torch.ones(3, dtype=torch.bool)
+    for step in (4, 5, 6):
+        z_v, z_a, z_vt, z_t = model(*x)
+        h.backward(nce(z_v, z_a), mil_nce(z_vt, z_t), va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m,
+                   mask_vt=m, step=step, total_steps=10, ids=torch.arange(3))
+    assert h.memory.count[:3].tolist() == [1, 1, 1]     # only step 4 (< 0.5·10) was folded in
