@@ -77,6 +77,9 @@ class HarmonyConfig:
                                "recent ℓ^vt), combo (mean of the batch-standardized loss and gvt scores); gvt, loss "
                                "and combo have no fixed scale: ratio schedule only (docs/METHOD.md)",
                                choices=("cos", "gvt", "loss", "gmm", "combo"))
+    measure: bool = _f(True, "measure the per-sample gradients; false (realign=none with a loss-based curriculum "
+                       "score, loss or gmm, only) skips them: the step costs about a plain one and no cosine is "
+                       "reported")
     curriculum_target: str = _f("triplet", "what a curriculum weight scales: the whole triplet (both losses) or only "
                                 "the sample's video–text loss (vt), keeping its video–audio pair",
                                 choices=("triplet", "vt"))
@@ -112,6 +115,11 @@ class HarmonyConfig:
             raise ConfigError(f"harmony.upstream={self.upstream} with harmony.apply_to=scope is not supported: the "
                               "scope-only correction needs the path per-sample gradients, which only "
                               "upstream=path measures; use apply_to=all")
+        if not self.measure and not (self.realign == "none" and self.curriculum_score in ("loss", "gmm")
+                                     and self.apply_to == "all"):
+            raise ConfigError("harmony.measure=false leaves nothing to decide by: it needs harmony.realign=none and "
+                              f"harmony.curriculum_score=loss or gmm, with apply_to=all (got realign={self.realign}, "
+                              f"curriculum_score={self.curriculum_score}, apply_to={self.apply_to})")
         if self.curriculum_score in ("loss", "gvt", "combo"):
             rule = self.memory_schedule if self.curriculum == "memory" else self.curriculum
             if rule not in ("ratio", "none"):

@@ -185,7 +185,8 @@ class GradientHarmonizer:
 
     def _hook(self, mname: str):
         def record(module, args, kwargs, output):
-            if not (self.recording and not self._in_backward and module.training and torch.is_grad_enabled()):
+            if not (self.recording and self.cfg.measure and not self._in_backward and module.training
+                    and torch.is_grad_enabled()):
                 return
             if self._recorded is not None and mname not in self._recorded:
                 return
@@ -450,6 +451,9 @@ class GradientHarmonizer:
         if not cfg.enabled:
             (L_va + cfg.lam * L_vt).backward()
             return self._plain_stats(B, dev, mean_va, mean_vt, m_va & m_vt)
+        if not cfg.measure:
+            return self._unmeasured(l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps, ids,
+                                    mean_va, mean_vt)
         with nvtx_range("harmonize/measure"):
             u_va = self._upstream(L_va, va_inputs)
             u_vt = self._upstream(L_vt, vt_inputs)
@@ -488,6 +492,23 @@ class GradientHarmonizer:
         return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
                             coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
                             loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode)
+
+    def _unmeasured(self, l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps, ids,
+                    mean_va, mean_vt) -> HarmonyStats:
+        """harmony.measure=false: curriculum weights from the losses alone (no per-sample gradient is measured;
+        the dots and cosines are NaN), then one weighted backward of the path gradients."""
+        B, dev = l_va.shape[0], l_va.device
+        with nvtx_range("harmonize/coefficients"):
+            u_va, u_vt = self._upstream(L_va, va_inputs), self._upstream(L_vt, vt_inputs)
+            zero = torch.zeros((), dtype=l_va.dtype, device=dev)
+            losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
+            dots = torch.full((B, 3), float("nan"), dtype=torch.float32, device=dev)
+            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
+        with nvtx_range("harmonize/update"):
+            ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["ca"], co["cv"])
+        return HarmonyStats(dots=dots, cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
+                            coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
+                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode="unmeasured")
 
     def _losses(self, l_va, l_vt, m_va, m_vt):
         """(L_va, L_vt) to differentiate and the global masked means (detached) for the stats.

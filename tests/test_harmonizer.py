@@ -514,3 +514,38 @@ def test_memory_stops_updating_after_memory_until():
         h.backward(nce(z_v, z_a), mil_nce(z_vt, z_t), va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m,
                    mask_vt=m, step=step, total_steps=10, ids=torch.arange(3))
     assert h.memory.count[:3].tolist() == [1, 1, 1]     # only step 4 (< 0.5·10) was folded in
+
+
+@pytest.mark.parametrize("score", ["loss", "gmm"])
+def test_unmeasured_loss_curriculum_equals_the_measured_one(score):
+    """harmony.measure=false: the same weights and .grad as the measured run with the same loss-based score
+    (which never reads the dots), no activation kept, NaN cosines; anything that needs the dots is refused."""
+    B = 7
+    extra = dict(curriculum="ratio", rho0=0.5) if score == "loss" else dict(curriculum="threshold", kappa0=0.5,
+                                                                            kappa1=0.5)
+    runs = []
+    for measure in (True, False):
+        cfg = HarmonyConfig(realign="none", curriculum_score=score, measure=measure, curriculum_start=0.0, ramp=1.0,
+                            min_keep=0.0, curriculum_target="vt", **extra).validate()
+        model = fresh_model()
+        h = GradientHarmonizer(model, cfg)
+        x = toy_batch(B, seed=SEED + B)
+        m_va, m_vt = MASKS[B]
+        z_v, z_a, z_vt, z_t = model(*x)
+        if not measure:
+            assert not h._records
+        st = h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),
+                        vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt, step=0, total_steps=10,
+                        ids=torch.arange(B))
+        runs.append((model, st))
+    (m1, s1), (m2, s2) = runs
+    assert s2.mode == "unmeasured" and torch.isnan(s2.cos[s2.valid]).all()
+    assert torch.equal(s1.weights, s2.weights) and torch.equal(s1.coef_vt, s2.coef_vt)
+    got = torch.cat([p.grad.flatten() for p in m2.parameters()])
+    ref = torch.cat([p.grad.flatten() for p in m1.parameters()])
+    check("grad", got, ref, TOL["grad_fp32_coef"])
+    for bad in (dict(realign="pcgrad", curriculum_score="loss", curriculum="ratio"),
+                dict(realign="none", curriculum_score="cos"), dict(realign="none", curriculum_score="gvt",
+                                                                   curriculum="ratio")):
+        with pytest.raises(ConfigError, match="measure=false"):
+            HarmonyConfig(measure=False, **bad).validate()
