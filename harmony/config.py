@@ -54,8 +54,10 @@ class HarmonyConfig:
                       choices=("none", "pcgrad", "project_va", "project_vt", "gradvac"))
     curriculum: str = _f("none", "per-sample weighting schedule (SPEC §4)",
                          choices=("none", "threshold", "ratio", "soft", "memory"))
-    mode: str = _f("auto", "how per-sample dots are computed (SPEC §5); auto picks by memory_budget_mb",
-                   choices=("auto", "ghost", "materialize"))
+    mode: str = _f("auto", "how per-sample dots are computed: exact over the scope's parameters (ghost, "
+                   "materialize; auto picks between them by memory_budget_mb) or the cheaper tiers: feature (at "
+                   "the shared representation the model returns, e.g. VATT's pooled video feature)",
+                   choices=("auto", "ghost", "materialize", "feature"))
     upstream: str = _f("path", "which gradient is sample i's MEASURED gradient (cosine, norms, memory, curriculum "
                        "score): path (∂L_k/∂z_i, incl. i's role as a negative in other rows), own_row (i's own loss "
                        "row through its own embeddings) or own_pair (its positive-pair logits only); the update is "
@@ -120,6 +122,9 @@ class HarmonyConfig:
             raise ConfigError("harmony.measure=false leaves nothing to decide by: it needs harmony.realign=none and "
                               f"harmony.curriculum_score=loss or gmm, with apply_to=all (got realign={self.realign}, "
                               f"curriculum_score={self.curriculum_score}, apply_to={self.apply_to})")
+        if self.mode == "feature" and self.apply_to != "all":
+            raise ConfigError("harmony.mode=feature measures at a representation, not over a parameter scope: "
+                              "harmony.apply_to=scope has no scope to restrict to; use apply_to=all")
         if self.curriculum_score in ("loss", "gvt", "combo"):
             rule = self.memory_schedule if self.curriculum == "memory" else self.curriculum
             if rule not in ("ratio", "none"):

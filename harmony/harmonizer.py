@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from harmony import feature as feature_mode
 from harmony import ghost, materialize
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.curriculum import LossMixture, ScoreMemory, curriculum_weights, sample_scores, update_coefficients
@@ -57,7 +58,7 @@ class HarmonyStats:
     dots [B, 3] (⟨g^va, g^vt⟩, ‖g^va‖², ‖g^vt‖²) over the scope; cos, weights, alpha, beta [B];
     coef_va, coef_vt [B]: the update's per-sample coefficients ca = w·α/norm, cv = w·β/norm;
     valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
-    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize" or "plain".
+    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "feature" or "plain".
     """
 
     dots: torch.Tensor
@@ -163,7 +164,11 @@ class GradientHarmonizer:
         self._recorded: Optional[set] = None                    # module names the hooks keep; None: all
         self.mode: Optional[str] = None
         self._plan: Optional[materialize.BufferPlan] = None
-        self._resolve_static_scope()
+        if self.cfg.mode == "feature":      # measured at a representation: no hooks, no parameter scope
+            self._checked = True
+            self.scope = set()
+        else:
+            self._resolve_static_scope()
 
     # ------------------------------------------------------------------ hooks and scope
     def _index_modules(self) -> None:
@@ -181,7 +186,8 @@ class GradientHarmonizer:
                 q = first.setdefault(id(p), f"{mname}.{n}" if mname else n)
                 self._canonical[(mname, n)] = q
                 self._owner.setdefault(q, (mname, n))
-            self._hooks.append(m.register_forward_hook(self._hook(mname), with_kwargs=True))
+            if self.cfg.mode != "feature":
+                self._hooks.append(m.register_forward_hook(self._hook(mname), with_kwargs=True))
 
     def _hook(self, mname: str):
         def record(module, args, kwargs, output):
@@ -390,7 +396,7 @@ class GradientHarmonizer:
     def backward(self, l_va: torch.Tensor, l_vt: torch.Tensor, va_inputs: Sequence[torch.Tensor],
                  vt_inputs: Sequence[torch.Tensor], mask_va: Optional[torch.Tensor] = None,
                  mask_vt: Optional[torch.Tensor] = None, step: int = 0, total_steps: int = 1,
-                 ids: Optional[torch.Tensor] = None,
+                 ids: Optional[torch.Tensor] = None, feature: Optional[torch.Tensor] = None,
                  measure_losses: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> HarmonyStats:
         """Fill (accumulate into) the .grad of every trainable parameter with the harmonized update G.
 
@@ -399,7 +405,8 @@ class GradientHarmonizer:
         dataset indices (score memory). measure_losses: (l̃_va, l̃_vt) [B] computed from the same inputs with
         ``definition=harmony.upstream`` (harmony.losses), required when ``harmony.upstream`` is not ``path``:
         their gradients define the MEASURED per-sample gradients, while the update stays built from the path
-        gradients of (l_va, l_vt). Returns the step's HarmonyStats.
+        gradients of (l_va, l_vt). feature [B, ...]: mode=feature only, the shared representation both losses
+        read (VATT: the pooled video feature ``feat_v``). Returns the step's HarmonyStats.
         """
         if (measure_losses is None) != (self.cfg.upstream == "path"):
             raise ValueError(f"harmony.upstream={self.cfg.upstream}: pass measure_losses=(l_va, l_vt) computed with "
@@ -412,7 +419,7 @@ class GradientHarmonizer:
         try:
             with self._fsdp_unsharded():
                 stats = self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step,
-                                       total_steps, ids, measure_losses)
+                                       total_steps, ids, measure_losses, feature)
             for q, g in self._late:      # FSDP2: gradients formed here go to the sharded parameters, once resharded
                 self._add_grad(self._param_of(q), g)
             return stats
@@ -438,7 +445,8 @@ class GradientHarmonizer:
                 if b:
                     m.reshard()
 
-    def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids, measure_losses):
+    def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids, measure_losses,
+                  feature=None):
         cfg = self.cfg
         B = l_va.shape[0]
         dev = l_va.device
@@ -451,9 +459,9 @@ class GradientHarmonizer:
         if not cfg.enabled:
             (L_va + cfg.lam * L_vt).backward()
             return self._plain_stats(B, dev, mean_va, mean_vt, m_va & m_vt)
-        if not cfg.measure:
-            return self._unmeasured(l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps, ids,
-                                    mean_va, mean_vt)
+        if not cfg.measure or cfg.mode == "feature":
+            return self._backward_light(l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps,
+                                        ids, mean_va, mean_vt, measure_losses, feature)
         with nvtx_range("harmonize/measure"):
             u_va = self._upstream(L_va, va_inputs)
             u_vt = self._upstream(L_vt, vt_inputs)
@@ -489,26 +497,44 @@ class GradientHarmonizer:
             else:
                 self._update_ghost(co, va_inputs, u_va, vt_inputs, u_vt, grads, B,
                                    bufs if mode == "materialize" else None)
-        return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
-                            coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
-                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode)
+        return self._stats(dots, co, mean_va, mean_vt, mode)
 
-    def _unmeasured(self, l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps, ids,
-                    mean_va, mean_vt) -> HarmonyStats:
-        """harmony.measure=false: curriculum weights from the losses alone (no per-sample gradient is measured;
-        the dots and cosines are NaN), then one weighted backward of the path gradients."""
+    def _backward_light(self, l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps, ids,
+                        mean_va, mean_vt, measure_losses, feature) -> HarmonyStats:
+        """The tiers without per-layer measurement, each updated by one weighted ordinary backward of the path
+        gradients: mode=feature (dots at the shared representation ``feature``, from the measured losses'
+        upstream gradients there; harmony.feature) and measure=false (no dots: the curriculum ranks by the losses;
+        the dots and cosines are NaN)."""
         B, dev = l_va.shape[0], l_va.device
-        with nvtx_range("harmonize/coefficients"):
+        with nvtx_range("harmonize/measure"):
             u_va, u_vt = self._upstream(L_va, va_inputs), self._upstream(L_vt, vt_inputs)
+            if self.cfg.measure:
+                if feature is None:
+                    raise ValueError("harmony.mode=feature needs backward(..., feature=f): the shared representation "
+                                     "[B, ...] both losses read (VATT: the model output's feat_v)")
+                mu_va, mu_vt = u_va, u_vt
+                if measure_losses is not None:
+                    Lm_va, Lm_vt, _, _ = self._losses(measure_losses[0], measure_losses[1], m_va, m_vt)
+                    mu_va, mu_vt = self._upstream(Lm_va, va_inputs), self._upstream(Lm_vt, vt_inputs)
+                grads = feature_mode.feature_grads(va_inputs, mu_va, vt_inputs, mu_vt, feature)
+        with nvtx_range("harmonize/dots"):
+            if self.cfg.measure:
+                dots = feature_mode.feature_dots(grads, B).to(dev) / float(self._world()) ** 2
+            else:
+                dots = torch.full((B, 3), float("nan"), dtype=torch.float32, device=dev)
+        with nvtx_range("harmonize/coefficients"):
             zero = torch.zeros((), dtype=l_va.dtype, device=dev)
             losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
-            dots = torch.full((B, 3), float("nan"), dtype=torch.float32, device=dev)
             co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
         with nvtx_range("harmonize/update"):
             ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["ca"], co["cv"])
-        return HarmonyStats(dots=dots, cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
+        return self._stats(dots, co, mean_va, mean_vt, "feature" if self.cfg.measure else "unmeasured")
+
+    @staticmethod
+    def _stats(dots, co, mean_va, mean_vt, mode: str) -> HarmonyStats:
+        return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
                             coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
-                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode="unmeasured")
+                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode)
 
     def _losses(self, l_va, l_vt, m_va, m_vt):
         """(L_va, L_vt) to differentiate and the global masked means (detached) for the stats.

@@ -423,7 +423,8 @@ class Trainer:
         return self.harmonizer.backward(l_va, l_vt, va_inputs=va_inputs, vt_inputs=vt_inputs,
                                         mask_va=batch["mask_va"], mask_vt=batch["mask_vt"], step=self.step,
                                         total_steps=self.cfg.train.steps, ids=batch["index"],
-                                        measure_losses=None if up == "path" else self.losses_under(up))
+                                        measure_losses=None if up == "path" else self.losses_under(up),
+                                        **({"feature": self._feat_v} if self.cfg.harmony.mode == "feature" else {}))
 
     def optimizer_step(self, loss: torch.Tensor) -> Dict[str, float]:
         """Average accumulated gradients, clip, skip on any rank's non-finite value, step AdamW and the schedule."""

@@ -49,6 +49,23 @@ def path_grads(model: nn.Module, inputs: Sequence[torch.Tensor], losses: Callabl
     return {k: fix(g, k) for k, g in zip(keys, g_va)}, {k: fix(g, k) for k, g in zip(keys, g_vt)}
 
 
+def feature_path_grads(model: "ToyVATT", inputs: Sequence[torch.Tensor], losses: Callable):
+    """Per-sample gradients at the pooled video feature, by a per-sample loop: sample i's feature f_i is a leaf
+    of its own, computed from sample i alone, and read only by sample i's heads; the coupled losses run on the
+    stacked outputs. Returns (g_va, g_vt) [B, d] with g^k_i = ∂L_k/∂f_i."""
+    video, audio, text = inputs
+    with torch.no_grad():
+        _, z_a, _, z_t = model(video, audio, text)            # the audio / text side does not read the feature
+    leaves = [model.video_feature(video[i:i + 1]).detach().requires_grad_(True) for i in range(video.shape[0])]
+    z_v = [model.v_head(f) for f in leaves]
+    z_vt = [model.vt_head(z) for z in z_v]
+    L_va, L_vt = losses((torch.cat(z_v), z_a, torch.cat(z_vt), z_t))
+    g_va = torch.autograd.grad(L_va, leaves, retain_graph=True, allow_unused=True)
+    g_vt = torch.autograd.grad(L_vt, leaves, allow_unused=True)
+    fix = lambda gs: torch.cat([torch.zeros_like(f) if g is None else g for g, f in zip(gs, leaves)])  # noqa: E731
+    return fix(g_va), fix(g_vt)
+
+
 def flat(grads: Dict[str, torch.Tensor], names) -> torch.Tensor:
     """[B, P] concatenation of the per-sample gradients of ``names``."""
     return torch.cat([grads[n].flatten(1) for n in sorted(names)], 1)
@@ -126,12 +143,16 @@ class ToyVATT(nn.Module):
     def encode(self, tokens):                                             # [N, T, d] -> pooled AGG [N, d]
         return self.norm(self.block(tokens))[:, 0]
 
+    def video_feature(self, video):                                       # [B, 3, 4, 6, 6] -> pooled [B, d]
+        return self.encode(self.v_agg(self.v_pos(self.v_tok(video).flatten(2).transpose(1, 2))))
+
     def forward(self, video, audio, text):
-        v = self.v_agg(self.v_pos(self.v_tok(video).flatten(2).transpose(1, 2)))
+        """-> (z_v, z_a, z_vt, z_t); the pooled video feature both losses read is kept as ``self.feat_v``."""
         a = self.a_agg(self.a_pos(self.a_tok(audio).flatten(2).transpose(1, 2)))
         B, L, N = text.shape
         t = self.t_agg(self.t_pos(self.t_emb(text.reshape(B * L, N))))
-        z_v = self.v_head(self.encode(v))
+        self.feat_v = self.video_feature(video)
+        z_v = self.v_head(self.feat_v)
         z_a = self.a_head(self.encode(a))
         z_t = self.t_head(self.encode(t)).reshape(B, L, -1)
         return z_v, z_a, self.vt_head(z_v), z_t

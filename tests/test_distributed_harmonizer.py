@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from brute_force import ToyVATT, toy_batch
 from harmony import GradientHarmonizer, HarmonyConfig
+from harmony.harmonizer import unwrap
 from harmony.losses import mil_nce, nce
 
 WORLD, B_LOCAL = 2, 4
@@ -33,6 +34,10 @@ CONFIGS = {
     "fsdp2_ghost_pcgrad": ("fsdp2", dict(realign="pcgrad", curriculum="threshold", curriculum_start=0.0,
                                          kappa0=0.2, mode="ghost", scope="shared")),
     "fsdp2_ghost_apply_to_scope": ("fsdp2", dict(realign="pcgrad", apply_to="scope", mode="ghost", scope="all")),
+    "ddp_feature_pcgrad_ratio": ("ddp", dict(realign="pcgrad", curriculum="ratio", curriculum_start=0.0, rho0=0.5,
+                                             mode="feature")),
+    "fsdp2_feature_pcgrad": ("fsdp2", dict(realign="pcgrad", curriculum="threshold", curriculum_start=0.0,
+                                           kappa0=0.2, mode="feature")),
 }
 SEED = 1
 
@@ -56,9 +61,10 @@ def _batch():
 def _step(model, h, x, rows):
     video, audio, text, m_va, m_vt = (t[rows] for t in x)
     z_v, z_a, z_vt, z_t = model(video, audio, text)
+    feature = unwrap(model).feat_v if h.cfg.mode == "feature" else None
     return h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),
                       vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt, step=0, total_steps=10,
-                      ids=torch.arange(rows.start, rows.stop))
+                      ids=torch.arange(rows.start, rows.stop), feature=feature)
 
 
 def _grads(model):

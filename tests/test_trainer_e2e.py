@@ -49,6 +49,14 @@ def test_synthetic_run_end_to_end(tmp_path):
     _check_outputs(run, 3, synthetic=True)
 
 
+def test_feature_mode_run_end_to_end(tmp_path):
+    """harmony.mode=feature: the trainer hands the pooled video feature to the harmonizer."""
+    run = tmp_path / "feature"
+    main([f"--log.run_dir={run}", "--train.steps=2", "--harmony.mode=feature", "--harmony.curriculum=threshold",
+          "--harmony.curriculum_start=0", *SMALL])
+    _check_outputs(run, 2, synthetic=True)
+
+
 def test_grid_run_end_to_end(tmp_path):
     manifest = grid_dir() / "manifest.jsonl"
     if not manifest.is_file():
