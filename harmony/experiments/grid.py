@@ -125,6 +125,27 @@ NOISE40 = {"swap-0.4": {"data.noise_kind": "swap", "data.noise": 0.4, "data.nois
            "unrelated-0.4": {"data.noise_kind": "unrelated", "data.noise": 0.4, "data.noise_audio": 0.0},
            "audio-swap-0.4": {"data.noise_kind": "swap", "data.noise": 0.0, "data.noise_audio": 0.4}}
 
+# The outcome arms: started after the signal emerges (25% of training), a constant kept fraction of 60% (the
+# ratio schedule with an endless ramp), the cheap tiers: loss-ranked arms skip the measurement, cosine-ranked
+# ones measure at the pooled feature under the own_pair definition.
+_LATE = {"harmony.enabled": True, "harmony.curriculum_start": 0.25}
+_RATIO60 = {**_LATE, "harmony.curriculum": "ratio", "harmony.rho0": 0.6, "harmony.ramp": 100.0, "harmony.min_keep": 0.0}
+_FEATURE = {"harmony.mode": "feature", "harmony.upstream": "own_pair"}
+OUTCOME_ARMS = {
+    "loss-vt": {**_RATIO60, "harmony.realign": "none", "harmony.measure": False, "harmony.curriculum_score": "loss",
+                "harmony.curriculum_target": "vt"},
+    "gvt-vt": {**_RATIO60, **_FEATURE, "harmony.realign": "none", "harmony.curriculum_score": "gvt",
+               "harmony.curriculum_target": "vt"},
+    "gmm-vt": {**_LATE, "harmony.realign": "none", "harmony.measure": False, "harmony.curriculum": "threshold",
+               "harmony.kappa0": 0.5, "harmony.kappa1": 0.5, "harmony.min_keep": 0.0,
+               "harmony.curriculum_score": "gmm", "harmony.curriculum_target": "vt"},
+    "pcgrad": {**_FEATURE, "harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "none"},
+    "cos-vt": {**_RATIO60, **_FEATURE, "harmony.realign": "none", "harmony.curriculum_score": "cos",
+               "harmony.curriculum_target": "vt"},
+    "loss-triplet": {**_RATIO60, "harmony.realign": "none", "harmony.measure": False,
+                     "harmony.curriculum_score": "loss", "harmony.curriculum_target": "triplet"},
+}
+
 GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("smoke", "tests: tiny model and data, 2 steps; 2 seeds x {baseline, pcgrad} x text noise {0, 0.4}",
           TINY, [Axis("method", presets={"baseline": METHODS["baseline"], "pcgrad": METHODS["realign"]}),
@@ -199,7 +220,7 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
           "per-sample definition and the own-loss detector logged per window, 8192 items, 40% narrator-bias or "
           "off-topic captions or swapped audio (swapped captions: long_headroom's plain 8192-item arm)",
           {**LONG, **METHODS["baseline"]},
-          [Axis("noise", presets={k: NOISE40[k] for k in ("bias-0.4", "unrelated-0.4", "audio-swap-0.4")})]),
+          [Axis("noise", presets={k: NOISE40[k] for k in ("audio-swap-0.4", "bias-0.4", "unrelated-0.4")})]),
     _grid("long_headroom", "headroom map: plain training against the oracle (misaligned captions or audio left "
           "out of their loss) at 2000 steps, over the training-set size, 40% swapped captions",
           {**LONG, **METHODS["baseline"]},
@@ -211,6 +232,11 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
           [Axis("noise", presets={k: NOISE40[k] for k in ("bias-0.4", "audio-swap-0.4")} |
                 {"swap-0.6": {"data.noise_kind": "swap", "data.noise": 0.6, "data.noise_audio": 0.0}}),
            Axis("arm", presets={"plain": {"data.oracle_drop": False}, "oracle": {"data.oracle_drop": True}})]),
+    _grid("long_outcome", "outcome where the signal and the headroom exist: 4096 items, 40% swapped captions, 2000 "
+          "steps; curricula from 25% of training (step 500) that keep 60% of each batch (ratio) or the GMM's "
+          "likely-clean samples, dropping only the caption loss (vt) or the whole triplet; PCGrad; measured at the "
+          "pooled feature under the own_pair definition (about a plain step's cost); controls: long_headroom",
+          {**LONG, "data.size": 4096}, [Axis("arm", presets=OUTCOME_ARMS)]),
     _grid("study_grid", "premise (a) on real clips: GRID (configs/grid.yaml, 450 training clips) with 30% of "
           "the training captions, or audio tracks, swapped between clips; measure-only, 300 steps of 32",
           {**MEASURE, "train.steps": 300, "eval.every": 0},
