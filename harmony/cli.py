@@ -188,13 +188,68 @@ def parse_args(argv: Optional[Sequence[str]] = None,
         else:  # an installed package without the repository's configs/: the built-in defaults
             warnings.warn(f"no --config and no {default_config}; using the built-in defaults", stacklevel=2)
     cfg = Config()
+    user_set: Dict[str, str] = {}  # section.key -> where the user set it (a config file's path, or "" for the CLI)
     for path in configs:
-        apply_mapping(cfg, load_yaml(path), origin=path)
+        mapping = load_yaml(path)
+        apply_mapping(cfg, mapping, origin=path)
+        if not _is_benchmark_config(path):
+            user_set.update({k: path for k in _mapping_keys(mapping)})
     for dotted, value in overrides:
         set_value(cfg, dotted, value)
+        user_set[dotted] = ""
+    _real_data_defaults(cfg, user_set)
+    _resolve_data_paths(cfg, user_set)
     cfg.validate()
     name = Path(configs[-1]).stem if configs else "default"
     return cfg, name
+
+
+# Injected misalignment belongs to the synthetic benchmark (configs/default.yaml sets it for that kind).
+_NOISE_KEYS = ("data.noise", "data.noise_audio")
+
+
+def _is_benchmark_config(path: str) -> bool:
+    """True for the repository's configs/default.yaml (the synthetic benchmark), read implicitly or named."""
+    try:
+        return Path(path).resolve() == DEFAULT_CONFIG.resolve()
+    except OSError:
+        return False
+
+
+def _mapping_keys(mapping: Any) -> List[str]:
+    if not isinstance(mapping, dict):
+        return []
+    return [f"{s}.{k}" for s, values in mapping.items() if isinstance(values, dict) for k in values]
+
+
+def _real_data_defaults(cfg: Config, user_set: Dict[str, str]) -> None:
+    """Real data (manifest, shards) gets no injected noise unless the user asked for it: the noise rates of
+    the synthetic benchmark's config do not carry over to a user's clips."""
+    if cfg.data.kind == "synthetic":
+        return
+    for dotted in _NOISE_KEYS:
+        if dotted not in user_set:
+            setattr(cfg.data, dotted.split(".", 1)[1], 0.0)
+
+
+def _resolve_data_paths(cfg: Config, user_set: Dict[str, str]) -> None:
+    """A relative data.manifest / data.eval_manifest from a config file is looked up from the current
+    directory first, then from the config file's folder; the places tried are kept for the error message."""
+    tried = {}
+    for key in ("manifest", "eval_manifest"):
+        value = getattr(cfg.data, key)
+        if not value or Path(value).is_absolute():
+            continue
+        places = [Path.cwd() / value]
+        origin = user_set.get(f"data.{key}", "")
+        if origin:
+            places.append(Path(origin).resolve().parent / value)
+        found = next((p for p in places if p.is_file()), None)
+        if found is not None and found != places[0]:
+            setattr(cfg.data, key, str(found))
+        elif found is None:
+            tried[key] = [str(p) for p in places]
+    cfg.data.tried_paths = tried  # not a field: read by harmony.inputs.check_inputs
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Dict[str, Any]]:

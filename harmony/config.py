@@ -9,6 +9,7 @@ live: the model reads ``ModelConfig``, the data code ``DataConfig``, the harmoni
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,6 +40,8 @@ def validate_section(obj, section: str) -> None:
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(choices)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} is not a finite number")
         lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
         if lo is not None and value is not None and value < lo:
             raise ConfigError(f"{name}={value!r} must be >= {lo}")
@@ -171,9 +174,10 @@ class DataConfig:
     concepts: int = _f(16, "synthetic: number of concepts (shapes × colours: 16 = 4 × 4; at most 8 × 8)",
                        lo=2, hi=64)
     noise: float = _f(0.0, "rate of misaligned captions (synthetic; manifest: training captions swapped "
-                      "between clips)", lo=0.0, hi=1.0)
+                      "between clips, only when set on the command line or in your own config)", lo=0.0, hi=1.0)
     noise_audio: float = _f(0.0, "rate of misaligned audio (synthetic; manifest: training audio tracks swapped "
-                            "between clips)", lo=0.0, hi=1.0)
+                            "between clips, only when set on the command line or in your own config)",
+                            lo=0.0, hi=1.0)
     noise_kind: str = _f("swap", "kind of misalignment (manifest: swap only)", choices=("swap", "bias", "unrelated"))
     frames: int = _f(8, "video frames per clip", lo=1)
     image_size: int = _f(32, "video frame height and width after resize/crop", lo=8)
