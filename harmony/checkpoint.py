@@ -102,6 +102,86 @@ def step_of(ckpt: Path) -> int:
     return int(_STEP_DIR.match(Path(ckpt).name).group(1))
 
 
+# ---------------------------------------------------------------------------------------- verification
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read; the message names the folder, the file and the cause."""
+
+
+def _cause(exc: BaseException) -> str:
+    """A short cause for an unreadable file, without torch's advice (weights_only=False is never the fix here:
+    every file is written weights-only)."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        if detail.startswith("Check the documentation"):
+            detail = ""
+        return "damaged or foreign content, not a checkpoint file" + (f" ({detail})" if detail else "")
+    if "central directory" in text or isinstance(exc, EOFError):
+        return "the file is cut short (truncated or empty)"
+    first = text.split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Load every file of a checkpoint folder (weights_only) and check its layout; CheckpointError if one
+    is missing or unreadable. A sharded checkpoint's ``dcp/`` is checked for its metadata file only."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint folder")
+
+    def read(name: str) -> Any:
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file")
+        try:
+            return load(path)
+        except Exception as exc:  # torch raises many kinds for damaged files
+            raise CheckpointError(f"{path}: unreadable: {_cause(exc)}") from None
+
+    meta = read("meta.pt")
+    if not isinstance(meta, dict) or not {"step", "world_size", "sharded"} <= set(meta):
+        raise CheckpointError(f"{ckpt / 'meta.pt'}: not a checkpoint's meta file (no step/world_size/sharded)")
+    if meta["sharded"]:
+        if not (ckpt / "dcp" / ".metadata").is_file():
+            raise CheckpointError(f"{ckpt / 'dcp'}: the sharded state has no .metadata file")
+    else:
+        state = read("state.pt")
+        if not isinstance(state, dict) or not {"model", "optim"} <= set(state):
+            raise CheckpointError(f"{ckpt / 'state.pt'}: not a checkpoint's state file (no model/optim)")
+    for rank in range(int(meta["world_size"])):
+        read(f"rank_{rank:05d}.pt")
+
+
+def find_readable(path: Path) -> "tuple[Optional[Path], List[tuple]]":
+    """The newest checkpoint under ``path`` (a run folder or its checkpoints/) that verifies, and the
+    newer ones that did not as [(folder, cause)], newest first. (None, []) when there is none at all."""
+    path = Path(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    bad: List[tuple] = []
+    for cand in reversed(step_dirs(root)):
+        try:
+            verify_checkpoint(cand)
+            return cand, bad
+        except CheckpointError as exc:
+            bad.append((cand, str(exc)))
+    return None, bad
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename an unreadable checkpoint folder to ``step_N.corrupt`` (``.corrupt-2``, ... if taken); it is
+    no longer a checkpoint for discovery or pruning, and stays for inspection."""
+    ckpt = Path(ckpt)
+    target, n = ckpt.with_name(ckpt.name + ".corrupt"), 2
+    while target.exists():
+        target, n = ckpt.with_name(f"{ckpt.name}.corrupt-{n}"), n + 1
+    os.replace(ckpt, target)
+    return target
+
+
 # ------------------------------------------------------------------------------------------ save / load
 
 def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -29,6 +29,7 @@ import inspect
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -47,11 +48,18 @@ from harmony import distributed as hd
 from harmony.cli import config_to_dict, dump_yaml, format_help, parse_args
 from harmony.config import Config, ConfigError, _parse_step_range
 from harmony.evaluate import evaluate, flatten_metrics, noise_detection_auc, roc_auc
+from harmony.inputs import check_inputs
 from harmony.metrics import MetricsWriter, Progress, truncate_after, write_json
 from harmony.nvtx import nvtx_range
+from harmony.preempt import Interrupted, Preemption
+from harmony.runlock import RunLock
 from harmony.schedule import build_scheduler
 
 _RANK_SEED_STRIDE = 100003
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before train.steps for a reason of its own (train.max_bad_steps); summary.json says why."""
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -106,19 +114,38 @@ def resolve_run_dir(cfg: Config, config_name: str, root: Path = Path("runs")) ->
     return path
 
 
-def _find_resume(cfg: Config, run_dir: Path) -> Optional[Path]:
-    """The checkpoint to resume from, or None for a fresh run. Errors name train.resume."""
+def _check_resume(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """What can be checked before the run folder is touched: '' into a folder with checkpoints is an error;
+    an explicit train.resume must name a readable checkpoint (returned). Errors name train.resume."""
     if cfg.train.resume == "":
         if ckpt.step_dirs(run_dir / "checkpoints"):
             raise ConfigError(f"log.run_dir={str(run_dir)!r} already holds checkpoints; continue it with "
                               "--train.resume=auto or choose another --log.run_dir")
         return None
     if cfg.train.resume == "auto":
-        return ckpt.latest_checkpoint(run_dir)
+        return None
     found = ckpt.latest_checkpoint(Path(cfg.train.resume))
     if found is None:
         raise ConfigError(f"train.resume={cfg.train.resume!r}: no checkpoint there; give '', 'auto', a run folder "
                           "or a checkpoints/step_* folder")
+    try:
+        ckpt.verify_checkpoint(found)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: cannot resume from {found}: {exc}") from None
+    return found
+
+
+def _auto_resume(run_dir: Path) -> Optional[Path]:
+    """train.resume=auto: the newest checkpoint of ``run_dir`` that reads back. Newer unreadable ones are named
+    with their cause and renamed to step_N.corrupt; if none reads back, a ConfigError names them all."""
+    found, bad = ckpt.find_readable(run_dir)
+    if found is None and bad:
+        raise ConfigError("train.resume=auto: no readable checkpoint in " + str(run_dir) + ": "
+                          + "; ".join(cause for _, cause in bad))
+    for folder, cause in bad:
+        moved = ckpt.set_aside(folder)
+        print(f"checkpoint {folder} is unreadable ({cause}); moved aside to {moved.name}, resuming from an "
+              f"older one", file=sys.stderr, flush=True)
     return found
 
 
@@ -227,6 +254,7 @@ class Trainer:
         self.parts = parts or default_parts()
         self.env = hd.init_distributed(cfg.train.device, cfg.train.parallel)
         self._owns_group = self.env.backend != ""
+        self._lock: Optional[RunLock] = None
         try:
             self.micro_batch = self._micro_batch()
             self._setup_run_dir()
@@ -250,8 +278,12 @@ class Trainer:
         run_dir, error, resume_from = "", "", ""
         if self.env.is_main:  # rank 0 decides (the folder name carries its clock) and tells the others
             try:
+                check_inputs(self.cfg)  # user-input errors come before the run folder exists
                 found_dir = resolve_run_dir(self.cfg, self.config_name)
-                found = _find_resume(self.cfg, found_dir)
+                found = _check_resume(self.cfg, found_dir)
+                self._lock = RunLock(found_dir).acquire()  # creates the folder; one live run per folder
+                if self.cfg.train.resume == "auto":
+                    found = _auto_resume(found_dir)
                 run_dir, resume_from = str(found_dir), str(found or "")
             except ConfigError as exc:  # raised on every rank below, not only on rank 0
                 error = str(exc)
@@ -264,6 +296,11 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            d = self.cfg.data
+            if d.kind != "synthetic" and (d.noise > 0 or d.noise_audio > 0):
+                print(f"data.noise={d.noise:g}, data.noise_audio={d.noise_audio:g}: injecting noise into real data "
+                      f"({d.noise:.0%} of training captions and {d.noise_audio:.0%} of audio tracks swapped between "
+                      "clips)", flush=True)
         hd.barrier()
 
     def _build(self) -> None:
@@ -293,6 +330,7 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self.consecutive_bad = 0
+        self._stop_reason = ""  # set when train.max_bad_steps consecutive steps were skipped
         self.bad_total: Dict[str, float] = {}
         # one entry per micro-step: the window spans eval.noise_window optimizer steps
         self.noise_window: deque = deque(maxlen=cfg.eval.noise_window * cfg.train.grad_accum)
@@ -332,6 +370,7 @@ class Trainer:
         meta = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
                                     self.harmonizer, self.env.device)
         saved = meta.get("config", {}).get("train", {})
+        self._follow_new_total(int(meta["step"]))
         if saved.get("batch_size") != self.cfg.train.batch_size or saved.get("grad_accum") != self.cfg.train.grad_accum:
             warnings.warn(f"resuming {self.resume_from} with a different train.batch_size/grad_accum than it was "
                           "written with: the data position and schedule no longer line up")
@@ -347,6 +386,22 @@ class Trainer:
                 truncate_after(self.run_dir / name, self.step)
             print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
         hd.barrier()
+
+    def _follow_new_total(self, step: int) -> None:
+        """The schedule stores its total step count; resuming with another train.steps makes the cosine decay
+        follow the new total (an extended run does not continue at the old schedule's final lr), said once."""
+        lam = self.scheduler.lr_lambdas[0]
+        old = getattr(lam, "total_steps", None)
+        if old is None or old == self.cfg.train.steps:
+            return
+        lam.total_steps = self.cfg.train.steps
+        lrs = [base * lam(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        if self.env.is_main:
+            print(f"train.steps changed from {old} to {self.cfg.train.steps} on resume: the lr schedule now decays "
+                  f"over {self.cfg.train.steps} steps (lr at step {step + 1}: {lrs[0]:.4g})", flush=True)
 
     # ------------------------------------------------------------------------------------------ phases
     def _phase(self, name: str):
@@ -437,11 +492,11 @@ class Trainer:
             self.skipped_total += 1
             self.consecutive_bad += 1
             if self.env.is_main:
-                print(f"step {self.step}: non-finite loss or gradient on some rank; step skipped "
+                print(f"step {self.step + 1}: non-finite loss or gradient on some rank; step skipped "
                       f"({self.consecutive_bad} in a row)", file=sys.stderr, flush=True)
-            if t.max_bad_steps and self.consecutive_bad >= t.max_bad_steps:
-                raise RuntimeError(f"{self.consecutive_bad} consecutive non-finite steps (train.max_bad_steps="
-                                   f"{t.max_bad_steps}); stopping")
+            if t.max_bad_steps and self.consecutive_bad >= t.max_bad_steps:  # every rank agrees (all-reduced)
+                self._stop_reason = (f"{self.consecutive_bad} consecutive non-finite steps (train.max_bad_steps="
+                                     f"{t.max_bad_steps})")
         else:
             self.optimizer.step()
             self.consecutive_bad = 0
@@ -721,7 +776,9 @@ class Trainer:
         samples_done, train_time = 0, 0.0
         self.model.train()
         loader = iter(self._train_loader()) if self.step < cfg.train.steps else None
+        preempt = Preemption(verbose=env.is_main)
         try:
+            preempt.__enter__()
             while self.step < cfg.train.steps:
                 self._profile_hooks(self.step)
                 ts = time.perf_counter()
@@ -754,7 +811,7 @@ class Trainer:
                 self._last["lr"] = info["lr"]
                 samples_done += self.micro_batch * ga * env.world_size
                 train_time += dt
-                logged = self.step % cfg.log.every == 0 or self.step == cfg.train.steps
+                logged = self.step % cfg.log.every == 0 or self.step == cfg.train.steps or bool(self._stop_reason)
                 if logged:
                     row = self._log_row(win)
                     writer.write(row)
@@ -767,15 +824,29 @@ class Trainer:
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                     with self._phase("eval"):
                         eval_writer.write({"step": self.step, **self.run_eval()})
+                saved = None
                 if (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0) or self.step == cfg.train.steps:
                     with self._phase("checkpoint"):
-                        self.save()
+                        saved = self.save()
+                if self._stop_reason:  # the model and optimizer are those of the last good step
+                    self._stop_bad_steps(saved or self.save(), samples_done, train_time, t0)
+                signum = preempt.agreed(env.world_size, env.device)  # every rank stops after the same step
+                if signum:
+                    saved = saved or self.save()
+                    if env.is_main:
+                        print(f"stopped at step {self.step} on {signal.Signals(signum).name}: "
+                              f"checkpoint written to {saved}; continue with --train.resume=auto "
+                              f"--log.run_dir={self.run_dir}", file=sys.stderr, flush=True)
+                    raise Interrupted(signum, self.step, saved)
             if self.profile_nsys and env.device.type == "cuda" and self.profile_nsys[1] >= cfg.train.steps:
                 torch.cuda.profiler.stop()
             self._finish_torch_profile()
         finally:
+            preempt.__exit__()
             progress.close()
             writer.close()
+        if preempt.signum and env.world_size == 1:  # a signal after the last step's check: the final checkpoint
+            signal.raise_signal(preempt.signum)     # is written, so end now as that signal would have
         summary = {"steps": self.step, "samples_per_s": samples_done / train_time if train_time > 0 else None,
                    "wall_s": None, "skipped_steps": self.skipped_total,
                    "bad_samples": int(sum(self.bad_total.values())),
@@ -799,12 +870,30 @@ class Trainer:
         hd.barrier()
         return summary
 
+    def _stop_bad_steps(self, saved: Path, samples_done: int, train_time: float, t0: float) -> None:
+        """train.max_bad_steps reached: write a summary saying why (the checkpoint ``saved`` holds the last
+        good weights) and raise TrainingStopped."""
+        summary = {"steps": self.step, "stopped": self._stop_reason, "checkpoint": str(saved),
+                   "samples_per_s": samples_done / train_time if train_time > 0 else None,
+                   "wall_s": time.perf_counter() - t0, "skipped_steps": self.skipped_total,
+                   "bad_samples": int(sum(self.bad_total.values())),
+                   "bad": {k: int(v) for k, v in self.bad_total.items()},
+                   "world_size": self.env.world_size, "run_dir": str(self.run_dir)}
+        if self.env.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        hd.barrier()
+        raise TrainingStopped(f"{self._stop_reason} after step {self.step}; the last good weights are in {saved}; "
+                              f"summary in {self.run_dir / 'summary.json'}")
+
     def _print_summary(self, summary: dict) -> None:
         flat = flatten_metrics({k: v for k, v in summary.items() if k not in ("bad", "run_dir")})
         keys = [k for k in flat if k.endswith("/r1") or k.startswith(("probe_acc", "noise_auc", "steps", "samples"))]
         print("summary: " + ", ".join(f"{k}={flat[k]:.4g}" for k in keys) + f"  ({self.run_dir})", flush=True)
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self._owns_group:
             hd.shutdown()
 
@@ -833,3 +922,9 @@ def main(argv: Optional[List[str]] = None, parts: Optional[Parts] = None) -> Opt
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+    except Interrupted as exc:  # SIGTERM / SIGINT: checkpoint written, message printed by rank 0
+        raise SystemExit(exc.exit_code)
+    except TrainingStopped as exc:
+        if os.environ.get("RANK", "0") == "0":  # the process group is already torn down here
+            print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
