@@ -125,10 +125,28 @@ def test_nonfinite_step_is_skipped_and_training_continues(tmp_path):
     assert not all(torch.equal(last[k], after["model"][k]) for k in last)
 
 
-def test_consecutive_bad_steps_abort(tmp_path):
-    args = tiny_args(tmp_path / "run", 6, "--train.max_bad_steps=2", "--log.plots=false")
-    with pytest.raises(RuntimeError, match="max_bad_steps=2"):
+def test_consecutive_bad_steps_stop_with_checkpoint_and_summary(tmp_path, capsys):
+    """train.max_bad_steps: a non-zero exit without a traceback, the last good weights checkpointed, a summary
+    saying why; the skip messages use the same step numbers as metrics.jsonl."""
+    run = tmp_path / "run"
+    args = tiny_args(run, 6, "--train.max_bad_steps=2", "--log.plots=false", "--train.ckpt_every=1",
+                     "--train.keep_last=5")
+    with pytest.raises(SystemExit) as stop:
         main(args, parts=standin_parts(loader=nan_loader({1, 2, 3, 4, 5})))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    print(err)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0), (2, 1), (3, 1)]
+    assert "step 2: non-finite" in err and "step 3: non-finite" in err and "step 1: non-finite" not in err
+    assert "training stopped: 2 consecutive non-finite steps (train.max_bad_steps=2) after step 3" in err
+    assert "Traceback" not in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and "max_bad_steps=2" in summary["stopped"]
+    assert summary["checkpoint"].endswith("step_00000003") and summary["skipped_steps"] == 2
+    good = ckpt.load(run / "checkpoints" / "step_00000001" / "state.pt")["model"]
+    last = ckpt.load(run / "checkpoints" / "step_00000003" / "state.pt")["model"]
+    assert all(torch.equal(good[k], last[k]) for k in good)
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

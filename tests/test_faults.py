@@ -1,0 +1,292 @@
+"""Faults and bad input as a user meets them, with real processes, real signals and real damaged files:
+SIGTERM/SIGINT (one process and torchrun with two gloo ranks), corrupt checkpoints, a shared run folder,
+a changed train.steps on resume, user-input errors before any run folder exists, real-data noise defaults."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmony import checkpoint as ckpt
+from harmony.cli import parse_args
+from harmony.metrics import read_jsonl
+from harmony.trainer import main
+from test_trainer_e2e import REPO, grid_dir
+
+FAST = ["--train.batch_size=8", "--train.warmup_steps=1", "--train.device=cpu", "--data.size=64",
+        "--data.eval_size=16", "--data.frames=4", "--data.image_size=16", "--model.video_patch=[2,8,8]",
+        "--eval.size=16", "--eval.batch_size=8", "--log.every=1", "--log.progress=false", "--log.plots=false",
+        "--eval.final=false"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _launch(run: Path, steps: int, *extra: str, torchrun: bool = False) -> subprocess.Popen:
+    prog = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    par = ["--train.parallel=ddp", "--harmony.mode=ghost"] if torchrun else []
+    cmd = [*prog, str(REPO / "train.py"), f"--log.run_dir={run}", f"--train.steps={steps}", *par, *FAST, *extra]
+    return subprocess.Popen(cmd, cwd=run.parent, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple:
+    out, err = proc.communicate(timeout=timeout)
+    print(out[-2000:], err[-3000:])
+    return proc.returncode, out, err
+
+
+def _wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until metrics.jsonl has n rows (the run is inside its training loop)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        path = run / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, _finish(proc)
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach its training loop")
+
+
+def _losses(run: Path) -> list:
+    return [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def _final_model(run: Path, steps: int) -> dict:
+    return ckpt.load(run / "checkpoints" / f"step_{steps:08d}" / "state.pt")["model"]
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("torchrun", [False, True], ids=["one_process", "torchrun_2_ranks"])
+def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, torchrun):
+    steps = 24
+    full = tmp_path / "full"
+    assert _finish(_launch(full, steps, "--train.ckpt_every=0", torchrun=torchrun))[0] == 0
+
+    run = tmp_path / "preempted"
+    proc = _launch(run, steps, "--train.ckpt_every=0", torchrun=torchrun)
+    _wait_rows(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to both ranks
+    rc, _, err = _finish(proc)
+    assert rc != 0 and (torchrun or rc == 143), rc
+    saved = ckpt.step_dirs(run / "checkpoints")
+    assert len(saved) == 1, "one checkpoint, at the step the signal ended"
+    k = ckpt.step_of(saved[0])
+    assert 3 <= k < steps
+    assert f"stopped at step {k} on SIGTERM: checkpoint written to {saved[0]}" in err
+    assert "Traceback" not in err.split("stopped at step")[0]
+    if torchrun:
+        assert {"rank_00000.pt", "rank_00001.pt"} <= {p.name for p in saved[0].iterdir()}
+    assert not (run / ".lock").exists()
+
+    rc, out, _ = _finish(_launch(run, steps, "--train.ckpt_every=0", "--train.resume=auto", torchrun=torchrun))
+    assert rc == 0 and f"resumed from {saved[0]} at step {k}" in out
+    assert _losses(run) == _losses(full)
+    a, b = _final_model(full, steps), _final_model(run, steps)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    proc = _launch(run, 200, "--train.ckpt_every=0")
+    _wait_rows(run, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    rc, _, err = _finish(proc)
+    assert rc == 130 and "KeyboardInterrupt" not in err and "on SIGINT: checkpoint written to" in err
+    assert len(ckpt.step_dirs(run / "checkpoints")) == 1
+
+
+def test_a_second_signal_aborts_at_once(tmp_path):
+    run = tmp_path / "run"
+    proc = _launch(run, 200, "--train.ckpt_every=0")
+    _wait_rows(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    rc, _, err = _finish(proc)
+    assert rc in (-signal.SIGINT, -signal.SIGTERM) and "aborting now, without a checkpoint" in err
+    assert ckpt.step_dirs(run / "checkpoints") == []
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def _short_run(run: Path, steps: int, *extra: str) -> dict:
+    return main([f"--log.run_dir={run}", f"--train.steps={steps}", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def four_checkpoints(tmp_path_factory):
+    """A finished 4-step run with a checkpoint at every step (kept: steps 2, 3, 4)."""
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    _short_run(run, 4, "--train.ckpt_every=1", "--train.keep_last=3")
+    return run
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_an_older_one_resumes(four_checkpoints, tmp_path, capsys):
+    run = _copy(four_checkpoints, tmp_path / "run")
+    state = run / "checkpoints" / "step_00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a full disk
+    meta3 = run / "checkpoints" / "step_00000003" / "meta.pt"
+    meta3.write_bytes(b"\x00garbage" * 10)
+    _short_run(run, 4, "--train.resume=auto", "--train.ckpt_every=1", "--train.keep_last=3")
+    captured = capsys.readouterr()
+    print(captured.out, captured.err)
+    assert f"checkpoint {run / 'checkpoints' / 'step_00000004'} is unreadable" in captured.err
+    assert "cut short" in captured.err and "weights_only=False" not in captured.err
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in captured.out
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000003", "step_00000003.corrupt", "step_00000004",
+                     "step_00000004.corrupt"]  # steps 3 and 4 trained again and saved
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_no_readable_checkpoint_stops_naming_them(four_checkpoints, tmp_path, capsys):
+    run = _copy(four_checkpoints, tmp_path / "run")
+    for d in ckpt.step_dirs(run / "checkpoints"):
+        (d / "meta.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        _short_run(run, 6, "--train.resume=auto")
+    err = capsys.readouterr().err
+    print(err)
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "train.resume=auto: no readable checkpoint" in err
+    assert all(f"step_0000000{k}/meta.pt: empty file" in err for k in (2, 3, 4))
+    assert [p.name for p in ckpt.step_dirs(run / "checkpoints")] == ["step_00000002", "step_00000003",
+                                                                     "step_00000004"]  # nothing moved
+
+
+def test_explicit_unreadable_resume_path_names_path_and_cause(four_checkpoints, tmp_path, capsys):
+    run = _copy(four_checkpoints, tmp_path / "run")
+    bad = run / "checkpoints" / "step_00000004"
+    (bad / "rank_00000.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit) as stop:
+        _short_run(tmp_path / "new", 6, f"--train.resume={bad}")
+    err = capsys.readouterr().err
+    print(err)
+    assert stop.value.code == 2 and f"cannot resume from {bad}" in err and "rank_00000.pt: unreadable" in err
+    assert "weights_only" not in err and not (tmp_path / "new").exists()
+
+
+def test_more_steps_on_resume_follow_a_new_schedule(four_checkpoints, tmp_path, capsys):
+    run = _copy(four_checkpoints, tmp_path / "run")
+    _short_run(run, 8, "--train.resume=auto")
+    out = capsys.readouterr().out
+    assert "train.steps changed from 4 to 8 on resume: the lr schedule now decays over 8 steps" in out
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    lrs = [r["lr"] for r in rows[4:]]
+    assert all(lr > 0 for lr in lrs[:-1]) and lrs == sorted(lrs, reverse=True)  # decaying, not stuck at 0
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+def test_a_second_run_into_a_live_run_folder_stops(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = _launch(run, 300)
+    _wait_rows(run, 1, first)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            _short_run(run, 2)
+        err = capsys.readouterr().err
+    finally:
+        first.send_signal(signal.SIGTERM)
+    assert _finish(first)[0] == 143  # the first run went on undisturbed and stopped on the signal
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "is in use by another run" in err and f"pid {first.pid} on {socket.gethostname()}" in err
+    assert len(read_jsonl(run / "metrics.jsonl")) >= 1 and "--train.steps=300" not in err
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(), "started": "x"}))
+    with pytest.warns(RuntimeWarning, match=f"taking over the lock of a run that is gone \\(pid {int(gone.stdout)}"):
+        _short_run(run, 1)
+    assert (run / "config.yaml").is_file() and not (run / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------------ bad user input
+
+@pytest.mark.parametrize("args,words", [
+    (["--data.kind=manifest"], "data.kind=manifest needs data.manifest=PATH"),
+    (["--data.kind=manifest", "--data.manifest=nowhere/manifest.jsonl"],
+     "data.manifest='nowhere/manifest.jsonl': no such file"),
+    (["--train.lr=nan"], "train.lr=nan is not a finite number"),
+    (["--data.kind=shards", "--data.shards=none-{0..3}.tar"], "data.shards='none-{0..3}.tar' names no existing"),
+])
+def test_user_input_errors_come_before_the_run_folder(tmp_path, monkeypatch, capsys, args, words):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main([f"--log.run_dir={run}", *args])
+    err = capsys.readouterr().err
+    print(err)
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("config error: ")
+    assert words in err and not run.exists()
+
+
+def test_user_input_error_as_a_process_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"--log.run_dir={run}", "--data.kind=manifest",
+                           "--data.manifest=missing.jsonl"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and not run.exists()
+    assert proc.stderr.strip().splitlines() == [f"config error: data.manifest='missing.jsonl': no such file (relative "
+                                                f"paths are taken from the current directory {str(tmp_path)!r})"]
+
+
+def test_manifest_paths_relative_to_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "cfg" / "data").mkdir(parents=True)
+    (tmp_path / "cfg" / "data" / "m.jsonl").write_text("")
+    (tmp_path / "cfg" / "mine.yaml").write_text("data:\n  kind: manifest\n  manifest: data/m.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse_args(["--config", "cfg/mine.yaml"])
+    assert cfg.data.manifest == str(tmp_path / "cfg" / "data" / "m.jsonl")
+    (tmp_path / "cfg" / "mine.yaml").write_text("data:\n  kind: manifest\n  manifest: data/other.jsonl\n")
+    with pytest.raises(SystemExit):
+        main(["--config", "cfg/mine.yaml", f"--log.run_dir={tmp_path / 'run'}"])
+    # the error names both places tried (checked through the message of check_inputs)
+    from harmony.inputs import check_inputs
+    from harmony.config import ConfigError
+
+    cfg, _ = parse_args(["--config", "cfg/mine.yaml"])
+    with pytest.raises(ConfigError, match="tried .*other.jsonl and .*cfg/data/other.jsonl"):
+        check_inputs(cfg)
+
+
+def test_grid_config_finds_its_manifest_from_any_directory(tmp_path, monkeypatch):
+    if not (grid_dir() / "manifest.jsonl").is_file():
+        pytest.skip(f"GRID clips not found at {grid_dir()}")
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse_args(["--config", str(REPO / "configs" / "grid.yaml")])
+    assert Path(cfg.data.manifest).resolve() == (grid_dir() / "manifest.jsonl").resolve()
+
+
+# ------------------------------------------------------------------------------------- real-data noise
+
+def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
+    synthetic, _ = parse_args([])
+    assert (synthetic.data.noise, synthetic.data.noise_audio) == (0.3, 0.1)  # the benchmark keeps its noise
+    for kind in (["--data.kind=manifest", "--data.manifest=m.jsonl"], ["--data.kind=shards", "--data.shards=s.tar"]):
+        cfg, _ = parse_args(kind)
+        assert (cfg.data.noise, cfg.data.noise_audio) == (0.0, 0.0), kind
+    cfg, _ = parse_args(["--data.kind=manifest", "--data.manifest=m.jsonl", "--data.noise=0.2"])
+    assert (cfg.data.noise, cfg.data.noise_audio) == (0.2, 0.0)
+    own = tmp_path / "own.yaml"
+    own.write_text("data:\n  kind: manifest\n  manifest: m.jsonl\n  noise_audio: 0.05\n")
+    cfg, _ = parse_args(["--config", str(own)])
+    assert (cfg.data.noise, cfg.data.noise_audio) == (0.0, 0.05)
