@@ -161,6 +161,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def _bad_names(batch: dict) -> Dict[str, List[str]]:
+    """The batch's offending clips / manifest lines per bad-input kind (empty when the data names none)."""
+    return dict(getattr(batch.get("bad"), "names", {}) or {})
+
+
+_BAD_EXAMPLES = 5  # offending clips / lines of each kind named in summary.json
+
+
 def _bad_counts(batch: dict) -> Dict[str, float]:
     """The batch's bad-input counts as {kind: n} (a plain number is reported as 'bad')."""
     bad = batch.get("bad")
@@ -229,6 +237,7 @@ class _Window:
                                    "grad_norm_n", "time"), 0.0)
         self.loss_parts: List[float] = []  # per micro-step: Σ m ℓ^va, Σ m^a, Σ m ℓ^vt, Σ m^t (local)
         self.bad: Dict[str, float] = {}
+        self.bad_names: Dict[str, List[str]] = {}
         self.hist = torch.zeros(self.bins, dtype=torch.float64)
         self.has_cos = False
         # per micro-step, where the batch carries ground-truth misalignment flags: per-sample cosines and flags
@@ -331,7 +340,8 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_bad = 0
         self._stop_reason = ""  # set when train.max_bad_steps consecutive steps were skipped
-        self.bad_total: Dict[str, float] = {}
+        self.bad_total: Dict[str, float] = {}  # occurrences (draws) per kind, over all ranks
+        self.bad_seen: Dict[str, List[str]] = {}  # distinct offending items per kind, in the order first met
         # one entry per micro-step: the window spans eval.noise_window optimizer steps
         self.noise_window: deque = deque(maxlen=cfg.eval.noise_window * cfg.train.grad_accum)
         self.item_flags = torch.full((0,), -1, dtype=torch.int8)  # per item: noisy_text + 2·noisy_audio
@@ -355,7 +365,8 @@ class Trainer:
 
     def _rank_state(self) -> dict:
         return {"skipped_total": self.skipped_total, "consecutive_bad": self.consecutive_bad,
-                "bad_total": dict(self.bad_total), "noise_window": list(self.noise_window),
+                "bad_total": dict(self.bad_total), "bad_seen": {k: list(v) for k, v in self.bad_seen.items()},
+                "noise_window": list(self.noise_window),
                 "item_flags": self.item_flags.clone()}
 
     def _restore(self) -> None:
@@ -379,6 +390,7 @@ class Trainer:
         self.skipped_total = int(extra.get("skipped_total", 0))
         self.consecutive_bad = int(extra.get("consecutive_bad", 0))
         self.bad_total = dict(extra.get("bad_total", {}))
+        self.bad_seen = {k: list(v) for k, v in extra.get("bad_seen", {}).items()}
         self.noise_window.extend(extra.get("noise_window", []))
         self.item_flags = extra.get("item_flags", self.item_flags)
         if self.env.is_main:
@@ -547,6 +559,8 @@ class Trainer:
         win.sums["samples"] += int(batch["index"].shape[0])
         for k, v in _bad_counts(batch).items():
             win.bad[k] = win.bad.get(k, 0.0) + v
+        for k, names in _bad_names(batch).items():
+            win.bad_names.setdefault(k, []).extend(names)
         cos = _stat(stats, "cos") if stats is not None else None
         if cos is not None:
             valid = _stat(stats, "valid")
@@ -603,7 +617,16 @@ class Trainer:
     def _log_row(self, win: _Window) -> dict:
         """Reduce the window over ranks into one metrics.jsonl row."""
         keys = list(win.sums)
-        bad_keys = sorted(set().union(*hd.all_gather_object(sorted(win.bad))))
+        gathered = hd.all_gather_object((sorted(win.bad), win.bad_names))
+        bad_keys = sorted(set().union(*(g[0] for g in gathered)))
+        for _, names in gathered:  # every rank keeps the same union of distinct offending items
+            for k, ns in names.items():
+                seen = self.bad_seen.setdefault(k, [])
+                known = set(seen)
+                for n in ns:
+                    if n not in known:
+                        known.add(n)
+                        seen.append(n)
         n_loss = len(win.loss_parts)
         flat = win.loss_parts + [win.sums[k] for k in keys] + [win.bad.get(k, 0.0) for k in bad_keys] \
             + win.hist.tolist() + [float(win.has_cos)]
@@ -631,7 +654,8 @@ class Trainer:
                "samples_per_s": s["samples"] / (s["time"] / world) if s["time"] > 0 else None,
                "skipped": int(round(s["skipped"] / world)), "skipped_steps": self.skipped_total,
                "bad_samples": sum(bad.values()), "bad_samples_total": sum(self.bad_total.values()),
-               "bad": {k: int(v) for k, v in bad.items()}}
+               "bad": {k: int(v) for k, v in bad.items()},
+               "bad_items_total": {k: len(v) for k, v in self.bad_seen.items()}}
         if has_cos:
             row["cos_hist"] = [int(round(h)) for h in hist]
         row.update(self._window_noise(win))
@@ -775,7 +799,16 @@ class Trainer:
         self._last = {"lr": self.optimizer.param_groups[0]["lr"]}
         samples_done, train_time = 0, 0.0
         self.model.train()
-        loader = iter(self._train_loader()) if self.step < cfg.train.steps else None
+        loader = None
+        if self.step < cfg.train.steps:
+            train_loader = self._train_loader()
+            load_counts = getattr(train_loader, "stats", None)  # met while indexing: bad manifest lines
+            if load_counts and self.step == 0 and env.is_main:  # counted once, by rank 0, on a fresh run
+                for k, v in load_counts.items():
+                    win.bad[k] = win.bad.get(k, 0.0) + float(v)
+                for k, names in getattr(load_counts, "names", {}).items():
+                    win.bad_names.setdefault(k, []).extend(names)
+            loader = iter(train_loader)
         preempt = Preemption(verbose=env.is_main)
         try:
             preempt.__enter__()
@@ -848,9 +881,7 @@ class Trainer:
         if preempt.signum and env.world_size == 1:  # a signal after the last step's check: the final checkpoint
             signal.raise_signal(preempt.signum)     # is written, so end now as that signal would have
         summary = {"steps": self.step, "samples_per_s": samples_done / train_time if train_time > 0 else None,
-                   "wall_s": None, "skipped_steps": self.skipped_total,
-                   "bad_samples": int(sum(self.bad_total.values())),
-                   "bad": {k: int(v) for k, v in self.bad_total.items()},
+                   "wall_s": None, "skipped_steps": self.skipped_total, **self._bad_report(),
                    "world_size": env.world_size, "run_dir": str(self.run_dir)}
         if cfg.eval.final:
             with self._phase("eval"):
@@ -870,14 +901,21 @@ class Trainer:
         hd.barrier()
         return summary
 
+    def _bad_report(self) -> dict:
+        """summary.json's bad-input report: bad_draws (occurrences: an item met in every epoch counts every
+        time; also under the older names bad / bad_samples), bad_items (distinct clips or manifest lines)
+        and bad_examples (the first few of each kind)."""
+        draws = {k: int(v) for k, v in self.bad_total.items()}
+        return {"bad_samples": int(sum(draws.values())), "bad": draws, "bad_draws": draws,
+                "bad_items": {k: len(v) for k, v in self.bad_seen.items()},
+                "bad_examples": {k: v[:_BAD_EXAMPLES] for k, v in self.bad_seen.items() if v}}
+
     def _stop_bad_steps(self, saved: Path, samples_done: int, train_time: float, t0: float) -> None:
         """train.max_bad_steps reached: write a summary saying why (the checkpoint ``saved`` holds the last
         good weights) and raise TrainingStopped."""
         summary = {"steps": self.step, "stopped": self._stop_reason, "checkpoint": str(saved),
                    "samples_per_s": samples_done / train_time if train_time > 0 else None,
-                   "wall_s": time.perf_counter() - t0, "skipped_steps": self.skipped_total,
-                   "bad_samples": int(sum(self.bad_total.values())),
-                   "bad": {k: int(v) for k, v in self.bad_total.items()},
+                   "wall_s": time.perf_counter() - t0, "skipped_steps": self.skipped_total, **self._bad_report(),
                    "world_size": self.env.world_size, "run_dir": str(self.run_dir)}
         if self.env.is_main:
             write_json(self.run_dir / "summary.json", summary)

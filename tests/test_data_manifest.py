@@ -67,7 +67,7 @@ def bad_manifest(tmp_path_factory):
         shutil.copy(g / e["path"], root / "clips" / Path(e["path"]).name)
         shutil.copy(g / e["align"], root / "align" / Path(e["align"]).name)
     data = (g / mp4["path"]).read_bytes()
-    (root / "clips" / "cut.mp4").write_bytes(data[: len(data) // 2])   # moov atom at the end: unopenable
+    (root / "clips" / "cut.mp4").write_bytes(data[: len(data) // 2])   # moov atom at the end: cut short
     data = (g / mpg["path"]).read_bytes()
     (root / "clips" / "cut.mpg").write_bytes(data[: len(data) // 2])   # MPEG-PS: decodes up to the cut
     write_clip(root / "clips" / "audio_only.mp4", video=False)
@@ -76,7 +76,7 @@ def bad_manifest(tmp_path_factory):
                 "align": "align/" + Path(mp4["align"]).name, "source": "grid_s1"}
     lines = [
         json.dumps(good_mp4).encode(),                                                      # 0 good
-        json.dumps({"path": "clips/cut.mp4", "text": "cut clip"}).encode(),                 # 1 decode_error
+        json.dumps({"path": "clips/cut.mp4", "text": "cut clip"}).encode(),                 # 1 truncated
         json.dumps({"path": "clips/audio_only.mp4", "text": "sound only"}).encode(),        # 2 no_video
         json.dumps({"path": "clips/video_only.mp4", "text": "pictures only"}).encode(),     # 3 no_audio
         json.dumps({"path": "clips/video_only.mp4", "text": "  ...  "}).encode(),           # 4 empty caption
@@ -117,7 +117,7 @@ def test_every_bad_case_is_masked_or_replaced_and_counted(bad_manifest):
     # 0: good GRID clip, caption = aligned words of the window
     assert items[0]["mask_va"] and items[0]["mask_vt"] and bad(0) == {} and items[0]["source"] == "grid_s1"
     # 1: undecodable → replaced by 2, which has no video → replaced by 3 (video only)
-    assert items[1]["index"] == 3 and bad(1) == {"decode_error": 1, "no_video": 1, "no_audio": 1}
+    assert items[1]["index"] == 3 and bad(1) == {"truncated": 1, "no_video": 1, "no_audio": 1}
     assert items[2]["index"] == 3 and bad(2) == {"no_video": 1, "no_audio": 1}
     # 3: no audio stream → audio zeros, masked
     assert items[3]["index"] == 3 and not items[3]["mask_va"] and items[3]["audio"].eq(0).all()
@@ -140,7 +140,7 @@ def test_every_bad_case_is_masked_or_replaced_and_counted(bad_manifest):
     kinds = [str(w.message).split(":")[1].strip() for w in caught if "harmony.data" in str(w.message)]
     print(kinds)
     assert sorted(kinds) == sorted(set(kinds))
-    assert set(kinds) == {"decode_error", "no_video", "no_audio", "empty_caption", "bad_caption", "missing_file",
+    assert set(kinds) == {"no_video", "no_audio", "empty_caption", "bad_caption", "missing_file",
                           "bad_align", "truncated"}
 
 

@@ -290,3 +290,51 @@ def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
     own.write_text("data:\n  kind: manifest\n  manifest: m.jsonl\n  noise_audio: 0.05\n")
     cfg, _ = parse_args(["--config", str(own)])
     assert (cfg.data.noise, cfg.data.noise_audio) == (0.0, 0.05)
+
+
+# ------------------------------------------------------------------------------------------- bad data
+
+def test_bad_data_report_counts_items_and_draws_and_names_them(tmp_path):
+    """A manifest of real GRID clips with a non-JSON line, a missing clip and a cut-short mp4: every kind is
+    counted where it happens (the bad line too), distinct items and draws both reported, the offending ones
+    named, each warning printed once."""
+    src = grid_dir()
+    if not (src / "manifest.jsonl").is_file():
+        pytest.skip(f"GRID clips not found at {src}")
+    entries = [json.loads(line) for line in (src / "manifest.jsonl").read_text().splitlines()]
+    entries = [e for e in entries if e["path"].startswith("clips/")][:10]
+    for e in entries:
+        e["path"], e["align"] = str(src / e["path"]), str(src / e["align"])
+    clip = Path(entries[0]["path"]).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(clip[: len(clip) // 2])
+    train = entries[:6] + [dict(entries[6], id="cut", path=str(tmp_path / "cut.mp4")),
+                           dict(entries[7], id="gone", path=str(tmp_path / "gone.mp4"))]
+    lines = [json.dumps(e) for e in train]
+    lines.insert(3, '{"path": "clips/broken.mp4", "text": ')  # line 4: not JSON
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(e) for e in entries[8:10]) + "\n")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "grid.yaml"),
+         f"--data.manifest={tmp_path / 'train.jsonl'}", f"--data.eval_manifest={tmp_path / 'eval.jsonl'}",
+         f"--log.run_dir={run}", "--train.steps=4", "--train.batch_size=4", "--train.device=cpu",
+         "--data.eval_size=2", "--eval.final=false", "--log.every=2", "--log.progress=false", "--log.plots=false"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    print(proc.stdout[-2000:], proc.stderr[-3000:])
+    assert proc.returncode == 0
+    for kind in ("bad_line", "truncated", "missing_file"):
+        assert proc.stderr.count(f"harmony.data: {kind}:") == 1, kind
+    assert "injecting noise" not in proc.stdout
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert rows[0]["bad"]["bad_line"] == 1 and sum(r["bad"]["bad_line"] for r in rows) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    # 8 clips, 2 batches of 4 per epoch, 4 steps: two epochs, each bad clip drawn (and counted) twice
+    assert summary["bad_draws"]["truncated"] == 2 and summary["bad_items"]["truncated"] == 1
+    # the missing clip follows the cut one: drawn twice itself and twice as the cut one's first replacement
+    assert summary["bad_draws"]["missing_file"] == 4 and summary["bad_items"]["missing_file"] == 1
+    assert summary["bad_draws"]["decode_error"] == 0
+    assert summary["bad_draws"]["bad_line"] == 1 and summary["bad_items"]["bad_line"] == 1
+    assert summary["bad_examples"]["bad_line"] == [f"{tmp_path / 'train.jsonl'}:4"]
+    assert len(summary["bad_examples"]["truncated"]) == 1 and len(summary["bad_examples"]["missing_file"]) == 1
+    assert summary["bad"] == summary["bad_draws"]
+    assert rows[-1]["bad_items_total"]["truncated"] == 1

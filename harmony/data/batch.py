@@ -7,13 +7,10 @@ counts travel with the data out of DataLoader worker processes). ``collate`` sta
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Dict, List, Mapping
 
 import torch
-
-log = logging.getLogger("harmony.data")
 
 # Every bad-input kind the data code counts; loaders report all of them (zeros included).
 BAD_KINDS = (
@@ -21,7 +18,8 @@ BAD_KINDS = (
     "decode_error",   # the container cannot be opened / no frame decodes / window outside the clip: replaced
     "no_video",       # the container has no video stream: replaced
     "truncated",      # decoding stopped inside the window: replaced if under half the frames decoded, else
-                      # kept with the last frame repeated and the audio zero-padded
+                      # kept with the last frame repeated and the audio zero-padded; an mp4/mov file that
+                      # ends inside its own structure (cut short) cannot be opened: replaced
     "no_audio",       # no (decodable) audio stream, or none of it inside the window: mask_va False, audio zeros
     "empty_caption",  # caption with no words (or no aligned word inside the window): mask_vt False
     "bad_caption",    # caption that is not valid UTF-8: mask_vt False
@@ -37,28 +35,43 @@ _TENSOR_KEYS = {"mask_va": torch.bool, "mask_vt": torch.bool, "index": torch.int
 _WARNED: set = set()
 
 
-def zero_counts() -> Dict[str, int]:
+class BadCounts(dict):
+    """{kind: count} of bad inputs met (each occurrence: an item drawn twice counts twice), with ``names``:
+    {kind: [the offending clips / manifest lines, in the order met]}. A plain dict otherwise; it pickles with
+    its names, so they travel out of DataLoader worker processes with the batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.names: Dict[str, List[str]] = {}
+
+
+def zero_counts() -> "BadCounts":
     """A fresh counter dict with every bad-input kind at 0."""
-    return {k: 0 for k in BAD_KINDS}
+    return BadCounts({k: 0 for k in BAD_KINDS})
 
 
 def add_counts(into: Dict[str, int], other: Mapping[str, int]) -> Dict[str, int]:
-    """Add ``other``'s counts into ``into`` (in place) and return it."""
+    """Add ``other``'s counts (and names, when both carry them) into ``into`` (in place) and return it."""
     for k, v in other.items():
         into[k] = into.get(k, 0) + int(v)
+    if hasattr(into, "names"):
+        for k, names in getattr(other, "names", {}).items():
+            into.names.setdefault(k, []).extend(names)
     return into
 
 
-def note_bad(counts: Dict[str, int], kind: str, detail: str) -> None:
-    """Count one bad input of ``kind`` and warn the first time this process meets that kind."""
+def note_bad(counts: Dict[str, int], kind: str, detail: str, name: str = "") -> None:
+    """Count one bad input of ``kind`` (``name``: which clip or manifest line) and warn the first time this
+    process meets that kind (one warning, on stderr)."""
     if kind not in BAD_KINDS:
         raise KeyError(f"unknown bad-input kind {kind!r}; known: {BAD_KINDS}")
     counts[kind] = counts.get(kind, 0) + 1
+    if name and hasattr(counts, "names"):
+        counts.names.setdefault(kind, []).append(str(name))
     if kind not in _WARNED:
         _WARNED.add(kind)
         msg = f"harmony.data: {kind}: {detail} (further '{kind}' cases are counted, not warned)"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
 
 
 def reset_warnings() -> None:

@@ -71,6 +71,35 @@ def clip_window(duration: Optional[float], start: Optional[float], end: Optional
     return v0, v0 + 0.5 * span - 0.5 * audio_seconds
 
 
+def _cut_short(src: Source) -> bool:
+    """True when an ISO-BMFF file (mp4, mov, m4a: a sequence of sized boxes) ends inside a top-level box, the
+    sign of a truncated download or copy; False for other containers or when the layout is intact."""
+    try:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            fh, size = io.BytesIO(bytes(src)), len(src)
+        else:
+            fh, size = open(src, "rb"), os.path.getsize(src)
+        with fh:
+            head = fh.read(8)
+            if len(head) < 8 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide"):
+                return False
+            pos = 0
+            while pos + 8 <= size:
+                fh.seek(pos)
+                hdr = fh.read(16)
+                box = int.from_bytes(hdr[:4], "big")
+                if box == 1 and len(hdr) >= 16:
+                    box = int.from_bytes(hdr[8:16], "big")
+                if box == 0:  # runs to the end of the file
+                    return False
+                if box < 8:
+                    return False  # not a box layout we can judge
+                pos += box
+            return pos > size
+    except OSError:
+        return False
+
+
 def _open(src: Source):
     """Open a container from a path or from in-memory bytes (shards)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -228,6 +257,8 @@ def decode_clip(src: Source, frames: int, fps: float, image_size: int, sample_ra
     try:
         container = _open(src)
     except Exception as exc:
+        if isinstance(exc, EOFError) or _cut_short(src):
+            raise ClipError("truncated", f"cannot open {name}: the file ends early ({exc!r})") from None
         raise ClipError("decode_error", f"cannot open {name}: {exc!r}") from None
     with container:
         return _decode_open(container, frames, fps, image_size, sample_rate, audio_seconds, n_audio,

@@ -46,7 +46,7 @@ def _captions(rec: ClipRecord, v0: float, span: float, candidates: int, counts: 
                 else parse_inline_align(rec.align)
             return window_captions(words, v0, span, candidates)
         except AlignError as exc:
-            note_bad(counts, "bad_align", f"{rec.name}: {exc}; using the whole caption")
+            note_bad(counts, "bad_align", f"{rec.name}: {exc}; using the whole caption", rec.name)
     if rec.text is None:
         return []
     return [rec.text] if isinstance(rec.text, str) else [str(t) for t in rec.text]
@@ -59,15 +59,16 @@ def load_item(rec: ClipRecord, cfg, counts: Dict[str, int]) -> dict:
     clip = decode_clip(rec.video, cfg.frames, cfg.fps, cfg.image_size, cfg.sample_rate, cfg.audio_seconds,
                        start=rec.start, end=rec.end, audio_src=rec.audio, name=rec.name)
     for kind, detail in clip.problems:
-        note_bad(counts, kind, detail)
+        note_bad(counts, kind, detail, rec.name)
     text = torch.zeros(cfg.candidates, cfg.max_words, dtype=torch.int64)
     if not rec.text_ok:
-        note_bad(counts, "bad_caption", f"{rec.name}: caption is not valid UTF-8")
+        note_bad(counts, "bad_caption", f"{rec.name}: caption is not valid UTF-8", rec.name)
     else:
         text = tokenize_candidates(_captions(rec, clip.v0, cfg.frames / cfg.fps, cfg.candidates, counts),
                                    cfg.candidates, cfg.max_words)
         if not bool(text[0].any()):
-            note_bad(counts, "empty_caption", f"{rec.name}: caption has no words in the sampled window")
+            note_bad(counts, "empty_caption", f"{rec.name}: caption has no words in the sampled window",
+                     rec.name)
             text.zero_()
     item = {
         "video": clip.video, "audio": clip.audio, "text": text,

@@ -54,10 +54,10 @@ def _parse_line(raw: bytes, n: int, path: str, counts: Dict[str, int]) -> Option
     try:
         entry = json.loads(line)
     except ValueError as exc:
-        note_bad(counts, "bad_line", f"{path}:{n}: not JSON ({exc})")
+        note_bad(counts, "bad_line", f"{path}:{n}: not JSON ({exc})", f"{path}:{n}")
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
-        note_bad(counts, "bad_line", f"{path}:{n}: not an object with a \"path\" string")
+        note_bad(counts, "bad_line", f"{path}:{n}: not an object with a \"path\" string", f"{path}:{n}")
         return None
     entry["_text_ok"] = utf8 or not _has_escapes(entry.get("text"))
     entry["_line"] = n
@@ -172,7 +172,7 @@ class ManifestDataset(Dataset):
             try:
                 item = load_item(rec, self.cfg, counts)
             except ClipError as exc:
-                note_bad(counts, exc.kind, exc.detail)
+                note_bad(counts, exc.kind, exc.detail, rec.name)
                 continue
             item["bad"] = counts
             return item

@@ -82,9 +82,10 @@ def scan_shard(path: str, counts: Dict[str, int]) -> List[str]:
                 if key is not None and (not keys or keys[-1] != key):
                     keys.append(key)
     except FileNotFoundError:
-        note_bad(counts, "missing_file", f"shard {path} does not exist")
+        note_bad(counts, "missing_file", f"shard {path} does not exist", path)
     except (tarfile.TarError, OSError) as exc:
-        note_bad(counts, "decode_error", f"shard {path}: {exc}; its last {1 if keys else 0} sample(s) dropped")
+        note_bad(counts, "decode_error", f"shard {path}: {exc}; its last {1 if keys else 0} sample(s) dropped",
+                 path)
         keys = keys[:-1]
     return keys
 
@@ -283,10 +284,12 @@ class ShardStream(IterableDataset):
     # -- decoding -----------------------------------------------------------------------------------
     def _decode(self, raw: Tuple[dict, int]) -> Tuple[Optional[dict], Dict[str, int]]:
         counts = zero_counts()
+        sample = raw[0]
+        name = f"{os.path.basename(sample.get('__url__', '?'))}/{sample.get('__key__', '?')}"
         try:
             item = load_item(sample_record(*raw), self.cfg, counts)
         except ClipError as exc:
-            note_bad(counts, exc.kind, exc.detail)
+            note_bad(counts, exc.kind, exc.detail, name)
             return None, counts
         return item, counts
 
