@@ -486,12 +486,15 @@ class Trainer:
             loss = hd.global_masked_mean(l_va, batch["mask_va"]) + lam * hd.global_masked_mean(l_vt, batch["mask_vt"])
             loss.backward()
             return None
-        up = self.cfg.harmony.upstream
+        h = self.cfg.harmony
+        extra = {}                               # only what the settings use: a user's harmonizer may not take them
+        if h.upstream != "path":
+            extra["measure_losses"] = self.losses_under(h.upstream)
+        if h.mode == "feature":
+            extra["feature"] = self._feat_v
         return self.harmonizer.backward(l_va, l_vt, va_inputs=va_inputs, vt_inputs=vt_inputs,
                                         mask_va=batch["mask_va"], mask_vt=batch["mask_vt"], step=self.step,
-                                        total_steps=self.cfg.train.steps, ids=batch["index"],
-                                        measure_losses=None if up == "path" else self.losses_under(up),
-                                        **({"feature": self._feat_v} if self.cfg.harmony.mode == "feature" else {}))
+                                        total_steps=self.cfg.train.steps, ids=batch["index"], **extra)
 
     def optimizer_step(self, loss: torch.Tensor) -> Dict[str, float]:
         """Average accumulated gradients, clip, skip on any rank's non-finite value, step AdamW and the schedule."""
