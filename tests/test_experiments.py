@@ -331,3 +331,41 @@ def test_only_selects_runs_by_name(capsys):
     assert select(runs, []) == runs
     assert experiments_main(["run", "long_headroom", "--out", "unused", "--only", "size-123"]) == 2
     assert "no run of long_headroom matches" in capsys.readouterr().err
+
+
+def test_maps_tables_from_run_files(tmp_path):
+    """maps: window means of a detector, its first informative window, the oracle's gain and the outcome fraction
+    come out of hand-made run folders as computed by hand."""
+    from harmony.experiments.maps import maps
+
+    def make(root, name, labels, cfg, auc, concept, wall):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (d / "run.json").write_text(json.dumps({"labels": labels}))
+        rows = [{"step": s, "noise_auc_feat_own_pair_text": auc(s), "noise_auc_loss_text": 0.9} for s in range(10, 2001, 10)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        ev = [{"step": s, "retrieval": {"v2t": {"concept_acc": concept(s)}, "t2v": {"concept_acc": concept(s) / 2}}}
+              for s in range(250, 2001, 250)]
+        (d / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in ev) + "\n")
+        (d / "summary.json").write_text(json.dumps({"retrieval": {"v2t": {"concept_acc": concept(2000)},
+                                                                   "t2v": {"concept_acc": concept(2000) / 2}},
+                                                    "probe_acc": 0.5, "wall_s": wall}))
+
+    head, outc = tmp_path / "head", tmp_path / "out"
+    for seed, off in ((0, 0.0), (1, 0.02)):
+        plain = {"data": {"size": 4096, "oracle_drop": False, "noise": 0.4}, "train": {"seed": seed}}
+        oracle = {"data": {"size": 4096, "oracle_drop": True, "noise": 0.4}, "train": {"seed": seed}}
+        make(head, f"plain{seed}", {"size": "4096", "arm": "plain", "seed": str(seed)}, plain,
+             lambda s: 0.5 if s <= 500 else 0.8, lambda s: 0.4 + off, 100.0)
+        make(head, f"oracle{seed}", {"size": "4096", "arm": "oracle", "seed": str(seed)}, oracle,
+             lambda s: 0.5, lambda s: 0.6 + off, 100.0)
+        arm = {"data": {"size": 4096, "noise": 0.4}, "train": {"seed": seed}, "harmony": {"curriculum": "ratio"}}
+        make(outc, f"arm{seed}", {"arm": "x", "seed": str(seed)}, arm, lambda s: 0.6, lambda s: 0.45 + off, 150.0)
+    text = maps([head], head, outc, tmp_path / "maps", plots=False).read_text()
+    print(text)
+    assert "| cos own_pair (feature) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | " \
+           "1000 (concept 0.41 / 0.21) |" in text
+    assert "| own loss ℓvt | 0.900 ± 0.000 |" in text and "oracle=" not in text.split("## Headroom")[0]
+    assert "| 2000 | 0.410 ± 0.014 | 0.610 ± 0.014 | +0.200 | yes | 0.205 ± 0.007 | 0.305 ± 0.007 | +0.100 | yes |" in text
+    assert "| arm=x | 2 | 0.460 ± 0.014 | 0.230 ± 0.007 | 0.500 ± 0.000 | +0.25 | +0.25 | 1.50× |" in text

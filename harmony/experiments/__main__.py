@@ -10,6 +10,7 @@ from typing import List, Optional
 from harmony.config import ConfigError
 from harmony.experiments.aggregate import aggregate
 from harmony.experiments.grid import GRIDS, expand, get_grid, parse_sets, select
+from harmony.experiments.maps import maps
 from harmony.experiments.report import report
 from harmony.experiments.runner import run_grid, summarize
 
@@ -35,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("root")
     rep.add_argument("--out", required=True)
     rep.add_argument("--no-plots", action="store_true")
+    mp = sub.add_parser("maps", help="premise map, headroom map and outcome table of long runs (maps.md)")
+    mp.add_argument("--premise", nargs="*", default=[], help="folders whose runs map the detectors (any grid)")
+    mp.add_argument("--headroom", default=None, help="a long_headroom folder (plain and oracle arms)")
+    mp.add_argument("--outcome", default=None, help="a long_outcome folder (compared with --headroom's controls)")
+    mp.add_argument("--outcome-size", type=int, default=4096, help="data.size of the outcome runs' controls")
+    mp.add_argument("--out", required=True)
+    mp.add_argument("--no-plots", action="store_true")
     ls = sub.add_parser("list", help="the named grids, or one grid's runs with their train.py commands")
     ls.add_argument("grid", nargs="?", choices=sorted(GRIDS))
     ls.add_argument("--out", default=None, help="experiment folder the commands write to (default runs/GRID)")
@@ -59,6 +67,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.cmd == "list":
             _list(args.grid, args.out, args.set)
+            return 0
+        if args.cmd == "maps":
+            path = maps(args.premise, args.headroom, args.outcome, args.out, args.outcome_size,
+                        plots=not args.no_plots)
+            print(f"-> {path}")
             return 0
         if args.cmd == "report":
             res = report(args.root, args.out, plots=not args.no_plots)
