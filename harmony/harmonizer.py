@@ -58,7 +58,9 @@ class HarmonyStats:
     dots [B, 3] (⟨g^va, g^vt⟩, ‖g^va‖², ‖g^vt‖²) over the scope; cos, weights, alpha, beta [B];
     coef_va, coef_vt [B]: the update's per-sample coefficients ca = w·α/norm, cv = w·β/norm;
     valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
-    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "feature" or "plain".
+    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "feature", "unmeasured" or
+    "plain"; score [B]: what the curriculum ranks by (harmony.curriculum_score; the cosine by default), higher =
+    more trusted.
     """
 
     dots: torch.Tensor
@@ -74,6 +76,7 @@ class HarmonyStats:
     loss_vt: torch.Tensor
     kept: float
     mode: str
+    score: Optional[torch.Tensor] = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -534,7 +537,7 @@ class GradientHarmonizer:
     def _stats(dots, co, mean_va, mean_vt, mode: str) -> HarmonyStats:
         return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
                             coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
-                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode)
+                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode, score=co["score"])
 
     def _losses(self, l_va, l_vt, m_va, m_vt):
         """(L_va, L_vt) to differentiate and the global masked means (detached) for the stats.
@@ -652,7 +655,7 @@ class GradientHarmonizer:
         n_valid = int(ra.valid[sl].sum())
         kept = float(((w[sl] > 0) & ra.valid[sl]).sum()) / n_valid if n_valid else 1.0
         return dict(cos=ra.cos[sl], alpha=ra.alpha[sl], beta=ra.beta[sl], conflict=ra.conflict[sl], valid=ra.valid[sl],
-                    w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept)
+                    w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept, score=g_score[sl].float())
 
     def _update_ghost(self, co, va_inputs, u_va, vt_inputs, u_vt, grads, B, bufs) -> None:
         """One weighted ordinary backward; apply_to=scope: plain weights there, plus the scoped correction."""

@@ -584,6 +584,10 @@ class Trainer:
                     for key, col in (("gva", 1), ("gvt", 2)):
                         entry[key] = torch.where(valid, -dots[:, col].clamp(min=0).sqrt() * (1 - cos.float()),
                                                  nan).cpu()
+            score = _stat(stats, "score") if stats is not None else None
+            if score is not None:  # the run's detector (harmony.curriculum_score); NaN where it has no value
+                ok = _stat(stats, "valid").bool() & torch.isfinite(score)
+                entry["score"] = torch.where(ok, score.float(), torch.full_like(score.float(), float("nan"))).cpu()
             if feat_cos is not None:
                 entry.update(feat_cos)
             win.noise.append(entry)
@@ -607,7 +611,8 @@ class Trainer:
         if entry is None:
             return
         nt, na = entry["noisy_text"], entry["noisy_audio"]
-        self.noise_window.append({"cos": entry["cos"], "noisy_text": nt, "noisy_audio": na})
+        self.noise_window.append({"cos": entry["cos"], "score": entry.get("score", entry["cos"]), "noisy_text": nt,
+                                  "noisy_audio": na})
         ids = batch["index"].long().cpu()
         if ids.numel():
             need = int(ids.max()) + 1
@@ -667,8 +672,9 @@ class Trainer:
         return row
 
     def _window_noise(self, win: _Window) -> dict:
-        """The window's premise-(a) statistics, over all ranks: noise AUC of the per-sample cosine (overall,
-        text, audio) and of the magnitude-aware scores ‖g^vt‖(1 − c), ‖g^va‖(1 − c) from the harmonizer's dots
+        """The window's premise-(a) statistics, over all ranks: noise AUC of the run's detector score (noise_auc:
+        what the curriculum ranks by, harmony.curriculum_score; the cosine by default) and of the per-sample
+        cosine (noise_auc_cos; overall, text, audio) and of the magnitude-aware scores ‖g^vt‖(1 − c), ‖g^va‖(1 − c) from the harmonizer's dots
         (noise_auc_gvt*, noise_auc_gva*), the same three at the pooled video feature under each per-sample
         definition (noise_auc_feat*, noise_auc_feat_gvt*, noise_auc_feat_gva*; suffix _own_row / _own_pair, none
         for path), the conflict fraction (cosine below
@@ -682,7 +688,8 @@ class Trainer:
             return out
         nt = torch.cat([e["noisy_text"] for e in entries])
         na = torch.cat([e["noisy_audio"] for e in entries])
-        scores = [("cos", "noise_auc"), ("gvt", "noise_auc_gvt"), ("gva", "noise_auc_gva")]
+        scores = [("score" if all("score" in e for e in entries) else "cos", "noise_auc"), ("cos", "noise_auc_cos"),
+                  ("gvt", "noise_auc_gvt"), ("gva", "noise_auc_gva")]
         scores += [(f"feat_{s}{d}", f"noise_auc_feat{'' if s == 'cos' else '_' + s}{d}")
                    for d in ("", "_own_row", "_own_pair") for s in ("cos", "gvt", "gva")]
         for key, prefix in scores:
@@ -714,20 +721,24 @@ class Trainer:
                             self.cfg.eval.probe, self.cfg.eval.probe_ridge, self.cfg.train.precision)
 
     def noise_metrics(self) -> dict:
-        """noise_auc over the last eval.noise_window training steps and noise_auc_memory of the score memory."""
+        """Over the last eval.noise_window training steps: noise_auc of the run's detector score (what the
+        curriculum ranks by, harmony.curriculum_score: the cosine by default), noise_auc_cos of the cosine; and
+        noise_auc_memory of the score memory."""
         out = {}
         local = None
         if self.noise_window:
             # entries from checkpoints of older runs carry a separate "valid" mask instead of NaN cosines
             cos = [torch.where(w["valid"], w["cos"], float("nan")) if "valid" in w else w["cos"]
                    for w in self.noise_window]
-            local = {"cos": torch.cat(cos), **{k: torch.cat([w[k] for w in self.noise_window])
-                                               for k in ("noisy_text", "noisy_audio")}}
+            score = [w.get("score", c) for w, c in zip(self.noise_window, cos)]
+            local = {"cos": torch.cat(cos), "score": torch.cat(score),
+                     **{k: torch.cat([w[k] for w in self.noise_window]) for k in ("noisy_text", "noisy_audio")}}
         parts = [p for p in hd.all_gather_object(local) if p is not None]
         if parts:
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            out.update(noise_detection_auc(cat["cos"], torch.isfinite(cat["cos"]), cat["noisy_text"],
-                                           cat["noisy_audio"]))
+            for key, prefix in (("score", "noise_auc"), ("cos", "noise_auc_cos")):
+                out.update(_finite(noise_detection_auc(cat[key], torch.isfinite(cat[key]), cat["noisy_text"],
+                                                       cat["noisy_audio"], prefix=prefix)))
         out.update(self._memory_auc())
         return out
 

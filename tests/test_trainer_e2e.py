@@ -200,3 +200,32 @@ def test_oracle_drop_masks_exactly_the_flagged_losses(tmp_path):
             trainer._oracle({k: v for k, v in batch.items() if k != "noisy_text"})
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("score", ["cos", "gvt", "loss"])
+def test_noise_auc_follows_the_runs_detector_score(tmp_path, score):
+    """noise_auc (per window and in the summary) is the AUC of what the curriculum ranks by; noise_auc_cos stays
+    the cosine's. With the cosine they are the same numbers; with gvt they equal the magnitude-aware score's AUC
+    (computed by the trainer from the same dots); with a measure-free loss ranking they equal the own-loss AUC."""
+    extra = {"cos": ["--harmony.mode=feature"],
+             "gvt": ["--harmony.mode=feature", "--harmony.curriculum=ratio", "--harmony.curriculum_score=gvt"],
+             "loss": ["--harmony.measure=false", "--harmony.curriculum=ratio", "--harmony.curriculum_score=loss",
+                      "--data.noise_audio=0.0", "--harmony.lam=1.0"]}[score]
+    run = tmp_path / score
+    summary = main([f"--log.run_dir={run}", "--train.steps=6", "--harmony.realign=none", "--log.plots=false",
+                    "--eval.every=0", *extra, *SMALL])
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "noise_auc" in r]
+    assert rows
+    for r in rows:
+        if score == "cos":
+            assert r["noise_auc"] == r["noise_auc_cos"]
+        elif score == "gvt":
+            assert r["noise_auc"] == pytest.approx(r["noise_auc_gvt"], abs=1e-12)
+        else:
+            assert "noise_auc_cos" not in r
+    if score == "gvt":      # a different detector than the cosine (in some window of this short run)
+        assert any(r["noise_auc"] != r["noise_auc_cos"] for r in rows)
+    if score == "cos":
+        assert summary["noise_auc"] == summary["noise_auc_cos"]
+    elif score == "loss":
+        assert "noise_auc_cos" not in summary and "noise_auc" in summary
