@@ -418,12 +418,8 @@ def test_in_place_change_of_a_kept_activation_raises():
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
 
 
-def test_loss_ranked_curriculum_keeps_the_lowest_losses():
-    """harmony.curriculum_score=loss: the ratio schedule keeps the ceil(ρ·n) valid samples with the lowest
-    ℓ^va + λ·ℓ^vt (float64 reference), the memory then holds those scores, and thresholds are refused."""
-    B, lam = 7, 0.5
-    cfg = HarmonyConfig(realign="none", curriculum="ratio", curriculum_score="loss", lam=lam, curriculum_start=0.0,
-                        rho0=0.5, ramp=1.0, min_keep=0.0).validate()
+def step_with_losses(cfg: HarmonyConfig, B: int):
+    """One harmonized step at step 0 of 10 with item ids: (model, harmonizer, stats, l_va, l_vt)."""
     model = fresh_model()
     h = GradientHarmonizer(model, cfg)
     x = toy_batch(B, seed=SEED + B)
@@ -432,6 +428,17 @@ def test_loss_ranked_curriculum_keeps_the_lowest_losses():
     l_va, l_vt = nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt)
     st = h.backward(l_va, l_vt, va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt,
                     step=0, total_steps=10, ids=torch.arange(B))
+    return model, h, st, l_va, l_vt
+
+
+def test_loss_ranked_curriculum_keeps_the_lowest_losses():
+    """harmony.curriculum_score=loss: the ratio schedule keeps the ceil(ρ·n) valid samples with the lowest
+    ℓ^va + λ·ℓ^vt (float64 reference), the memory then holds those scores, and thresholds are refused."""
+    B, lam = 7, 0.5
+    cfg = HarmonyConfig(realign="none", curriculum="ratio", curriculum_score="loss", lam=lam, curriculum_start=0.0,
+                        rho0=0.5, ramp=1.0, min_keep=0.0).validate()
+    model, h, st, l_va, l_vt = step_with_losses(cfg, B)
+    m_va, m_vt = MASKS[B]
     valid = m_va & m_vt
     total = (torch.where(m_va, l_va, 0.0) + lam * torch.where(m_vt, l_vt, 0.0)).detach().double()
     k = math.ceil(0.5 * int(valid.sum()))
@@ -457,14 +464,8 @@ def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
         dict(curriculum="ratio", rho0=0.5)
     cfg = HarmonyConfig(realign="none", curriculum_score=score, curriculum_target="vt", lam=lam, mode="ghost",
                         curriculum_start=0.0, ramp=1.0, min_keep=0.0, **extra).validate()
-    model = fresh_model()
-    h = GradientHarmonizer(model, cfg)
-    x = toy_batch(B, seed=SEED + B)
+    model, h, st, l_va, l_vt = step_with_losses(cfg, B)
     m_va, m_vt = MASKS[B]
-    z_v, z_a, z_vt, z_t = model(*x)
-    l_va, l_vt = nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt)
-    st = h.backward(l_va, l_vt, va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt,
-                    step=0, total_steps=10, ids=torch.arange(B))
     valid = m_va & m_vt
     names = h.scope_names()
     d, na, nt = dots_of(flat(g_va, names), flat(g_vt, names)).unbind(1)
