@@ -2,9 +2,11 @@
 
 One run times, on the project's VATT model at a realistic batch (random inputs of the data contract's shapes):
   plain                 forward + backward of L_va + λ·L_vt
-  <mode>/<scope>        forward + GradientHarmonizer.backward (PCGrad), mode ∈ {ghost, materialize},
-                        scope ∈ {shared, backbone, last_block}; bookkeeping (the update formed from the kept
-                        activations instead of a second backward) as the harmonizer picks it (column bk)
+  <mode>/<scope>        forward + GradientHarmonizer.backward (PCGrad), mode ∈ {ghost, materialize, feature,
+                        sketch}, scope ∈ {shared, backbone, last_block}; bookkeeping (the update formed from the
+                        kept activations instead of a second backward) as the harmonizer picks it (column bk).
+                        feature measures at the pooled video feature whatever the scope; sketch reports next to
+                        its time the mean |Δcos| of its estimated cosines against the exact ones (column |dcos|)
   <mode>/<scope>/2bw    the same with bookkeeping off: the update by a second, weighted backward
   ghost/shared/<rule>   (--rules) ghost/shared with another realignment rule (none, project_va, gradvac, ...)
   torch.func/<scope>    a straightforward torch.func implementation of the same per-sample PCGrad:
@@ -12,13 +14,17 @@ One run times, on the project's VATT model at a realistic batch (random inputs o
                         gradients) for the scope's parameters, torch ops for the dots, the PCGrad
                         coefficients and Σ_i α_i g^va_i + β_i g^vt_i; the other parameters get the
                         weighted plain gradient by one backward
-Variants run round-robin (repeat r of every variant, then repeat r+1), so machine noise hits all of
-them alike; the table gives medians, the ratio to plain, and the peak memory of one step above the
+Variants run round-robin (repeat r of every variant, then repeat r+1; the order rotates each round, so no
+variant always runs right after the same one), so machine noise hits all of them alike; the table gives medians, the ratio to plain, and the peak memory of one step above the
 memory held before it (CPU: peak RSS, reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
+Column F x: the variant's counted FLOPs over the plain step's (benchmarks/flop_floor.py: matrix products,
+convolutions, attention, per-sample dots). Column floor: the plain step's time plus the variant's extra
+counted FLOPs at the fp32 matrix-product rate measured in the same run, over the plain step's time.
 Rows are appended to a CSV with the device name and the git commit.
 
     python benchmarks/bench_step.py                       # CPU, VATT-tiny, batch 32
     python benchmarks/bench_step.py --device cuda --size small --batch 64
+    python benchmarks/bench_step.py --size small --batch 4 --frames 16 --image-size 64 --modes ghost,sketch
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from harmony.losses import masked_mean, mil_nce, nce  # noqa: E402
 from harmony.model import VATT  # noqa: E402
 
 from benchmarks.common import append_csv, device_name, sync  # noqa: E402
+from benchmarks.flop_floor import count_flops, floor_ratio, gemm_rate  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -110,11 +117,13 @@ def plain_step(model, batch, lam: float) -> None:
     (masked_mean(l_va) + lam * masked_mean(l_vt)).backward()
 
 
-def harmonized_step(model, harmonizer, batch) -> None:
+def harmonized_step(model, harmonizer, batch):
     model.zero_grad(set_to_none=True)
     out = model(**batch, generator=torch.Generator().manual_seed(0))
     l_va, l_vt = losses(out)
-    harmonizer.backward(l_va, l_vt, va_inputs=(out.z_va_v, out.z_va_a), vt_inputs=(out.z_vt_v, out.z_vt_t))
+    feature = out.feat_v if harmonizer.cfg.mode == "feature" else None
+    return harmonizer.backward(l_va, l_vt, va_inputs=(out.z_va_v, out.z_va_a),
+                               vt_inputs=(out.z_vt_v, out.z_vt_t), feature=feature)
 
 
 class FuncPCGrad:
@@ -194,6 +203,10 @@ def main(argv=None) -> List[dict]:
                     help="mode/scope pairs also timed with bookkeeping off ('' to skip)")
     ap.add_argument("--rules", default="",
                     help="extra ghost/shared variants with these realignment rules (e.g. project_va,gradvac)")
+    ap.add_argument("--sketch-dim", type=int, default=16, help="sketch mode: k of the k×k per-layer sketches")
+    ap.add_argument("--frames", type=int, default=0, help="video frames per clip (0: the data default)")
+    ap.add_argument("--image-size", type=int, default=0, help="video frame size (0: the data default)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the counted-FLOP floor column")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "out" / "bench_step.csv"))
     args = ap.parse_args(argv)
@@ -203,6 +216,10 @@ def main(argv=None) -> List[dict]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     mcfg, dcfg = ModelConfig(size=args.size), DataConfig()
+    if args.frames:
+        dcfg.frames = args.frames
+    if args.image_size:
+        dcfg.image_size = args.image_size
     model = VATT(mcfg, dcfg).to(device).train()
     batch = make_batch(args.batch, dcfg, device, torch.Generator().manual_seed(1))
     lam = 1.0
@@ -214,7 +231,9 @@ def main(argv=None) -> List[dict]:
     pairs += [(*ms.split("/"), False, "pcgrad") for ms in filter(None, args.second_backward.split(","))]
     pairs += [("ghost", "shared", None, rule) for rule in filter(None, args.rules.split(","))]
     for mode, scope, bk, rule in pairs:
-        h = GradientHarmonizer(model, HarmonyConfig(realign=rule, mode=mode, scope=scope, lam=lam), bookkeeping=bk)
+        extra = dict(sketch_dim=args.sketch_dim) if mode == "sketch" else {}
+        h = GradientHarmonizer(model, HarmonyConfig(realign=rule, mode=mode, scope=scope, lam=lam, **extra),
+                               bookkeeping=bk)
         h.recording = False                        # armed only while its own variant runs
         name = f"{mode}/{scope}" + ("/2bw" if bk is False else "") + (f"/{rule}" if rule != "pcgrad" else "")
         harmonizers[name] = h
@@ -225,6 +244,7 @@ def main(argv=None) -> List[dict]:
 
     times: Dict[str, List[float]] = {k: [] for k in variants}
     mem: Dict[str, float] = {}
+    flops: Dict[str, int] = {}
     for name, fn in variants.items():                      # warm-up, and one step for the memory peak
         for _ in range(args.warmup):
             fn()
@@ -232,8 +252,12 @@ def main(argv=None) -> List[dict]:
         with PeakMemory(device) as pm:
             fn()
         mem[name] = pm.mib
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
+        if not args.no_floor:
+            flops[name] = count_flops(fn)
+    dcos = {name: _sketch_error(model, h, batch, lam) for name, h in harmonizers.items() if h.cfg.mode == "sketch"}
+    order = list(variants.items())
+    for r in range(args.repeats):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:   # rotated: no variant always follows one
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -241,29 +265,55 @@ def main(argv=None) -> List[dict]:
             times[name].append(time.perf_counter() - t0)
 
     base = statistics.median(times["plain"])
+    video_tokens = model.video_embed.num_tokens
     dev_name = device_name(device)
     print(f"\n{model.describe()}")
     print(f"device {dev_name}; batch {args.batch}; median of {args.repeats} (round-robin) after {args.warmup} warm-up")
-    print(f"{'variant':<28}{'bk':>4}{'ms':>10}{'x plain':>10}{'peak MiB':>11}")
+    rate = gemm_rate(device) if flops else float("nan")
+    if flops:
+        print(f"counted FLOPs of the plain step: {flops['plain'] / 1e9:.2f} G; fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s")
+    print(f"{'variant':<28}{'bk':>4}{'ms':>10}{'x plain':>10}{'F x':>7}{'floor':>8}{'peak MiB':>11}{'|dcos|':>9}")
     rows = []
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         ratio = ms / (base * 1e3)
         bk = "-" if name not in harmonizers else ("yes" if harmonizers[name].bookkeeping else "no")
-        print(f"{name:<28}{bk:>4}{ms:>10.1f}{ratio:>10.2f}{mem[name]:>11.1f}")
-        rows.append(dict(bench="step", op=name, shape=f"vatt-{args.size} B={args.batch}", dtype="float32",
-                         backend=f"bookkeeping={bk}", ms=round(ms, 3), rate=round(ratio, 4), unit="x plain",
-                         notes=f"peak {mem[name]:.1f} MiB above the step's start; median of {args.repeats}"))
+        fx = flops[name] / flops["plain"] if flops else float("nan")
+        floor = floor_ratio(flops[name], flops["plain"], base, rate) if flops else float("nan")
+        err = f"{dcos[name]:.3f}" if name in dcos else "-"
+        print(f"{name:<28}{bk:>4}{ms:>10.1f}{ratio:>10.2f}{fx:>7.2f}{floor:>8.2f}{mem[name]:>11.1f}{err:>9}")
+        notes = (f"peak {mem[name]:.1f} MiB above the step's start; median of {args.repeats}; counted FLOPs "
+                 f"{fx:.3f} x plain; floor {floor:.3f}")
+        if name in dcos:
+            notes += f"; mean |dcos| {dcos[name]:.4f} (k={args.sketch_dim})"
+        rows.append(dict(bench="step", op=name, shape=f"vatt-{args.size} B={args.batch} video {video_tokens}",
+                         dtype="float32", backend=f"bookkeeping={bk}", ms=round(ms, 3), rate=round(ratio, 4),
+                         unit="x plain", notes=notes))
     append_csv(args.csv, rows, device)
     print(f"appended {len(rows)} rows to {args.csv}")
     return rows
 
 
-def _armed(h: GradientHarmonizer, fn: Callable[[], None]) -> None:
+def _sketch_error(model, h: GradientHarmonizer, batch, lam: float, steps: int = 3) -> float:
+    """Mean |Δcos| of the sketch's cosines against an exact ghost harmonizer's on the same steps (the sketch
+    is re-drawn per step: ``steps`` steps)."""
+    exact = GradientHarmonizer(model, HarmonyConfig(realign="none", mode="ghost", scope=h.cfg.scope, lam=lam))
+    exact.recording = False
+    errs = []
+    for step in range(steps):
+        h.step_seed = step
+        st = _armed(h, lambda: harmonized_step(model, h, batch))
+        ref = _armed(exact, lambda: harmonized_step(model, exact, batch))
+        errs.append((st.cos - ref.cos).abs().mean().item())
+    exact.remove()
+    return statistics.mean(errs)
+
+
+def _armed(h: GradientHarmonizer, fn: Callable[[], object]):
     """Run one variant with only its harmonizer's hooks recording."""
     h.recording = True
     try:
-        fn()
+        return fn()
     finally:
         h.recording = False
 

@@ -1,7 +1,7 @@
 """Pre-LN Transformer encoder (SPEC §8) built from nn.Linear / nn.LayerNorm only.
 
-Attention is written with one qkv nn.Linear, an output nn.Linear and F.scaled_dot_product_attention (not
-nn.MultiheadAttention, whose weights bypass nn.Linear), so every weight the harmonizer sees is a Linear or
+Attention is written with one qkv nn.Linear, an output nn.Linear and scaled dot-product attention
+(harmony.model.attention, whose backward also batches; not nn.MultiheadAttention, whose weights bypass nn.Linear), so every weight the harmonizer sees is a Linear or
 LayerNorm applied token-wise, and nothing mixes samples: row b of the output depends on row b of the input only.
 """
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from harmony.model.attention import attention
 
 
 class SelfAttention(nn.Module):
@@ -30,8 +31,7 @@ class SelfAttention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
