@@ -58,9 +58,15 @@ class HarmonyConfig:
     curriculum: str = _f("none", "per-sample weighting schedule (SPEC §4)",
                          choices=("none", "threshold", "ratio", "soft", "memory"))
     mode: str = _f("auto", "how per-sample dots are computed: exact over the scope's parameters (ghost, "
-                   "materialize; auto picks between them by memory_budget_mb) or the cheaper tiers: feature (at "
-                   "the shared representation the model returns, e.g. VATT's pooled video feature)",
-                   choices=("auto", "ghost", "materialize", "feature"))
+                   "materialize; auto picks between them by memory_budget_mb) or the cheaper tiers: sketch (unbiased "
+                   "estimates from sketch_dim x sketch_dim projections of each Linear's per-sample gradient), "
+                   "feature (at the shared representation the model returns, e.g. VATT's pooled video feature)",
+                   choices=("auto", "ghost", "materialize", "sketch", "feature"))
+    sketch_dim: int = _f(16, "sketch mode: k of the k x k per-layer, per-sample sketches (error ~ 1/sqrt(k))", lo=1)
+    sketch_kind: str = _f("gaussian", "sketch mode: projection entries, Gaussian or random signs",
+                          choices=("gaussian", "sign"))
+    sketch_seed: int = _f(0, "sketch mode: projections are drawn per step and layer from (this seed, step, layer)",
+                          lo=0)
     upstream: str = _f("path", "which gradient is sample i's MEASURED gradient (cosine, norms, memory, curriculum "
                        "score): path (∂L_k/∂z_i, incl. i's role as a negative in other rows), own_row (i's own loss "
                        "row through its own embeddings) or own_pair (its positive-pair logits only); the update is "

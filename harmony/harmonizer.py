@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_map
 
 from harmony import feature as feature_mode
 from harmony import ghost, materialize
+from harmony import sketch as sketch_mode
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.curriculum import LossMixture, ScoreMemory, curriculum_weights, sample_scores, update_coefficients
 from harmony.grad_sample import Call, PerSampleError, find_sampler
@@ -58,7 +59,8 @@ class HarmonyStats:
     dots [B, 3] (⟨g^va, g^vt⟩, ‖g^va‖², ‖g^vt‖²) over the scope; cos, weights, alpha, beta [B];
     coef_va, coef_vt [B]: the update's per-sample coefficients ca = w·α/norm, cv = w·β/norm;
     valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
-    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "feature", "unmeasured" or
+    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "sketch", "feature",
+    "unmeasured" or
     "plain"; score [B]: what the curriculum ranks by (harmony.curriculum_score; the cosine by default), higher =
     more trusted.
     """
@@ -254,7 +256,7 @@ class GradientHarmonizer:
             for n in names_:
                 owners.setdefault(self._canonical[(mname, n)], []).append(f"{mname}.{n}")
         tied = {q: o for q, o in owners.items() if len(o) > 1}
-        if tied and self.cfg.mode == "ghost":
+        if tied and self.cfg.mode in ("ghost", "sketch"):
             q, o = next(iter(tied.items()))
             raise PerSampleError(f"parameter {q} is shared by {o}; per-layer ghost dots cannot add the cross terms of a "
                                  "tied parameter: use harmony.mode=materialize or leave it out of the scope")
@@ -483,6 +485,9 @@ class GradientHarmonizer:
                 materialize.fill(self._plan, bufs, self._modules, self._records, grads, self._scoped,
                                  self._canonical, B)
                 dots = materialize.dots(bufs).to(dev)
+            elif mode == "sketch":
+                dots = sketch_mode.layer_dots(self._modules, self._records, grads, self._scoped, B, cfg.sketch_dim,
+                                              cfg.sketch_seed, step, cfg.sketch_kind, cfg.ghost_method, dev)
             else:
                 dots = ghost.layer_dots(self._modules, self._records, grads, self._scoped, B, cfg.ghost_method, dev)
             # per-sample gradients of the data-parallel objective (1/W)·Σ_r L_r: each rank's upstream gradient is
@@ -581,7 +586,7 @@ class GradientHarmonizer:
                 nbytes = torch.finfo(getattr(torch, self.cfg.buffer_dtype)).bits // 8
                 fits = 2 * B * self._scope_numel() * nbytes <= self.cfg.memory_budget_mb * 2 ** 20
                 mode = "materialize" if fits and not self.fsdp else "ghost"
-            if self._tied and mode == "ghost":
+            if self._tied and mode in ("ghost", "sketch"):
                 raise PerSampleError("the scope holds a tied parameter: ghost dots cannot add its cross terms; "
                                      "use harmony.mode=materialize")
             self.mode = mode

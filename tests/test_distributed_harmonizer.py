@@ -34,6 +34,8 @@ CONFIGS = {
     "fsdp2_ghost_pcgrad": ("fsdp2", dict(realign="pcgrad", curriculum="threshold", curriculum_start=0.0,
                                          kappa0=0.2, mode="ghost", scope="shared")),
     "fsdp2_ghost_apply_to_scope": ("fsdp2", dict(realign="pcgrad", apply_to="scope", mode="ghost", scope="all")),
+    "ddp_sketch_pcgrad": ("ddp", dict(realign="pcgrad", mode="sketch", sketch_dim=4, scope="shared")),
+    "fsdp2_sketch_pcgrad": ("fsdp2", dict(realign="pcgrad", mode="sketch", sketch_dim=4, scope="all")),
     "ddp_feature_pcgrad_ratio": ("ddp", dict(realign="pcgrad", curriculum="ratio", curriculum_start=0.0, rho0=0.5,
                                              mode="feature")),
     "fsdp2_feature_pcgrad": ("fsdp2", dict(realign="pcgrad", curriculum="threshold", curriculum_start=0.0,
