@@ -3,9 +3,12 @@
 Three pieces, used by the harmonizer in this order:
 
 * ``output_grads``: ONE batched activation-gradient backward from the loss inputs to the kept layer
-  outputs Y, two columns — the L_va upstream gradients with zeros at the L_vt inputs and vice versa —
-  so every kept Y gets G [2, *Y.shape] = (G^va, G^vt). No parameter gradient is computed (DDP does not
-  reduce, FSDP2 reduce-scatters nothing). Falls back to two plain calls where an op cannot be batched.
+  outputs Y that both losses reach, two columns — the L_va upstream gradients with zeros at the L_vt
+  inputs and vice versa — so every kept Y gets G [2, *Y.shape] = (G^va, G^vt). A Y that only one loss
+  reaches (VATT: the audio and text calls of the shared Transformer) gets its one column from a plain
+  pass from that loss's inputs, so no work is spent carrying a zero column through its branch. No
+  parameter gradient is computed (DDP does not reduce, FSDP2 reduce-scatters nothing). Falls back to two
+  plain calls where an op cannot be batched.
 * ``layer_dots``: per layer, the samplers turn (X, G^va, G^vt) into [B, 3] dots; summed over the scope.
 * ``weighted_backward``: one ordinary backward from the loss inputs with per-row upstream gradients
   ca_i·∂L_va/∂(z_v, z_a)_i and cv_i·∂L_vt/∂(z_vt, z_t)_i. Row i of a loss input depends only on
@@ -37,12 +40,57 @@ def _pairs(va_inputs, u_va, vt_inputs, u_vt):
     return [(z, u, c) for z, u, c in out if z.requires_grad]
 
 
+def _reached_nodes(roots: Sequence[torch.Tensor]) -> set:
+    """The autograd nodes below ``roots`` (their grad_fn and everything it leads to)."""
+    seen, stack = set(), [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(n for n, _ in fn.next_functions if n is not None and n not in seen)
+    return seen
+
+
 def output_grads(va_inputs: Sequence[torch.Tensor], u_va: Sequence[torch.Tensor], vt_inputs: Sequence[torch.Tensor],
                  u_vt: Sequence[torch.Tensor], ys: List[torch.Tensor], batched: bool = True) -> tuple:
     """Per kept output y: G [2, *y.shape] (column 0: from L_va, 1: from L_vt) or None if y reaches neither.
 
+    The kept outputs both losses reach get both columns from one batched backward; those only one loss
+    reaches get their column from a plain backward from that loss's inputs (the other column is zero).
     Returns (grads, batched_worked). ``batched``: try ``is_grads_batched`` first.
     """
+    pairs = _pairs(va_inputs, u_va, vt_inputs, u_vt)
+    if not ys or not pairs:
+        return [None] * len(ys), batched
+    by_col = [[(z, u) for z, u, c in pairs if c == col] for col in (0, 1)]
+    reached = [_reached_nodes([z for z, _ in sel]) for sel in by_col]
+    where = [[], [], []]                                  # indices of ys reached by: both, only va, only vt
+    for j, y in enumerate(ys):
+        a, b = y.grad_fn in reached[0], y.grad_fn in reached[1]
+        if a and b:
+            where[0].append(j)
+        elif a or b:
+            where[1 if a else 2].append(j)
+    grads: List[Optional[torch.Tensor]] = [None] * len(ys)
+    if where[0]:
+        got, batched = _two_columns(va_inputs, u_va, vt_inputs, u_vt, [ys[j] for j in where[0]], batched)
+        for j, g in zip(where[0], got):
+            grads[j] = g
+    for col, sel in ((0, by_col[0]), (1, by_col[1])):
+        idx = where[1 + col]
+        if not idx:
+            continue
+        got = torch.autograd.grad([z for z, _ in sel], [ys[j] for j in idx], [u for _, u in sel],
+                                  retain_graph=True, allow_unused=True)
+        for j, g in zip(idx, got):
+            if g is not None:
+                grads[j] = torch.stack([g, torch.zeros_like(g)] if col == 0 else [torch.zeros_like(g), g])
+    return grads, batched
+
+
+def _two_columns(va_inputs, u_va, vt_inputs, u_vt, ys: List[torch.Tensor], batched: bool) -> tuple:
+    """Both columns for ys [2, *y.shape] (or None): one batched backward, or two plain ones."""
     pairs = _pairs(va_inputs, u_va, vt_inputs, u_vt)
     if not ys or not pairs:
         return [None] * len(ys), batched
