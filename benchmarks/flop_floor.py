@@ -61,9 +61,9 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def gemm_rate(device: torch.device, n: int = 768, repeats: int = 7) -> float:
-    """FLOP/s of an fp32 [n, n] @ [n, n] product on ``device`` with the current threads (median of repeats)."""
-    import statistics
+def gemm_timer(device: torch.device, n: int = 768):
+    """A callable timing one fp32 [n, n] @ [n, n] product -> FLOP/s (run it between the variants, so it sees
+    the same machine load; take the median)."""
     import time
 
     from benchmarks.common import sync
@@ -71,14 +71,14 @@ def gemm_rate(device: torch.device, n: int = 768, repeats: int = 7) -> float:
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     a @ b
-    ts = []
-    for _ in range(repeats):
+
+    def rate() -> float:
         sync(device)
         t0 = time.perf_counter()
         a @ b
         sync(device)
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(ts)
+        return 2 * n ** 3 / (time.perf_counter() - t0)
+    return rate
 
 
 def floor_ratio(flops: int, plain_flops: int, plain_s: float, rate: float) -> float:

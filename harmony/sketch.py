@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from harmony.grad_sample import Call, find_sampler
-from harmony.grad_sample.base import dots_from_rows
-from harmony.grad_sample.linear import gather_tokens
+from harmony.grad_sample.base import dots_from_rows, live
+from harmony.grad_sample.linear import tokens
 
 KINDS = ("gaussian", "sign")
 
@@ -77,10 +77,29 @@ def layer_dots(modules: Dict[str, nn.Module], records: Dict[str, List[Call]],
         if not (isinstance(module, nn.Linear) and "weight" in names):
             total += find_sampler(module, name).dots(module, name, records[name], gs, B, names, method).to(device)
             continue
-        X, G = gather_tokens(records[name], gs, B, name)
-        R, S = projections(X.shape[2], G.shape[3], k, layer_seed(seed, step, index), kind, X.device, X.dtype)
-        total += sketch_dots_ref(X, G[0], G[1], R, S).to(device)
-        if "bias" in names:
-            s = G.sum(2)
-            total += dots_from_rows(s[0], s[1]).to(device)
+        total += _linear_sketch_dots(module, name, records[name], gs, B, names, k,
+                                     layer_seed(seed, step, index), kind).to(device)
     return total
+
+
+def _linear_sketch_dots(module: nn.Linear, name: str, calls, grads, B: int, names, k: int, seed: int,
+                        kind: str) -> torch.Tensor:
+    """[B, 3]: sketched weight dots plus exact bias dots of one Linear over all its calls. The sketch of the
+    calls' concatenated tokens is the sum of the per-call sketches, so no token tensor is concatenated."""
+    sk, bias = None, None
+    R = S = None
+    for call, G in live(calls, grads):
+        X, G = tokens(call.args[0], G, B, name)                  # [B, T, Din], [2, B, T, Dout]
+        if R is None:
+            R, S = projections(X.shape[2], G.shape[3], k, seed, kind, X.device, X.dtype)
+        part = (G @ R).transpose(-1, -2) @ (X @ S)                # [2, B, k, k]
+        sk = part if sk is None else sk + part
+        if "bias" in names:
+            b = G.sum(2)                                          # [2, B, Dout]
+            bias = b if bias is None else bias + b
+    acc = torch.promote_types(sk.dtype, torch.float32)
+    flat = sk.to(acc).flatten(2)
+    out = torch.stack([(flat[0] * flat[1]).sum(1), (flat[0] ** 2).sum(1), (flat[1] ** 2).sum(1)], 1).float()
+    if bias is not None:
+        out += dots_from_rows(bias[0], bias[1])
+    return out
