@@ -70,8 +70,14 @@ if [ $GPU -eq 1 ]; then
     tests/test_ops.py
   stage "kernel benchmark (GPU sizes)" "$OUT/bench.log" "${BENCH_LIMIT:-90}" "$PY" benchmarks/bench_kernels.py \
     --device cuda --sizes "${BENCH_SIZES:-16M,64M}" --repeats 10 --csv "$OUT/results.csv"
-  stage "step benchmark (VATT-small)" "$OUT/bench_step.log" "${STEP_LIMIT:-90}" "$PY" benchmarks/bench_step.py \
-    --device cuda --size small --batch 64 --repeats 5 --warmup 2 --func-scopes "" --second-backward "" --csv "$OUT/results.csv"
+  stage "step benchmark (VATT-small, every tier)" "$OUT/bench_step.log" "${STEP_LIMIT:-90}" "$PY" \
+    benchmarks/bench_step.py --device cuda --size small --batch 64 --repeats 5 --warmup 2 \
+    --modes ghost,materialize,sketch,feature --scopes shared,last_block --func-scopes "" --second-backward "" \
+    --csv "$OUT/results.csv"
+  stage "step benchmark (VATT-small, 512 video tokens: exact against sketch)" "$OUT/bench_step.log" \
+    "${STEP_LIMIT:-90}" "$PY" benchmarks/bench_step.py --device cuda --size small --batch 16 --frames 16 \
+    --image-size 64 --repeats 5 --warmup 2 --modes ghost,sketch --scopes shared --func-scopes "" \
+    --second-backward "" --csv "$OUT/results.csv"
 else
   stage "tests (CPU, Triton interpreter)" "$OUT/tests.log" 300 env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs \
     tests/test_ops.py tests/test_ops_triton.py
