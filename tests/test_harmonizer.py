@@ -341,19 +341,24 @@ def test_records_are_released_and_eval_is_not_recorded():
     assert not h._records
 
 
-def test_unbatched_measurement_fallback_gives_the_same():
-    """Two plain activation-gradient passes (the fallback when an op cannot be batched) = the batched pass."""
+def test_batched_and_plain_measurement_give_the_same():
+    """The two measurement columns by one batched backward (the GPU default) = by two plain passes (the CPU
+    default, and the fallback when an op cannot be batched); the plain passes match the brute force above."""
     cfg = HarmonyConfig(realign="pcgrad", mode="ghost", scope="all")
-    m1, _, s1 = run(cfg, 7)
-    model = fresh_model()
-    h = GradientHarmonizer(model, cfg)
-    h._batched = False
-    z = model(*toy_batch(7, seed=SEED + 7))
-    m_va, m_vt = MASKS[7]
-    s2 = h.backward(nce(z[0], z[1], mask=m_va), mil_nce(z[2], z[3], mask=m_vt), va_inputs=z[:2], vt_inputs=z[2:],
-                    mask_va=m_va, mask_vt=m_vt)
+    out = []
+    for batched in (True, False):
+        model = fresh_model()
+        h = GradientHarmonizer(model, cfg)
+        h._batched = batched
+        z = model(*toy_batch(7, seed=SEED + 7))
+        m_va, m_vt = MASKS[7]
+        st = h.backward(nce(z[0], z[1], mask=m_va), mil_nce(z[2], z[3], mask=m_vt), va_inputs=z[:2],
+                        vt_inputs=z[2:], mask_va=m_va, mask_vt=m_vt)
+        assert h._batched == batched
+        out.append((model, st))
+    (m1, s1), (m2, s2) = out
     check_dots(s2.dots, s1.dots.double())
-    check_grads(model, {n: p.grad for n, p in m1.named_parameters()}, TOL["grad_fp32_coef"])
+    check_grads(m2, {n: p.grad for n, p in m1.named_parameters()}, TOL["grad_fp32_coef"])
 
 
 def test_bookkeeping_choice():
