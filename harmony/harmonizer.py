@@ -11,13 +11,17 @@ grad enabled each call keeps (inputs X, output Y) until the next ``backward``. `
 
 1. L_va = Σ m^a ℓ^va / max(Σ m^a, 1), likewise L_vt; upstream gradients u_va = ∂L_va/∂va_inputs and
    u_vt = ∂L_vt/∂vt_inputs, each loss at its own inputs (a head from z_v to z_vt is never counted twice).
-2. measure (``harmonize/measure``): output gradients (G^va, G^vt) at the kept Y of the scoped layers.
-3. dots (``harmonize/dots``): ghost — per layer from (X, G) by its sampler; materialize — per-sample
-   gradients into flat buffers, then ``gram``.
+2.–5. The step's tier is a strategy (harmony.strategies: ghost, sketch, materialize, feature, unmeasured)
+   with one interface — measure, dots, apply — and this class coordinates the phases around it:
+2. measure (``harmonize/measure``): output gradients (G^va, G^vt) at the kept Y of the scoped layers
+   (feature: the two columns at the shared representation).
+3. dots (``harmonize/dots``): ghost — per layer from (X, G) by its sampler; sketch — the same with the
+   Linear weights' dots estimated from k×k sketches; materialize — per-sample gradients into flat buffers,
+   then ``gram``; feature — row dot products at the representation.
 4. coefficients (``harmonize/coefficients``): cosines → curriculum weights → realignment →
    (ca, cv) = w·(α, β)/norm (harmony.realign, harmony.curriculum); under data parallelism on the global
    batch (B·3 scalars per rank are all-gathered), so every rank agrees with a single-process run.
-5. update (``harmonize/update``): ghost — one weighted ordinary backward; materialize — ``combine`` into
+5. update (``harmonize/update``): ghost, sketch, feature — one weighted ordinary backward; materialize — ``combine`` into
    the scoped parameters' .grad plus a weighted backward restricted to the other parameters. With
    bookkeeping (single process, chosen on the first step) no second backward runs: every parameter's
    gradient is formed from its layer's kept X and the combined output gradient ca·G^va + cv·G^vt.
@@ -40,9 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from harmony import feature as feature_mode
-from harmony import ghost, materialize
-from harmony import sketch as sketch_mode
+from harmony import ghost, materialize, strategies
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.curriculum import LossMixture, ScoreMemory, curriculum_weights, sample_scores, update_coefficients
 from harmony.grad_sample import Call, PerSampleError, find_sampler
@@ -171,6 +173,7 @@ class GradientHarmonizer:
         self._recorded: Optional[set] = None                    # module names the hooks keep; None: all
         self.mode: Optional[str] = None
         self._plan: Optional[materialize.BufferPlan] = None
+        self._strategies: Dict[str, strategies.Strategy] = {}
         if self.cfg.mode == "feature":      # measured at a representation: no hooks, no parameter scope
             self._checked = True
             self.scope = set()
@@ -466,79 +469,43 @@ class GradientHarmonizer:
         if not cfg.enabled:
             (L_va + cfg.lam * L_vt).backward()
             return self._plain_stats(B, dev, mean_va, mean_vt, m_va & m_vt)
-        if not cfg.measure or cfg.mode == "feature":
-            return self._backward_light(l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps,
-                                        ids, mean_va, mean_vt, measure_losses, feature)
         with nvtx_range("harmonize/measure"):
             u_va = self._upstream(L_va, va_inputs)
             u_vt = self._upstream(L_vt, vt_inputs)
             mu_va, mu_vt = u_va, u_vt                     # the measured upstream: the path one, or by definition
-            if measure_losses is not None:
+            if measure_losses is not None and cfg.measure:
                 Lm_va, Lm_vt, _, _ = self._losses(measure_losses[0], measure_losses[1], m_va, m_vt)
                 mu_va, mu_vt = self._upstream(Lm_va, va_inputs), self._upstream(Lm_vt, vt_inputs)
+            strategy = self._strategy(B, va_inputs, vt_inputs)
+            s = strategies.Step(va_inputs, vt_inputs, u_va, u_vt, mu_va, mu_vt, B, step, dev,
+                                path_measured=measure_losses is None, feature=feature)
+            strategy.measure(s)
+        with nvtx_range("harmonize/dots"):
+            # per-sample gradients of the data-parallel objective (1/W)·Σ_r L_r: each rank's upstream gradient is
+            # W times that (DDP/FSDP2 average, the gathered losses sum), so the dots are W² too large
+            dots = strategy.dots(s) / float(self._world()) ** 2
+        with nvtx_range("harmonize/coefficients"):
+            zero = torch.zeros((), dtype=l_va.dtype, device=dev)
+            losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
+            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
+        with nvtx_range("harmonize/update"):
+            strategy.apply(s, co)
+        return self._stats(dots, co, mean_va, mean_vt, strategy.name)
+
+    def _strategy(self, B: int, va_inputs, vt_inputs) -> strategies.Strategy:
+        """The step's tier: unmeasured, feature, or (after the first step's checks) ghost / sketch / materialize."""
+        if not self.cfg.measure:
+            name = "unmeasured"
+        elif self.cfg.mode == "feature":
+            name = "feature"
+        else:
             if not self._checked:
                 self._first_step(va_inputs, vt_inputs)
             self._check_recorded()
-            mode = self._pick_mode(B)
-            grads = self._measure(va_inputs, mu_va, vt_inputs, mu_vt)
-        with nvtx_range("harmonize/dots"):
-            if mode == "materialize":
-                bufs = self._plan.allocate(B, getattr(torch, cfg.buffer_dtype))
-                materialize.fill(self._plan, bufs, self._modules, self._records, grads, self._scoped,
-                                 self._canonical, B)
-                dots = materialize.dots(bufs).to(dev)
-            elif mode == "sketch":
-                dots = sketch_mode.layer_dots(self._modules, self._records, grads, self._scoped, B, cfg.sketch_dim,
-                                              cfg.sketch_seed, step, cfg.sketch_kind, cfg.ghost_method, dev)
-            else:
-                dots = ghost.layer_dots(self._modules, self._records, grads, self._scoped, B, cfg.ghost_method, dev)
-            # per-sample gradients of the data-parallel objective (1/W)·Σ_r L_r: each rank's upstream gradient is
-            # W times that (DDP/FSDP2 average, the gathered losses sum), so the dots are W² too large
-            dots = dots / float(self._world()) ** 2
-        with nvtx_range("harmonize/coefficients"):
-            zero = torch.zeros((), dtype=l_va.dtype, device=dev)
-            losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
-            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
-        with nvtx_range("harmonize/update"):
-            if self.bookkeeping:
-                self._update_bookkeeping(co, grads, B, bufs if mode == "materialize" else None)
-            elif mode == "materialize" and not (self.ddp or self.fsdp) and measure_losses is None:
-                self._update_materialize(bufs, co, va_inputs, u_va, vt_inputs, u_vt)
-            else:
-                self._update_ghost(co, va_inputs, u_va, vt_inputs, u_vt, grads, B,
-                                   bufs if mode == "materialize" else None)
-        return self._stats(dots, co, mean_va, mean_vt, mode)
-
-    def _backward_light(self, l_va, l_vt, L_va, L_vt, va_inputs, vt_inputs, m_va, m_vt, step, total_steps, ids,
-                        mean_va, mean_vt, measure_losses, feature) -> HarmonyStats:
-        """The tiers without per-layer measurement, each updated by one weighted ordinary backward of the path
-        gradients: mode=feature (dots at the shared representation ``feature``, from the measured losses'
-        upstream gradients there; harmony.feature) and measure=false (no dots: the curriculum ranks by the losses;
-        the dots and cosines are NaN)."""
-        B, dev = l_va.shape[0], l_va.device
-        with nvtx_range("harmonize/measure"):
-            u_va, u_vt = self._upstream(L_va, va_inputs), self._upstream(L_vt, vt_inputs)
-            if self.cfg.measure:
-                if feature is None:
-                    raise ValueError("harmony.mode=feature needs backward(..., feature=f): the shared representation "
-                                     "[B, ...] both losses read (VATT: the model output's feat_v)")
-                mu_va, mu_vt = u_va, u_vt
-                if measure_losses is not None:
-                    Lm_va, Lm_vt, _, _ = self._losses(measure_losses[0], measure_losses[1], m_va, m_vt)
-                    mu_va, mu_vt = self._upstream(Lm_va, va_inputs), self._upstream(Lm_vt, vt_inputs)
-                grads = feature_mode.feature_grads(va_inputs, mu_va, vt_inputs, mu_vt, feature)
-        with nvtx_range("harmonize/dots"):
-            if self.cfg.measure:
-                dots = feature_mode.feature_dots(grads, B).to(dev) / float(self._world()) ** 2
-            else:
-                dots = torch.full((B, 3), float("nan"), dtype=torch.float32, device=dev)
-        with nvtx_range("harmonize/coefficients"):
-            zero = torch.zeros((), dtype=l_va.dtype, device=dev)
-            losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
-            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
-        with nvtx_range("harmonize/update"):
-            ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["ca"], co["cv"])
-        return self._stats(dots, co, mean_va, mean_vt, "feature" if self.cfg.measure else "unmeasured")
+            name = self._pick_mode(B)
+        if name not in self._strategies:
+            self._strategies[name] = strategies.STRATEGIES[name](self)
+        return self._strategies[name]
 
     @staticmethod
     def _stats(dots, co, mean_va, mean_vt, mode: str) -> HarmonyStats:
@@ -666,67 +633,12 @@ class GradientHarmonizer:
         return dict(cos=ra.cos[sl], alpha=ra.alpha[sl], beta=ra.beta[sl], conflict=ra.conflict[sl], valid=ra.valid[sl],
                     w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept, score=g_score[sl].float())
 
-    def _update_ghost(self, co, va_inputs, u_va, vt_inputs, u_vt, grads, B, bufs) -> None:
-        """One weighted ordinary backward; apply_to=scope: plain weights there, plus the scoped correction."""
-        if self.cfg.apply_to == "all":
-            ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["ca"], co["cv"])
-            return
-        ghost.weighted_backward(va_inputs, u_va, vt_inputs, u_vt, co["pa"], co["pv"])
-        da, dv = co["ca"] - co["pa"], co["cv"] - co["pv"]
-        if bufs is not None:
-            flats = materialize.combined(self._plan, bufs, da, dv)
-            self._all_reduce_mean(flats)
-            for q, g in materialize.views(self._plan, flats).items():
-                self._add_named(q, g)
-            return
-        delta = ghost.weighted_grads(self._modules, self._records, grads, self._scoped, B, da, dv)
-        merged: Dict[str, torch.Tensor] = {}
-        for (mname, n), g in delta.items():
-            q = self._canonical[(mname, n)]
-            merged[q] = g if q not in merged else merged[q] + g
-        self._all_reduce_mean(list(merged.values()))
-        for q, g in merged.items():
-            self._add_named(q, g)
-
     def _add_named(self, q: str, g: torch.Tensor) -> None:
         """Add g to parameter q's gradient; under FSDP2 after the step's units are resharded."""
         if self.fsdp:
             self._late.append((q, g))
         else:
             self._add_grad(self._param_of(q), g)
-
-    def _update_bookkeeping(self, co, grads, B, bufs) -> None:
-        """No second backward: every parameter's gradient from its layer's kept X and the combined G
-        ca_i·G^va_i + cv_i·G^vt_i (materialize: the scoped ones by ``combine``). Single process only."""
-        k_out = (co["ca"], co["cv"]) if self.cfg.apply_to == "all" else (co["pa"], co["pv"])
-        inside = {} if bufs is not None else dict(self._scoped)
-        outside = {m: [n for n in names if n not in self._scoped.get(m, ())] for m, names in self._direct.items()}
-        parts = ghost.weighted_grads(self._modules, self._records, grads, inside, B, co["ca"], co["cv"])
-        parts.update(ghost.weighted_grads(self._modules, self._records, grads, outside, B, *k_out))
-        if bufs is not None:
-            flats = materialize.combined(self._plan, bufs, co["ca"], co["cv"])
-            for q, g in materialize.views(self._plan, flats).items():
-                self._add_grad(self._param_of(q), g)
-        for (mname, n), g in parts.items():
-            self._add_grad(getattr(self._modules[mname], n), g)
-
-    def _update_materialize(self, bufs, co, va_inputs, u_va, vt_inputs, u_vt) -> None:
-        """``combine`` into the scoped parameters' .grad; the others by a weighted backward restricted to them."""
-        flats = materialize.combined(self._plan, bufs, co["ca"], co["cv"])
-        for q, g in materialize.views(self._plan, flats).items():
-            self._add_grad(self._param_of(q), g)
-        others = [self._param_of(q) for q in sorted(set(self._canonical.values()) - self.scope)]
-        if not others:
-            return
-        ka, kv = (co["ca"], co["cv"]) if self.cfg.apply_to == "all" else (co["pa"], co["pv"])
-        pairs = [(z, u * ghost.row_scale(ka, u)) for z, u in zip(va_inputs, u_va) if z.requires_grad] + \
-                [(z, u * ghost.row_scale(kv, u)) for z, u in zip(vt_inputs, u_vt) if z.requires_grad]
-        if not pairs:
-            return
-        got = torch.autograd.grad([z for z, _ in pairs], others, [g for _, g in pairs], allow_unused=True)
-        for p, g in zip(others, got):
-            if g is not None:
-                self._add_grad(p, g)
 
     def _param_of(self, q: str) -> nn.Parameter:
         """The parameter named q as the module holds it now (FSDP2 swaps sharded/unsharded objects)."""
