@@ -63,11 +63,11 @@ class Ghost(Strategy):
     name = "ghost"
 
     def measure(self, s: Step) -> None:
-        s.state["grads"] = self.h._measure(s.va_inputs, s.mu_va, s.vt_inputs, s.mu_vt)
+        s.state["grads"] = self.h.rec._measure(s.va_inputs, s.mu_va, s.vt_inputs, s.mu_vt)
 
     def dots(self, s: Step) -> torch.Tensor:
         h = self.h
-        return ghost.layer_dots(h._modules, h._records, s.state["grads"], h._scoped, s.B, h.cfg.ghost_method,
+        return ghost.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B, h.cfg.ghost_method,
                                 s.device)
 
     def apply(self, s: Step, co: dict) -> None:
@@ -81,16 +81,16 @@ class Ghost(Strategy):
         ca_i·G^va_i + cv_i·G^vt_i (materialize: the scoped ones by ``combine``). Single process only."""
         h, grads, B = self.h, s.state["grads"], s.B
         k_out = (co["ca"], co["cv"]) if h.cfg.apply_to == "all" else (co["pa"], co["pv"])
-        inside = {} if bufs is not None else dict(h._scoped)
-        outside = {m: [n for n in names if n not in h._scoped.get(m, ())] for m, names in h._direct.items()}
-        parts = ghost.weighted_grads(h._modules, h._records, grads, inside, B, co["ca"], co["cv"])
-        parts.update(ghost.weighted_grads(h._modules, h._records, grads, outside, B, *k_out))
+        inside = {} if bufs is not None else dict(h.rec._scoped)
+        outside = {m: [n for n in names if n not in h.rec._scoped.get(m, ())] for m, names in h.rec._direct.items()}
+        parts = ghost.weighted_grads(h.rec._modules, h.rec._records, grads, inside, B, co["ca"], co["cv"])
+        parts.update(ghost.weighted_grads(h.rec._modules, h.rec._records, grads, outside, B, *k_out))
         if bufs is not None:
-            flats = materialize.combined(h._plan, bufs, co["ca"], co["cv"])
-            for q, g in materialize.views(h._plan, flats).items():
+            flats = materialize.combined(h.rec._plan, bufs, co["ca"], co["cv"])
+            for q, g in materialize.views(h.rec._plan, flats).items():
                 h._add_grad(h._param_of(q), g)
         for (mname, n), g in parts.items():
-            h._add_grad(getattr(h._modules[mname], n), g)
+            h._add_grad(getattr(h.rec._modules[mname], n), g)
 
     def _second_backward(self, s: Step, co: dict, bufs) -> None:
         """One weighted ordinary backward; apply_to=scope: plain weights there, plus the scoped correction."""
@@ -101,15 +101,15 @@ class Ghost(Strategy):
         ghost.weighted_backward(s.va_inputs, s.u_va, s.vt_inputs, s.u_vt, co["pa"], co["pv"])
         da, dv = co["ca"] - co["pa"], co["cv"] - co["pv"]
         if bufs is not None:
-            flats = materialize.combined(h._plan, bufs, da, dv)
+            flats = materialize.combined(h.rec._plan, bufs, da, dv)
             h._all_reduce_mean(flats)
-            for q, g in materialize.views(h._plan, flats).items():
+            for q, g in materialize.views(h.rec._plan, flats).items():
                 h._add_named(q, g)
             return
-        delta = ghost.weighted_grads(h._modules, h._records, s.state["grads"], h._scoped, s.B, da, dv)
+        delta = ghost.weighted_grads(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B, da, dv)
         merged: Dict[str, torch.Tensor] = {}
         for (mname, n), g in delta.items():
-            q = h._canonical[(mname, n)]
+            q = h.rec._canonical[(mname, n)]
             merged[q] = g if q not in merged else merged[q] + g
         h._all_reduce_mean(list(merged.values()))
         for q, g in merged.items():
@@ -123,7 +123,7 @@ class Sketch(Ghost):
 
     def dots(self, s: Step) -> torch.Tensor:
         h, cfg = self.h, self.h.cfg
-        return sketch_mode.layer_dots(h._modules, h._records, s.state["grads"], h._scoped, s.B, cfg.sketch_dim,
+        return sketch_mode.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B, cfg.sketch_dim,
                                       cfg.sketch_seed, s.step, cfg.sketch_kind, cfg.ghost_method, s.device)
 
 
@@ -134,8 +134,8 @@ class Materialize(Ghost):
 
     def dots(self, s: Step) -> torch.Tensor:
         h = self.h
-        bufs = h._plan.allocate(s.B, getattr(torch, h.cfg.buffer_dtype))
-        materialize.fill(h._plan, bufs, h._modules, h._records, s.state["grads"], h._scoped, h._canonical, s.B)
+        bufs = h.rec._plan.allocate(s.B, getattr(torch, h.cfg.buffer_dtype))
+        materialize.fill(h.rec._plan, bufs, h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, h.rec._canonical, s.B)
         s.state["bufs"] = bufs
         return materialize.dots(bufs).to(s.device)
 
@@ -151,10 +151,10 @@ class Materialize(Ghost):
     def _combine(self, s: Step, co: dict, bufs) -> None:
         """``combine`` into the scoped parameters' .grad; the others by a weighted backward restricted to them."""
         h = self.h
-        flats = materialize.combined(h._plan, bufs, co["ca"], co["cv"])
-        for q, g in materialize.views(h._plan, flats).items():
+        flats = materialize.combined(h.rec._plan, bufs, co["ca"], co["cv"])
+        for q, g in materialize.views(h.rec._plan, flats).items():
             h._add_grad(h._param_of(q), g)
-        others = [h._param_of(q) for q in sorted(set(h._canonical.values()) - h.scope)]
+        others = [h._param_of(q) for q in sorted(set(h.rec._canonical.values()) - h.scope)]
         if not others:
             return
         ka, kv = (co["ca"], co["cv"]) if h.cfg.apply_to == "all" else (co["pa"], co["pv"])

@@ -333,12 +333,12 @@ def test_records_are_released_and_eval_is_not_recorded():
         model(*toy_batch(2))
     model.eval()
     model(*toy_batch(2))
-    assert not h._records
+    assert not h.rec._records
     model.train()
     z = model(*toy_batch(2))
-    assert h._records
+    assert h.rec._records
     h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
-    assert not h._records
+    assert not h.rec._records
 
 
 def test_batched_and_plain_measurement_give_the_same():
@@ -349,12 +349,12 @@ def test_batched_and_plain_measurement_give_the_same():
     for batched in (True, False):
         model = fresh_model()
         h = GradientHarmonizer(model, cfg)
-        h._batched = batched
+        h.rec._batched = batched
         z = model(*toy_batch(7, seed=SEED + 7))
         m_va, m_vt = MASKS[7]
         st = h.backward(nce(z[0], z[1], mask=m_va), mil_nce(z[2], z[3], mask=m_vt), va_inputs=z[:2],
                         vt_inputs=z[2:], mask_va=m_va, mask_vt=m_vt)
-        assert h._batched == batched
+        assert h.rec._batched == batched
         out.append((model, st))
     (m1, s1), (m2, s2) = out
     check_dots(s2.dots, s1.dots.double())
@@ -539,7 +539,7 @@ def test_unmeasured_loss_curriculum_equals_the_measured_one(score):
         m_va, m_vt = MASKS[B]
         z_v, z_a, z_vt, z_t = model(*x)
         if not measure:
-            assert not h._records
+            assert not h.rec._records
         st = h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),
                         vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt, step=0, total_steps=10,
                         ids=torch.arange(B))

@@ -42,7 +42,7 @@ def test_feature_dots_and_update_match_brute_force(B):
     cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode="feature", curriculum_start=0.0,
                         kappa0=0.0, kappa1=0.0, min_keep=0.25)
     model, h, st, x = run_feature(cfg, B, step=5, total_steps=10)
-    assert st.mode == "feature" and h._hooks == [] and h.scope_names() == []
+    assert st.mode == "feature" and h.rec._hooks == [] and h.scope_names() == []
     f_va, f_vt = feature_path_grads(fresh_model(), x, cmaloss(*MASKS[B]))
     ref = dots_of(f_va, f_vt)
     check_dots(st.dots, ref)
