@@ -61,9 +61,8 @@ class HarmonyStats:
     coef_va, coef_vt [B]: the update's per-sample coefficients ca = w·α/norm, cv = w·β/norm;
     valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
     valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "sketch", "feature",
-    "unmeasured" or
-    "plain"; score [B]: what the curriculum ranks by (harmony.curriculum_score; the cosine by default), higher =
-    more trusted.
+    "unmeasured" or "plain"; score [B]: what the curriculum ranks by (harmony.curriculum_score; the cosine by
+    default), higher = more trusted.
     """
 
     dots: torch.Tensor
