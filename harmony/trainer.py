@@ -466,17 +466,22 @@ class Trainer:
         mask_va, mask_vt = batch["mask_va"], batch["mask_vt"]
         cand = getattr(out, "cand_mask", None)
         self._loss_args = (z_va_v, z_va_a, mask_va, z_vt_v, z_vt_t, mask_vt, cand)
+        self._losses_by_def = {}
         l_va, l_vt = self.losses_under("path")
         return l_va, l_vt, (z_va_v, z_va_a), (z_vt_v, z_vt_t)
 
     def losses_under(self, definition: str):
         """(ℓ^va, ℓ^vt) [b] of the last forward whose gradients follow a per-sample ``definition`` (path, own_row,
-        own_pair; harmony.losses): the same values, other gradients."""
+        own_pair; harmony.losses): the same values, other gradients. Computed once per forward per definition
+        (the harmonizer's measurement and the feature-level instrumentation share them)."""
+        if definition in self._losses_by_def:
+            return self._losses_by_def[definition]
         z_va_v, z_va_a, mask_va, z_vt_v, z_vt_t, mask_vt, cand = self._loss_args
         d = {} if definition == "path" else {"definition": definition}
         l_va = self.parts.nce(z_va_v, z_va_a, mask=mask_va, **d)
         l_vt = self.parts.mil_nce(z_vt_v, z_vt_t, mask=mask_vt, **({"cand_mask": cand} if cand is not None else {}),
                                   **d)
+        self._losses_by_def[definition] = (l_va, l_vt)
         return l_va, l_vt
 
     def harmonize(self, batch: dict, l_va, l_vt, va_inputs, vt_inputs):
