@@ -1,4 +1,4 @@
-"""Step benchmark (SPEC §12): harmonized training step time and peak memory relative to a plain step.
+"""Step benchmark (targets and results: benchmarks/RESULTS.md): harmonized training step time and peak memory relative to a plain step.
 
 One run times, on the project's VATT model at a realistic batch (random inputs of the data contract's shapes):
   plain                 forward + backward of L_va + λ·L_vt

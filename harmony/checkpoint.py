@@ -1,4 +1,4 @@
-"""Checkpoints that make resume exact (SPEC §13).
+"""Checkpoints that make resume exact (docs/DESIGN.md "Command line and outputs").
 
 One checkpoint is a folder ``<run_dir>/checkpoints/step_<8 digits>/``:
 

@@ -1,4 +1,4 @@
-"""Command line and YAML into a typed, validated :class:`~harmony.config.Config` (SPEC §11).
+"""Command line and YAML into a typed, validated :class:`~harmony.config.Config` (docs/DESIGN.md "Command line and outputs").
 
 ``train.py [--config FILE.yaml] [--section.key=value | --section.key value ...]``: defaults, then the
 YAML file (a mapping of sections), then the overrides, in that order. Without ``--config`` the file is the

@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per section of the CLI (SPEC §11).
+"""Typed configuration: one dataclass per section of the CLI (docs/DESIGN.md "Command line and outputs").
 
 Every field has a default and a docstring-like ``help``; fields with a closed set of values carry
 ``choices`` in their metadata, and ``validate()`` checks them before any work is done, raising an
@@ -51,11 +51,11 @@ def validate_section(obj, section: str) -> None:
 
 @dataclass
 class HarmonyConfig:
-    """Per-sample gradient harmonization (SPEC §2–5)."""
+    """Per-sample gradient harmonization (docs/HARMONIZER.md, docs/METHOD.md)."""
 
-    realign: str = _f("pcgrad", "realignment rule on conflicting samples (SPEC §3)",
+    realign: str = _f("pcgrad", "realignment rule on conflicting samples (docs/METHOD.md: Realignment rules)",
                       choices=("none", "pcgrad", "project_va", "project_vt", "gradvac"))
-    curriculum: str = _f("none", "per-sample weighting schedule (SPEC §4)",
+    curriculum: str = _f("none", "per-sample weighting schedule (docs/METHOD.md: Curriculum)",
                          choices=("none", "threshold", "ratio", "soft", "memory"))
     mode: str = _f("auto", "how per-sample dots are computed: exact over the scope's parameters (ghost, "
                    "materialize; auto picks between them by memory_budget_mb) or the cheaper tiers: sketch (unbiased "
@@ -79,7 +79,7 @@ class HarmonyConfig:
     gradvac_target: float = _f(0.0, "GradVac target cosine φ (fixed, or the EMA's start)", lo=-1.0, hi=1.0)
     gradvac_ema: float = _f(0.0, "GradVac EMA rate of the target φ (0 keeps φ fixed)", lo=0.0, hi=1.0)
     renormalize: bool = _f(True, "divide the update by Σw_i/B so curriculum weights keep the step size")
-    apply_to: str = _f("all", "parameters the realignment coefficients scale (SPEC §3)",
+    apply_to: str = _f("all", "parameters the realignment coefficients scale (docs/METHOD.md: Realignment rules)",
                        choices=("all", "scope"))
     eps: float = _f(1e-12, "ε in c_i = d_i / (sqrt(n^a n^t) + ε)", lo=0.0)
     curriculum_score: str = _f("cos", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
@@ -147,7 +147,7 @@ class HarmonyConfig:
 
 @dataclass
 class ModelConfig:
-    """The VATT model (SPEC §8)."""
+    """The VATT model (docs/DESIGN.md "The model (VATT)")."""
 
     size: str = _f("tiny", "tiny (CPU: 2 layers, d=64) | small | base | medium (VATT-MA)",
                    choices=("tiny", "small", "base", "medium"))
@@ -170,7 +170,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Data sources (SPEC §9)."""
+    """Data sources (docs/DATA.md)."""
 
     kind: str = _f("synthetic", "synthetic (built in) | manifest (JSONL of real clips) | shards (WebDataset tars)",
                    choices=("synthetic", "manifest", "shards"))
@@ -230,7 +230,7 @@ def _parse_step_range(text: str, name: str):
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop (SPEC §7, §13).
+    """The optimisation loop (docs/HARMONIZER.md "4. Data parallelism"; bad input: docs/DATA.md).
 
     ``batch_size`` is the GLOBAL batch of one optimizer step: every rank takes
     batch_size / (world_size · grad_accum) samples per micro-step, so a run means the same thing on
@@ -269,7 +269,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation (SPEC §10): retrieval, linear probe, noise-detection AUC."""
+    """Evaluation (docs/DESIGN.md "Evaluation"): retrieval, linear probe, noise-detection AUC."""
 
     every: int = _f(0, "evaluate every this many steps (0: only the final evaluation)", lo=0)
     size: int = _f(512, "held-out items embedded per evaluation (0: the whole eval split)", lo=0)
@@ -288,7 +288,7 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    """Outputs of a run (SPEC §11)."""
+    """Outputs of a run (docs/DESIGN.md "Command line and outputs")."""
 
     run_dir: str = _f("", "output folder ('': runs/<config name>-<UTC time>; with train.resume=auto, the newest "
                       "such folder that holds a checkpoint)")

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §10): cross-modal retrieval, linear probe, noise-detection ROC-AUC.
+"""Evaluation (docs/DESIGN.md "Evaluation"): cross-modal retrieval, linear probe, noise-detection ROC-AUC.
 
 Conventions (also in the docs):
 * Retrieval: query i's match is gallery item i. Its rank is 1 + the number of OTHER gallery items scoring

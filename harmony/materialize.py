@@ -1,4 +1,4 @@
-"""Materialize mode (SPEC §5): per-sample gradients in flat per-bucket buffers, ``gram`` for the dots,
+"""Materialize mode (docs/HARMONIZER.md "3. The measurement tiers"): per-sample gradients in flat per-bucket buffers, ``gram`` for the dots,
 ``combine`` for the update.
 
 Each scoped parameter owns a slice of one bucket; a bucket is a buffer [2, B, P_k] in

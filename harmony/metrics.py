@@ -1,4 +1,4 @@
-"""Run outputs on rank 0: metrics.jsonl, a progress line, optional TensorBoard (SPEC §11).
+"""Run outputs on rank 0: metrics.jsonl, a progress line, optional TensorBoard (docs/DESIGN.md "Command line and outputs").
 
 metrics.jsonl holds one JSON object per logged step; floats are written with Python's round-trip repr,
 so a resumed run's losses can be compared bit for bit; NaN/inf become null (JSON has neither).

@@ -1,4 +1,4 @@
-"""PNG plots of a run (SPEC §10/§11), drawn from metrics.jsonl, eval.jsonl and summary.json with matplotlib's
+"""PNG plots of a run (docs/DESIGN.md "Command line and outputs"), drawn from metrics.jsonl, eval.jsonl and summary.json with matplotlib's
 Agg backend (no display needed). A plot whose data the run does not have (e.g. cosines of a plain,
 non-harmonized run) is not drawn."""
 from __future__ import annotations

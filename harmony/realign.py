@@ -1,10 +1,10 @@
-"""Cross-modality gradient realignment (SPEC §3) as per-sample coefficients.
+"""Cross-modality gradient realignment (docs/METHOD.md "Realignment rules") as per-sample coefficients.
 
 Every rule is two coefficients per sample, (α_i, β_i), so that sample i contributes
 α_i·g^va_i + β_i·g^vt_i to the update; they are computed from the three per-sample dots
 dots[i] = (d_i, na_i, nt_i) = (⟨g^va_i, g^vt_i⟩, ‖g^va_i‖², ‖g^vt_i‖²) alone, so no gradient is read here.
 
-Conventions this module fixes where the SPEC is silent (docs/METHOD.md explains them):
+Conventions this module fixes (docs/METHOD.md explains them):
 * Arithmetic is float64 inside, results fp32. Cosines are clamped to [-1, 1]: with bf16 buffers or fp32
   round-off |d| can exceed sqrt(na·nt) by a few ulps, and GradVac needs sqrt(1 − c²) to be real.
 * A sample whose g^va or g^vt is exactly zero (na = 0 or nt = 0) has cosine 0 and is never conflicting,

@@ -1,4 +1,4 @@
-"""Manifest source: the GRID manifest end to end, and every bad-input case of SPEC §13 — skipped or masked,
+"""Manifest source: the GRID manifest end to end, and every bad-input case of docs/DATA.md — skipped or masked,
 counted, warned once per kind, never NaN — also through DataLoader worker processes."""
 import json
 import os

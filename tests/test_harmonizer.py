@@ -1,6 +1,6 @@
 """GradientHarmonizer against the private-copy brute force (tests/brute_force.py), in float64.
 
-The model and the reference run in float64; the harmonizer's dots are fp32 by contract (SPEC §2), so dots
+The model and the reference run in float64; the harmonizer's dots are fp32 by contract (docs/HARMONIZER.md "3. The measurement tiers"), so dots
 are compared to fp32 tolerance, relative to each sample's gradient norms. Gradients from the ordinary
 backward (ghost mode) are float64 up to the fp32 coefficients; materialize mode's buffers are fp32.
 """
@@ -143,7 +143,7 @@ def test_shared_scope_is_what_both_losses_reach():
 @pytest.mark.parametrize("mode", ["ghost", "materialize"])
 @pytest.mark.parametrize("bookkeeping", [False, True])
 def test_pcgrad_with_curriculum_on_actual_gradients(mode, bookkeeping):
-    """pcgrad + a threshold curriculum: α, β follow SPEC §3 on the brute-force dots, the PCGrad properties hold
+    """pcgrad + a threshold curriculum: α, β follow docs/METHOD.md "Realignment rules" on the brute-force dots, the PCGrad properties hold
     on the actual per-sample gradients, and .grad = Σ_i ca_i g^va_i + cv_i g^vt_i for every parameter."""
     B, lam = 7, 1.0
     g_va, g_vt = reference(B)
@@ -163,7 +163,7 @@ def test_pcgrad_with_curriculum_on_actual_gradients(mode, bookkeeping):
     beta = torch.where(conflict, lam - d / nt, lam * torch.ones_like(d))
     check("alpha", st.alpha, alpha, TOL["dots"] * 10, scale=alpha.abs() + 1)
     check("beta", st.beta, beta, TOL["dots"] * 10, scale=beta.abs() + 1)
-    # PCGrad properties on the actual gradients (SPEC §3)
+    # PCGrad properties on the actual gradients (docs/METHOD.md "Realignment rules")
     Gi = st.alpha.double()[:, None] * A + st.beta.double()[:, None] * V
     tol = 1e-5 * (A.norm(dim=1) * V.norm(dim=1) + A.norm(dim=1) ** 2 + V.norm(dim=1) ** 2)
     assert ((Gi * A).sum(1)[conflict] >= -tol[conflict]).all()

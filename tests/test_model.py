@@ -1,4 +1,4 @@
-"""VATT model (SPEC §8): shapes, per-sample independence, DropToken, masking, scopes by autograd, sizes, init."""
+"""VATT model (docs/DESIGN.md "The model (VATT)"): shapes, per-sample independence, DropToken, masking, scopes by autograd, sizes, init."""
 import math
 
 import pytest
@@ -231,7 +231,7 @@ def _block_params(d, m):
 
 
 def expected_count(size, variant, model_cfg, data_cfg):
-    """Parameter count written out from the architecture description (SPEC §8), independently of the code."""
+    """Parameter count written out from the architecture description (docs/DESIGN.md "The model (VATT)"), independently of the code."""
     layers, d, m = {"tiny": (2, 64, 256), "small": (6, 512, 2048), "base": (12, 768, 3072),
                     "medium": (12, 1024, 4096)}[size]
     dva, dvt = (64, 32) if size == "tiny" else (512, 256)

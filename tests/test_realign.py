@@ -1,5 +1,5 @@
-"""Realignment rules (SPEC §3): coefficients applied to actual per-sample gradient vectors, checked against an
-independent float64 computation on the vectors and against the SPEC's properties."""
+"""Realignment rules (docs/METHOD.md "Realignment rules"): coefficients applied to actual per-sample gradient vectors, checked against an
+independent float64 computation on the vectors and against the rules' stated properties."""
 import io
 import math
 import zlib

@@ -1,4 +1,4 @@
-"""Word-timed captions (SPEC §9, HowTo100M-style): the words spoken inside a sampled window.
+"""Word-timed captions (docs/DATA.md "Your own videos", HowTo100M-style): the words spoken inside a sampled window.
 
 Two forms: a GRID-style file of ``start end word`` lines with times in 1/25000 s, or an inline list of
 ``[start_s, end_s, word]`` triples in seconds (manifest ``"align"`` / a shard's json). Silence markers

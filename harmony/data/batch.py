@@ -1,4 +1,4 @@
-"""Items, batches and bad-input accounting shared by every data source (the batch contract, SPEC §9/§13).
+"""Items, batches and bad-input accounting shared by every data source (docs/DATA.md "The batch contract").
 
 An item is a dict with ``video`` [3, T, H, W] float32 in [0, 1], ``audio`` [S] float32 in [-1, 1],
 ``text`` [L, N] int64, ``mask_va``/``mask_vt`` bool, ``index`` int, ``source`` str, ``concept`` int,

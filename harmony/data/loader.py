@@ -1,4 +1,4 @@
-"""``build_dataset`` / ``build_loader``: the data API the trainer uses (SPEC §9, §13).
+"""``build_dataset`` / ``build_loader``: the data API the trainer uses (docs/DATA.md "Loader API").
 
 The train loader is infinite (epochs follow one another, reshuffled from (seed, epoch)), gives each rank
 a disjoint share of every epoch, and resumes exactly: ``start_step=k`` yields what a fresh loader yields

@@ -1,4 +1,4 @@
-"""Real clips listed in a JSONL manifest (SPEC §9, §13).
+"""Real clips listed in a JSONL manifest (docs/DATA.md "Your own videos").
 
 One JSON object per line::
 

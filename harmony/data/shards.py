@@ -1,4 +1,4 @@
-"""WebDataset tar shards, streamed by DataLoader workers, rank-aware and exactly resumable (SPEC §9).
+"""WebDataset tar shards, streamed by DataLoader workers, rank-aware and exactly resumable (docs/DATA.md "Shards").
 
 Layout: plain (uncompressed) POSIX tars; members grouped by key, WebDataset style (``<key>.<ext>``):
 ``<key>.mp4`` (or webm/mkv/mov/avi/mpg: the clip, usually with its audio), optional ``<key>.wav`` (or

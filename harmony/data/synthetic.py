@@ -1,4 +1,4 @@
-"""Synthetic controlled-misalignment benchmark (SPEC §9): video, audio and captions of K concepts.
+"""Synthetic controlled-misalignment benchmark (docs/DATA.md): video, audio and captions of K concepts.
 
 A concept is a (shape, colour) pair. Item ``i`` of a split is generated from (data seed, split, i) alone,
 so it is the same in every epoch, process and worker, and its noise flags never change:
@@ -113,7 +113,7 @@ def shape_mask(shape: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class SyntheticDataset(Dataset):
-    """Finite synthetic split: ``len`` = data.size (train) or data.eval_size (eval); items per SPEC §9."""
+    """Finite synthetic split: ``len`` = data.size (train) or data.eval_size (eval); items as docs/DATA.md "Synthetic benchmark" describes."""
 
     def __init__(self, cfg, split: str = "train"):
         if split not in _SPLITS:

@@ -1,9 +1,9 @@
-"""Fine-to-coarse (FAC) projection heads into the common spaces S_va and S_vt (SPEC §1, §8).
+"""Fine-to-coarse (FAC) projection heads into the common spaces S_va and S_vt (docs/DESIGN.md "The model (VATT)").
 
 Video reaches S_va through an MLP head and S_vt through a second MLP head applied to its S_va embedding; audio
 and text reach their space through one Linear each. The norm inside the MLP heads is LayerNorm by default;
 BatchNorm (VATT's choice) is allowed but mixes samples, so it breaks the per-sample gradient definition of
-SPEC §2 for everything downstream of it (see ``VATT.scope_parameters``).
+docs/METHOD.md "Which gradient is sample i's" for everything downstream of it (see ``VATT.scope_parameters``).
 """
 from __future__ import annotations
 

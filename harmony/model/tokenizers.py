@@ -1,9 +1,9 @@
-"""Per-modality token embedders (SPEC §8): raw input -> [B, 1 + N', d] tokens with the AGG token first.
+"""Per-modality token embedders (docs/DESIGN.md "The model (VATT)"): raw input -> [B, 1 + N', d] tokens with the AGG token first.
 
 Each embedder is tokenizer (a Linear on unfolded patches, or a word embedding) -> pre-projection Linear to the
 Transformer width -> learned positional embeddings (``AddEmbedding``) -> optional DropToken -> AGG token
 (``PrependToken``). Patches go through nn.Linear rather than a strided Conv so that the per-sample gradient of
-the tokenizer is that of an ordinary Linear over the sample's patches (SPEC §2).
+the tokenizer is that of an ordinary Linear over the sample's patches (docs/METHOD.md "Which gradient is sample i's").
 """
 from __future__ import annotations
 

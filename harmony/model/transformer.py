@@ -1,4 +1,4 @@
-"""Pre-LN Transformer encoder (SPEC §8) built from nn.Linear / nn.LayerNorm only.
+"""Pre-LN Transformer encoder (docs/DESIGN.md "The model (VATT)") built from nn.Linear / nn.LayerNorm only.
 
 Attention is written with one qkv nn.Linear, an output nn.Linear and scaled dot-product attention
 (harmony.model.attention, whose backward also batches; not nn.MultiheadAttention, whose weights bypass nn.Linear), so every weight the harmonizer sees is a Linear or
