@@ -1,4 +1,5 @@
-"""Step benchmark (targets and results: benchmarks/RESULTS.md): harmonized training step time and peak memory relative to a plain step.
+"""Step benchmark (targets and results: benchmarks/RESULTS.md): harmonized training step time and peak memory relative
+to a plain step.
 
 One run times, on the project's VATT model at a realistic batch (random inputs of the data contract's shapes):
   plain                 forward + backward of L_va + λ·L_vt
@@ -15,12 +16,12 @@ One run times, on the project's VATT model at a realistic batch (random inputs o
                         coefficients and Σ_i α_i g^va_i + β_i g^vt_i; the other parameters get the
                         weighted plain gradient by one backward
 Variants run round-robin (repeat r of every variant, then repeat r+1; the order rotates each round, so no
-variant always runs right after the same one), so machine noise hits all of them alike; the table gives medians, the ratio to plain, and the peak memory of one step above the
-memory held before it (CPU: peak RSS, reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Column F x: the variant's counted FLOPs over the plain step's (benchmarks/flop_floor.py: matrix products,
-convolutions, attention, per-sample dots). Column floor: the plain step's time plus the variant's extra
-counted FLOPs at the fp32 matrix-product rate measured in the same run, over the plain step's time.
-Rows are appended to a CSV with the device name and the git commit.
+variant always runs right after the same one), so machine noise hits all of them alike; the table gives medians, the
+ratio to plain, and the peak memory of one step above the memory held before it (CPU: peak RSS, reset through
+/proc/self/clear_refs; CUDA: max_memory_allocated). Column F x: the variant's counted FLOPs over the plain step's
+(benchmarks/flop_floor.py: matrix products, convolutions, attention, per-sample dots). Column floor: the plain step's
+time plus the variant's extra counted FLOPs at the fp32 matrix-product rate measured in the same run, over the plain
+step's time. Rows are appended to a CSV with the device name and the git commit.
 
     python benchmarks/bench_step.py                       # CPU, VATT-tiny, batch 32
     python benchmarks/bench_step.py --device cuda --size small --batch 64

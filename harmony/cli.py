@@ -1,10 +1,11 @@
-"""Command line and YAML into a typed, validated :class:`~harmony.config.Config` (docs/DESIGN.md "Command line and outputs").
+"""Command line and YAML into a typed, validated :class:`~harmony.config.Config` (docs/DESIGN.md "Command line and
+outputs").
 
 ``train.py [--config FILE.yaml] [--section.key=value | --section.key value ...]``: defaults, then the
 YAML file (a mapping of sections), then the overrides, in that order. Without ``--config`` the file is the
-repository's ``configs/default.yaml`` (next to ``train.py``), so a bare ``torchrun train.py`` runs the default job. Every value is converted by the
-type of its dataclass field (bool accepts true/false/yes/no/on/off/1/0; lists accept ``2,8,8`` or
-``[2,8,8]``). An unknown section or key is an error that lists the valid ones; a bad value is an error
+repository's ``configs/default.yaml`` (next to ``train.py``), so a bare ``torchrun train.py`` runs the default job.
+Every value is converted by the type of its dataclass field (bool accepts true/false/yes/no/on/off/1/0; lists accept
+``2,8,8`` or ``[2,8,8]``). An unknown section or key is an error that lists the valid ones; a bad value is an error
 naming the field and what is allowed — all before any work.
 """
 from __future__ import annotations

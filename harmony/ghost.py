@@ -1,4 +1,5 @@
-"""Ghost mode (docs/HARMONIZER.md "3. The measurement tiers"): per-sample dots from activations and output gradients, then one weighted backward.
+"""Ghost mode (docs/HARMONIZER.md "3. The measurement tiers"): per-sample dots from activations and output gradients,
+then one weighted backward.
 
 Three pieces, used by the harmonizer in this order:
 
@@ -12,8 +13,8 @@ Three pieces, used by the harmonizer in this order:
 * ``layer_dots``: per layer, the samplers turn (X, G^va, G^vt) into [B, 3] dots; summed over the scope.
 * ``weighted_backward``: one ordinary backward from the loss inputs with per-row upstream gradients
   ca_i·∂L_va/∂(z_v, z_a)_i and cv_i·∂L_vt/∂(z_vt, z_t)_i. Row i of a loss input depends only on
-  sample i's private parameters (docs/METHOD.md "Which gradient is sample i's"), so by linearity this is exactly Σ_i ca_i g^va_i + cv_i g^vt_i
-  for every parameter, and the parallel wrapper's hooks run as in plain training.
+  sample i's private parameters (docs/METHOD.md "Which gradient is sample i's"), so by linearity this is exactly Σ_i
+  ca_i g^va_i + cv_i g^vt_i for every parameter, and the parallel wrapper's hooks run as in plain training.
 """
 from __future__ import annotations
 

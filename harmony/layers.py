@@ -1,7 +1,7 @@
 """Small modules that hold parameters used directly (not through nn.Linear & co).
 
-They keep the per-sample structure obvious to the harmonizer (docs/HARMONIZER.md "3. The measurement tiers"): each maps an input with batch
-dim 0 to an output with batch dim 0 and mixes no samples, and each has its own per-sample sampler.
+They keep the per-sample structure obvious to the harmonizer (docs/HARMONIZER.md "3. The measurement tiers"): each maps
+an input with batch dim 0 to an output with batch dim 0 and mixes no samples, and each has its own per-sample sampler.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Materialize mode (docs/HARMONIZER.md "3. The measurement tiers"): per-sample gradients in flat per-bucket buffers, ``gram`` for the dots,
-``combine`` for the update.
+"""Materialize mode (docs/HARMONIZER.md "3. The measurement tiers"): per-sample gradients in flat per-bucket buffers,
+``gram`` for the dots, ``combine`` for the update.
 
 Each scoped parameter owns a slice of one bucket; a bucket is a buffer [2, B, P_k] in
 ``harmony.buffer_dtype`` whose row 0 holds A (the L_va per-sample gradients) and row 1 V (L_vt).

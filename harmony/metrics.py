@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: metrics.jsonl, a progress line, optional TensorBoard (docs/DESIGN.md "Command line and outputs").
+"""Run outputs on rank 0: metrics.jsonl, a progress line, optional TensorBoard (docs/DESIGN.md "Command line and
+outputs").
 
 metrics.jsonl holds one JSON object per logged step; floats are written with Python's round-trip repr,
 so a resumed run's losses can be compared bit for bit; NaN/inf become null (JSON has neither).
@@ -11,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 
 def _clean(value: Any) -> Any:

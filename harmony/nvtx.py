@@ -3,7 +3,6 @@ a no-op when neither is usable. ``with nvtx_range("harmonize/dots"): ...`` or ``
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 

@@ -1,5 +1,5 @@
-"""PNG plots of a run (docs/DESIGN.md "Command line and outputs"), drawn from metrics.jsonl, eval.jsonl and summary.json with matplotlib's
-Agg backend (no display needed). A plot whose data the run does not have (e.g. cosines of a plain,
+"""PNG plots of a run (docs/DESIGN.md "Command line and outputs"), drawn from metrics.jsonl, eval.jsonl and summary.json
+with matplotlib's Agg backend (no display needed). A plot whose data the run does not have (e.g. cosines of a plain,
 non-harmonized run) is not drawn."""
 from __future__ import annotations
 

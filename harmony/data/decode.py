@@ -1,4 +1,5 @@
-"""Decode a clip window from a media container with PyAV (docs/DATA.md "Your own videos"): frames at a fixed fps, mono audio.
+"""Decode a clip window from a media container with PyAV (docs/DATA.md "Your own videos"): frames at a fixed fps, mono
+audio.
 
 The window. A clip (its video stream's extent, or the manifest's ``[start, end)`` part of it) is sampled
 in a video window of ``D = frames / fps`` seconds **centred** on it (GRID-like speech clips have silence

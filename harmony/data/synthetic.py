@@ -113,7 +113,8 @@ def shape_mask(shape: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class SyntheticDataset(Dataset):
-    """Finite synthetic split: ``len`` = data.size (train) or data.eval_size (eval); items as docs/DATA.md "Synthetic benchmark" describes."""
+    """Finite synthetic split: ``len`` = data.size (train) or data.eval_size (eval); items as docs/DATA.md "Synthetic
+    benchmark" describes."""
 
     def __init__(self, cfg, split: str = "train"):
         if split not in _SPLITS:

@@ -1,4 +1,5 @@
-"""Word-level hashed tokenizer (docs/DESIGN.md "The model (VATT)": lower-cased words hashed into 2^16 buckets, 0 = padding).
+"""Word-level hashed tokenizer (docs/DESIGN.md "The model (VATT)": lower-cased words hashed into 2^16 buckets, 0 =
+padding).
 
 Words are runs of letters, digits and apostrophes after lower-casing (Unicode letters count; a run of
 apostrophes alone is not a word). Each word is hashed with 32-bit FNV-1a over its UTF-8 bytes — a

@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harmony.config import ConfigError
 
-# The four arms of the main comparison (docs/METHOD.md "Realignment rules", "Curriculum"): plain VATT, realignment only, curriculum only, both.
+# The four arms of the main comparison (docs/METHOD.md "Realignment rules", "Curriculum"): plain VATT, realignment only,
+# curriculum only, both.
 METHODS = {
     "baseline": {"harmony.enabled": False, "harmony.realign": "none", "harmony.curriculum": "none"},
     "realign": {"harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "none"},

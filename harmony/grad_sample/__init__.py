@@ -1,4 +1,5 @@
-"""Per-sample gradient samplers, one per layer type, plus a generic one (docs/HARMONIZER.md "5. Layer types and registering a sampler").
+"""Per-sample gradient samplers, one per layer type, plus a generic one (docs/HARMONIZER.md "5. Layer types and
+registering a sampler").
 
 Registered: nn.Linear, nn.Conv1d/2d/3d, nn.LayerNorm, nn.Embedding, harmony.layers.AddEmbedding and
 PrependToken. Any other module with direct parameters gets the generic sampler (vmap of its VJP per

@@ -82,7 +82,7 @@ class ConvSampler(GradSampler):
     def per_sample(self, module, name, calls, grads, B, names):
         X, G = conv_tokens(module, name, calls, grads, B)
         dt = acc_dtype(X, G)
-        C, g = G.shape[0], module.groups
+        C = G.shape[0]
         res = {}
         if "weight" in names:
             w = torch.matmul(G.to(dt).transpose(2, 3), X.to(dt).unsqueeze(0))    # [C, B·g, C_out/g, C_in/g·K]

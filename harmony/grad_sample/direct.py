@@ -13,7 +13,8 @@ from harmony.layers import AddEmbedding, PrependToken
 
 
 def _position_grads(module: AddEmbedding, x: torch.Tensor, g: torch.Tensor, B: int, name: str):
-    """Output gradient [C, N, ..., n, d] -> per-sample gradient per used position [C, B, n, d] and the table rows [n]."""
+    """Output gradient [C, N, ..., n, d] -> per-sample gradient per used position [C, B, n, d] and the table rows
+    [n]."""
     rows = module.index[: x.shape[1]]
     G = fold_rows(g, B, 1, name)                                   # [C, B, k, ..., n, d]
     G = G.sum(tuple(range(2, G.dim() - 2)))                       # [C, B, n, d]

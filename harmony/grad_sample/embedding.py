@@ -58,7 +58,8 @@ class EmbeddingSampler(GradSampler):
 
     def per_sample(self, module, name, calls, grads, B, names):
         sample, ids, rows = sample_rows(module, name, calls, grads, B)
-        full = torch.zeros(rows.shape[0], B, module.num_embeddings, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        full = torch.zeros(rows.shape[0], B, module.num_embeddings, rows.shape[-1], dtype=rows.dtype,
+                           device=rows.device)
         full[:, sample, ids] = rows
         return {"weight": full}
 

@@ -1,4 +1,5 @@
-"""nn.Linear: g_i(W) = G_iᵀ X_i, g_i(b) = Σ_t G_i[t] over sample i's tokens of all calls (docs/METHOD.md "Which gradient is sample i's").
+"""nn.Linear: g_i(W) = G_iᵀ X_i, g_i(b) = Σ_t G_i[t] over sample i's tokens of all calls (docs/METHOD.md "Which gradient
+is sample i's").
 
 Ghost dots go through ``harmony.ops.ghost_dots`` on [B, T, ·] (extra dims and the k rows per sample
 flattened into T); weight and bias are different parameters, so their dot contributions just add.

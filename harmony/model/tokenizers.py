@@ -1,4 +1,5 @@
-"""Per-modality token embedders (docs/DESIGN.md "The model (VATT)"): raw input -> [B, 1 + N', d] tokens with the AGG token first.
+"""Per-modality token embedders (docs/DESIGN.md "The model (VATT)"): raw input -> [B, 1 + N', d] tokens with the AGG
+token first.
 
 Each embedder is tokenizer (a Linear on unfolded patches, or a word embedding) -> pre-projection Linear to the
 Transformer width -> learned positional embeddings (``AddEmbedding``) -> optional DropToken -> AGG token

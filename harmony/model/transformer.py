@@ -1,8 +1,9 @@
 """Pre-LN Transformer encoder (docs/DESIGN.md "The model (VATT)") built from nn.Linear / nn.LayerNorm only.
 
 Attention is written with one qkv nn.Linear, an output nn.Linear and scaled dot-product attention
-(harmony.model.attention, whose backward also batches; not nn.MultiheadAttention, whose weights bypass nn.Linear), so every weight the harmonizer sees is a Linear or
-LayerNorm applied token-wise, and nothing mixes samples: row b of the output depends on row b of the input only.
+(harmony.model.attention, whose backward also batches; not nn.MultiheadAttention, whose weights bypass nn.Linear), so
+every weight the harmonizer sees is a Linear or LayerNorm applied token-wise, and nothing mixes samples: row b of the
+output depends on row b of the input only.
 """
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ Per modality: token embedder (tokenizer, pre-projection, positional embeddings, 
 Transformer (one shared by all modalities in the ``agnostic`` variant, one per modality in ``specific``) ->
 final-normed AGG token (the pooled feature) -> post-projection -> FAC heads into S_va / S_vt.
 
-Per-sample independence (docs/METHOD.md "Which gradient is sample i's"): no layer mixes samples. DropToken draws ONE permutation per step (on the
-CPU generator, so it does not depend on batch size or device) and keeps the same token positions for every
-sample. Text with L candidates runs as B·L sequences with the rows of sample i contiguous (i·L ... i·L+L−1):
-per-layer activations of a text call reshape to [B, L·T, d] as a view.
+Per-sample independence (docs/METHOD.md "Which gradient is sample i's"): no layer mixes samples. DropToken draws ONE
+permutation per step (on the CPU generator, so it does not depend on batch size or device) and keeps the same token
+positions for every sample. Text with L candidates runs as B·L sequences with the rows of sample i contiguous
+(i·L ... i·L+L−1): per-layer activations of a text call reshape to [B, L·T, d] as a view.
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def video_grid(model_cfg: ModelConfig, data_cfg: DataConfig) -> tuple:
 
 
 def audio_tokens(model_cfg: ModelConfig, data_cfg: DataConfig) -> int:
-    """Number of audio patches: the window of data.sample_rate·data.audio_seconds samples, padded up to whole patches."""
+    """Number of audio patches: the window of data.sample_rate·data.audio_seconds samples, padded up to whole
+    patches."""
     samples = int(round(data_cfg.sample_rate * data_cfg.audio_seconds))
     return max(1, math.ceil(samples / model_cfg.audio_patch))
 
@@ -208,14 +209,16 @@ class VATT(nn.Module):
 
     # ----------------------------------------------------------------------------------------- scopes
     def scope_parameters(self, name: str) -> List[nn.Parameter]:
-        """Trainable parameters of a harmonization scope (docs/HARMONIZER.md "Scope"), in module order, without duplicates.
+        """Trainable parameters of a harmonization scope (docs/HARMONIZER.md "Scope"), in module order, without
+        duplicates.
 
         * ``shared``: every parameter that receives gradient from both L_va and L_vt: the video embedder
           (tokenizer, pre-projection, positional tables, AGG token), the Transformer that encodes video (the
           shared one in the agnostic variant: audio and text pass through it too), the video post-projection
           and the video head into S_va (through which L_vt reaches the video path). With
           model.head_norm="batchnorm" the head is left out: BatchNorm mixes the samples of the batch, so
-          per-sample gradients (docs/HARMONIZER.md "1. Per-sample gradients of coupled losses") are only defined up to the head's input.
+          per-sample gradients (docs/HARMONIZER.md "1. Per-sample gradients of coupled losses") are only defined up to
+          the head's input.
         * ``backbone``: the Transformer that encodes video (shared one / video one), final norm included.
         * ``last_block``: its last block and its final norm.
         * ``all``: every trainable parameter.
