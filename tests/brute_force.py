@@ -1,4 +1,5 @@
-"""Independent reference for per-sample gradients (path decomposition: docs/HARMONIZER.md "1. Per-sample gradients of coupled losses"), and a small test model.
+"""Independent reference for per-sample gradients (path decomposition: docs/HARMONIZER.md "1. Per-sample gradients of
+coupled losses"), and a small test model.
 
 ``path_grads`` gives every sample i a private copy θ_i of all parameters (B stacked copies), runs
 sample i's forward alone (a batch of one) with θ_i, evaluates the coupled losses on the stacked outputs
@@ -157,7 +158,8 @@ class ToyVATT(nn.Module):
         z_t = self.t_head(self.encode(t)).reshape(B, L, -1)
         return z_v, z_a, self.vt_head(z_v), z_t
 
-    # parameters both losses reach (scope 'shared', docs/HARMONIZER.md "Scope"): the block, the final norm, the video path up to S_va
+    # parameters both losses reach (scope 'shared', docs/HARMONIZER.md "Scope"): the block, the final norm, the video
+    # path up to S_va
     SHARED_PREFIXES = ("block.", "norm.", "v_tok.", "v_pos.", "v_agg.", "v_head.")
 
 

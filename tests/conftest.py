@@ -1,4 +1,5 @@
-"""Test setup: without a GPU, Triton kernels run under its interpreter (must be set before triton is imported)."""
+"""Test setup: without a GPU, Triton kernels run under its interpreter (must be set before triton is imported);
+tests marked ``gpu`` are skipped without one. Markers are registered in pytest.ini."""
 import os
 
 import pytest
@@ -6,6 +7,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Curriculum schedules, update coefficients, the score memory and the prioritized sampler (docs/METHOD.md "Curriculum"):
-hand-computed cases, plus an independent pure-Python reference on fresh random inputs with ties."""
+"""Curriculum schedules, update coefficients, the score memory and the prioritized sampler (docs/METHOD.md
+"Curriculum"): hand-computed cases, plus an independent pure-Python reference on fresh random inputs with ties."""
 import io
 import math
 import random
@@ -324,8 +324,8 @@ def test_sampler_probabilities():
     z = ((counts - expect).abs() / expect.clamp(min=1).sqrt()).max().item()
     print(f"sampler counts {counts.tolist()}, expected {expect.tolist()}, max z {z:.2f}")
     assert counts[2] == 0 and counts[3] == 0 and z < 5
-    late = PrioritizedSampler(mem, 6, HarmonyConfig(memory_schedule="ratio", **{**SAMPLER_CFG, "curriculum_start": 0.5}),
-                              T, seed=1)
+    late_cfg = HarmonyConfig(memory_schedule="ratio", **{**SAMPLER_CFG, "curriculum_start": 0.5})
+    late = PrioritizedSampler(mem, 6, late_cfg, T, seed=1)
     late.set_epoch(0, step=10)  # before curriculum_start: uniform
     assert late.priorities().tolist() == [1] * 6
     empty = PrioritizedSampler(ScoreMemory(0.9), 6, cfg, T)
@@ -362,7 +362,7 @@ def test_sampler_resume(replacement):
         PrioritizedSampler(mem, 40, cfg, T, rank=0, world_size=4).load_state_dict(state)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("rule", ["threshold", "ratio", "soft", "memory"])
 def test_cuda_matches_cpu(rule):
     g = torch.Generator().manual_seed(2)

@@ -27,6 +27,7 @@ def _config_of_command(command: str) -> dict:
     return config_to_dict(cfg)
 
 
+@pytest.mark.slow
 def test_every_grid_expands_into_valid_distinct_runs():
     for name, grid in GRIDS.items():
         runs = expand(grid)
@@ -55,6 +56,7 @@ def test_command_overrides_reach_the_config():
     assert cfg["train"]["lr"] == 0.002
 
 
+@pytest.mark.slow
 def test_smoke_grid_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     """The real trainer through subprocesses (jobs=1), aggregation, a second launch that skips every run,
     and the printed command of a row that reproduces the row's saved config."""
@@ -67,7 +69,8 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     runs = expand(get_grid("smoke"))
     for r in runs:
         summary = json.loads((out / r.name / "summary.json").read_text())
-        assert summary["steps"] == 2 and 0 <= summary["retrieval"]["v2t"]["r1"] <= 1, r.name
+        ret = summary["retrieval"]["v2t"]
+        assert summary["steps"] == 2 and ret["r1"] <= ret["r5"] <= ret["r10"] and ret["medr"] >= 1, r.name
         assert json.loads((out / r.name / "run.json").read_text())["labels"] == r.labels
 
     again = run_grid(runs, out, jobs=1)
@@ -135,6 +138,7 @@ def test_resume_runs_only_the_missing_and_failed_ones(tmp_path, fake_train, monk
     assert all((out / r.name / "summary.json").is_file() for r in runs)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_overlap_and_budget_stops_launching(tmp_path, fake_train, monkeypatch):
     runs = expand(get_grid("smoke"))[:4]
     monkeypatch.setenv("FAKE_SLEEP", "1.0")
@@ -235,6 +239,7 @@ def test_mean_std_edge_cases():
     assert n == 3 and abs(m - 7 / 3) < 1e-15 and abs(s - np.std([1.0, 2.0, 4.0], ddof=1)) < 1e-15
 
 
+@pytest.mark.slow
 def test_noise_plots_have_one_panel_per_kind(tmp_path):
     """Runs varying noise kind, rate and method: one figure per metric with a panel per kind."""
     import matplotlib.image
@@ -343,7 +348,8 @@ def test_maps_tables_from_run_files(tmp_path):
         d.mkdir(parents=True)
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         (d / "run.json").write_text(json.dumps({"labels": labels}))
-        rows = [{"step": s, "noise_auc_feat_own_pair_text": auc(s), "noise_auc_loss_text": 0.9} for s in range(10, 2001, 10)]
+        rows = [{"step": s, "noise_auc_feat_own_pair_text": auc(s), "noise_auc_loss_text": 0.9}
+                for s in range(10, 2001, 10)]
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         ev = [{"step": s, "retrieval": {"v2t": {"concept_acc": concept(s)}, "t2v": {"concept_acc": concept(s) / 2}}}
               for s in range(250, 2001, 250)]
@@ -364,8 +370,9 @@ def test_maps_tables_from_run_files(tmp_path):
         make(outc, f"arm{seed}", {"arm": "x", "seed": str(seed)}, arm, lambda s: 0.6, lambda s: 0.45 + off, 150.0)
     text = maps([head], head, outc, tmp_path / "maps", plots=False).read_text()
     print(text)
-    assert "| cos own_pair (feature) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | " \
-           "1000 (concept 0.41 / 0.21) |" in text
+    assert "| cos own_pair (feature) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | " \
+           "0.800 ± 0.000 | 1000 (concept 0.41 / 0.21) |" in text
     assert "| own loss ℓvt | 0.900 ± 0.000 |" in text and "oracle=" not in text.split("## Headroom")[0]
-    assert "| 2000 | 0.410 ± 0.014 | 0.610 ± 0.014 | +0.200 | yes | 0.205 ± 0.007 | 0.305 ± 0.007 | +0.100 | yes |" in text
+    assert "| 2000 | 0.410 ± 0.014 | 0.610 ± 0.014 | +0.200 | yes | 0.205 ± 0.007 | 0.305 ± 0.007 | +0.100 | " \
+           "yes |" in text
     assert "| arm=x | 2 | 0.460 ± 0.014 | 0.230 ± 0.007 | 0.500 ± 0.000 | +0.25 | +0.25 | 1.50× |" in text

@@ -17,7 +17,7 @@ from harmony import checkpoint as ckpt
 from harmony.cli import parse_args
 from harmony.metrics import read_jsonl
 from harmony.trainer import main
-from test_trainer_e2e import REPO, grid_dir
+from helpers import REPO, grid_dir
 
 FAST = ["--train.batch_size=8", "--train.warmup_steps=1", "--train.device=cpu", "--data.size=64",
         "--data.eval_size=16", "--data.frames=4", "--data.image_size=16", "--model.video_patch=[2,8,8]",
@@ -63,7 +63,9 @@ def _final_model(run: Path, steps: int) -> dict:
 
 # --------------------------------------------------------------------------------------------- signals
 
-@pytest.mark.parametrize("torchrun", [False, True], ids=["one_process", "torchrun_2_ranks"])
+@pytest.mark.slow
+@pytest.mark.parametrize("torchrun", [False, pytest.param(True, marks=pytest.mark.distributed)],
+                         ids=["one_process", "torchrun_2_ranks"])
 def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, torchrun):
     steps = 24
     full = tmp_path / "full"
@@ -92,6 +94,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, torchrun):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     run = tmp_path / "run"
     proc = _launch(run, 200, "--train.ckpt_every=0")
@@ -102,6 +105,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     assert len(ckpt.step_dirs(run / "checkpoints")) == 1
 
 
+@pytest.mark.slow
 def test_a_second_signal_aborts_at_once(tmp_path):
     run = tmp_path / "run"
     proc = _launch(run, 200, "--train.ckpt_every=0")
@@ -193,6 +197,7 @@ def test_more_steps_on_resume_follow_a_new_schedule(four_checkpoints, tmp_path, 
 
 # ------------------------------------------------------------------------------------------ run folder
 
+@pytest.mark.slow
 def test_a_second_run_into_a_live_run_folder_stops(tmp_path, capsys):
     run = tmp_path / "run"
     first = _launch(run, 300)
@@ -239,6 +244,7 @@ def test_user_input_errors_come_before_the_run_folder(tmp_path, monkeypatch, cap
     assert words in err and not run.exists()
 
 
+@pytest.mark.slow
 def test_user_input_error_as_a_process_is_one_line(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"--log.run_dir={run}", "--data.kind=manifest",
@@ -294,6 +300,7 @@ def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
 
 # ------------------------------------------------------------------------------------------- bad data
 
+@pytest.mark.slow
 def test_bad_data_report_counts_items_and_draws_and_names_them(tmp_path):
     """A manifest of real GRID clips with a non-JSON line, a missing clip and a cut-short mp4: every kind is
     counted where it happens (the bad line too), distinct items and draws both reported, the offending ones

@@ -1,12 +1,11 @@
 """GradientHarmonizer against the private-copy brute force (tests/brute_force.py), in float64.
 
-The model and the reference run in float64; the harmonizer's dots are fp32 by contract (docs/HARMONIZER.md "3. The measurement tiers"), so dots
-are compared to fp32 tolerance, relative to each sample's gradient norms. Gradients from the ordinary
-backward (ghost mode) are float64 up to the fp32 coefficients; materialize mode's buffers are fp32.
+The model and the reference run in float64; the harmonizer's dots are fp32 by contract (docs/HARMONIZER.md "3. The
+measurement tiers"), so dots are compared to fp32 tolerance, relative to each sample's gradient norms. Gradients from
+the ordinary backward (ghost mode) are float64 up to the fp32 coefficients; materialize mode's buffers are fp32.
 """
 from __future__ import annotations
 
-import functools
 import io
 import math
 
@@ -14,42 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from brute_force import ToyVATT, cmaloss, dots_of, flat, path_grads, toy_batch
+from brute_force import ToyVATT, cmaloss, dots_of, flat, toy_batch
 from harmony import HarmonyConfig
 from harmony.config import ConfigError
 from harmony.grad_sample import PerSampleError
 from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
+from helpers import MASKS, SEED, TOL, check, check_dots, check_grads, expected_update, fresh_model, reference
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# relative tolerances, one table: dots are fp32 sums; coefficients are fp32; fp32 buffers in materialize
-TOL = {"dots": 2e-5, "grad_exact": 1e-11, "grad_fp32_coef": 2e-6, "grad_fp32_buffers": 2e-5}
-
-MASKS = {
-    1: (torch.tensor([True]), torch.tensor([True])),
-    2: (torch.tensor([True, True]), torch.tensor([False, True])),
-    7: (torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.bool), torch.tensor([1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)),
-}
-
-
-SEED = 1   # model and data seed: its batch of 7 mixes conflicting and agreeing samples (checked in the tests)
-
-
-def fresh_model(seed: int = SEED) -> ToyVATT:
-    torch.manual_seed(seed)
-    return ToyVATT().double()
-
-
-@functools.lru_cache(maxsize=None)
-def reference(B: int, seed: int = SEED):
-    """Per-sample path gradients of the toy model for batch size B (cached: the brute force is the slow part)."""
-    model = fresh_model(seed)
-    x = toy_batch(B, seed=seed + B)
-    m_va, m_vt = MASKS[B]
-    g_va, g_vt = path_grads(model, x, cmaloss(m_va, m_vt))
-    return g_va, g_vt
 
 
 def run(cfg: HarmonyConfig, B: int, seed: int = SEED, model=None, masks=None, bookkeeping=None, **kw):
@@ -62,42 +35,6 @@ def run(cfg: HarmonyConfig, B: int, seed: int = SEED, model=None, masks=None, bo
     stats = h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),
                        vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt, **kw)
     return model, h, stats
-
-
-def check(what: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, scale=None) -> None:
-    """Max abs error against ref, relative to ``scale`` (default: max |ref|, at least 1e-30); printed first."""
-    err = (got.double() - ref.double()).abs()
-    s = (ref.double().abs().max() if scale is None else scale).clamp(min=1e-30)
-    rel = (err / s).max().item() if err.numel() else 0.0
-    print(f"{what}: max abs err {err.max().item() if err.numel() else 0:.3e}, relative {rel:.3e} (tol {rtol:.0e})")
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert rel <= rtol, what
-
-
-def check_dots(stats_dots: torch.Tensor, ref: torch.Tensor) -> None:
-    assert stats_dots.dtype == torch.float32 and stats_dots.shape == ref.shape
-    scale = (ref[:, 1] + ref[:, 2]).unsqueeze(1) + 1e-30       # per sample: |d| ≤ (na + nt) / 2
-    check("dots", stats_dots, ref, TOL["dots"], scale)
-
-
-def expected_update(model, g_va, g_vt, ca, cv):
-    """{name: Σ_i ca_i g^va_i + cv_i g^vt_i} for every parameter, from the brute force."""
-    out = {}
-    for n, _ in model.named_parameters():
-        shape = (-1,) + (1,) * (g_va[n].dim() - 1)
-        out[n] = (ca.double().view(shape) * g_va[n] + cv.double().view(shape) * g_vt[n]).sum(0)
-    return out
-
-
-def check_grads(model, expected, rtol, names=None):
-    for n, p in model.named_parameters():
-        if names is not None and n not in names:
-            continue
-        assert p.grad is not None, n
-    got = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if names is None or n in names])
-    ref = torch.cat([(torch.zeros_like(p) if expected[n] is None else expected[n]).flatten()   # None: no gradient
-                     for n, p in model.named_parameters() if names is None or n in names])
-    check("grad", got, ref, rtol)
 
 
 @pytest.mark.parametrize("B", [1, 2, 7])
@@ -143,8 +80,9 @@ def test_shared_scope_is_what_both_losses_reach():
 @pytest.mark.parametrize("mode", ["ghost", "materialize"])
 @pytest.mark.parametrize("bookkeeping", [False, True])
 def test_pcgrad_with_curriculum_on_actual_gradients(mode, bookkeeping):
-    """pcgrad + a threshold curriculum: α, β follow docs/METHOD.md "Realignment rules" on the brute-force dots, the PCGrad properties hold
-    on the actual per-sample gradients, and .grad = Σ_i ca_i g^va_i + cv_i g^vt_i for every parameter."""
+    """pcgrad + a threshold curriculum: α, β follow docs/METHOD.md "Realignment rules" on the brute-force dots, the
+    PCGrad properties hold on the actual per-sample gradients, and .grad = Σ_i ca_i g^va_i + cv_i g^vt_i for every
+    parameter."""
     B, lam = 7, 1.0
     g_va, g_vt = reference(B)
     cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", lam=lam,

@@ -18,7 +18,7 @@ from harmony import HarmonyConfig
 from harmony.config import ConfigError
 from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
-from test_harmonizer import MASKS, SEED, TOL, check_dots, check_grads, expected_update, fresh_model, reference
+from helpers import MASKS, SEED, TOL, check_dots, check_grads, expected_update, fresh_model, reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

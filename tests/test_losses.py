@@ -1,4 +1,5 @@
-"""CMA losses (docs/HARMONIZER.md "1. Per-sample gradients of coupled losses") against a direct float64 evaluation of the formula written with explicit loops."""
+"""CMA losses (docs/HARMONIZER.md "1. Per-sample gradients of coupled losses") against a direct float64 evaluation of
+the formula written with explicit loops."""
 import math
 
 import pytest

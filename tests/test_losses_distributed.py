@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 
 from harmony.losses import asymmetric_nce
 
+pytestmark = pytest.mark.distributed
+
 WORLD = 2
 TIMEOUT_S = 120
 # (local batch sizes per rank, candidates L): equal, unequal, and a rank without samples.

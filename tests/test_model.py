@@ -1,4 +1,5 @@
-"""VATT model (docs/DESIGN.md "The model (VATT)"): shapes, per-sample independence, DropToken, masking, scopes by autograd, sizes, init."""
+"""VATT model (docs/DESIGN.md "The model (VATT)"): shapes, per-sample independence, DropToken, masking, scopes by
+autograd, sizes, init."""
 import math
 
 import pytest
@@ -214,7 +215,8 @@ def test_scopes_by_autograd(variant, head_norm):
     got = {id(p) for p in shared}
     print(f"{variant}/{head_norm}: shared = {len(got)} tensors, {sum(p.numel() for p in shared)} params")
     assert len(got) == len(shared), "duplicates in scope"
-    assert got == expected, (f"missing {[names[i] for i in expected - got]}, extra {[names[i] for i in got - expected]}")
+    assert got == expected, (f"missing {[names[i] for i in expected - got]}, "
+                             f"extra {[names[i] for i in got - expected]}")
 
     video_tf = model.transformer("video")
     backbone = {id(p) for p in model.scope_parameters("backbone")}
@@ -231,7 +233,8 @@ def _block_params(d, m):
 
 
 def expected_count(size, variant, model_cfg, data_cfg):
-    """Parameter count written out from the architecture description (docs/DESIGN.md "The model (VATT)"), independently of the code."""
+    """Parameter count written out from the architecture description (docs/DESIGN.md "The model (VATT)"), independently
+    of the code."""
     layers, d, m = {"tiny": (2, 64, 256), "small": (6, 512, 2048), "base": (12, 768, 3072),
                     "medium": (12, 1024, 4096)}[size]
     dva, dvt = (64, 32) if size == "tiny" else (512, 256)
@@ -313,9 +316,10 @@ def test_init_content_dominates_shared_tables():
     data, batch = _synthetic_batch(32)
     model = build(ModelConfig(), data).eval()
     with torch.no_grad():
+        ve, ae = model.video_embed, model.audio_embed
         tokens = {
-            "video": model.video_embed.pre_proj(model.video_embed.patch_proj(model.video_embed.patches(batch["video"]))),
-            "audio": model.audio_embed.pre_proj(model.audio_embed.patch_proj(model.audio_embed.patches(batch["audio"]))),
+            "video": ve.pre_proj(ve.patch_proj(ve.patches(batch["video"]))),
+            "audio": ae.pre_proj(ae.patch_proj(ae.patches(batch["audio"]))),
             "text": model.text_embed.pre_proj(model.text_embed.word_embed(batch["text"][:, 0])),
         }
         tables = {"video": [model.video_embed.pos_t, model.video_embed.pos_h, model.video_embed.pos_w],
@@ -334,6 +338,7 @@ def test_init_content_dominates_shared_tables():
     assert max(cos.values()) < 0.75
 
 
+@pytest.mark.slow
 def test_plain_training_leaves_the_chance_loss():
     """Plain AdamW training of the tiny model on the synthetic benchmark (batch 32, lr 1e-3 after 10 warm-up
     steps, clipping 1.0) leaves the chance loss log(2B) of both losses within a few tens of steps (L_va first);

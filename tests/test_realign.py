@@ -1,5 +1,5 @@
-"""Realignment rules (docs/METHOD.md "Realignment rules"): coefficients applied to actual per-sample gradient vectors, checked against an
-independent float64 computation on the vectors and against the rules' stated properties."""
+"""Realignment rules (docs/METHOD.md "Realignment rules"): coefficients applied to actual per-sample gradient vectors,
+checked against an independent float64 computation on the vectors and against the rules' stated properties."""
 import io
 import math
 import zlib
@@ -310,7 +310,8 @@ def test_gradvac_ema_uses_previous_target_then_updates():
     assert state.target == pytest.approx(phi, abs=1e-6)
     # fixed target: the state is not touched
     fixed = RealignState(0.3)
-    realign(dots_of(ga, gv), torch.ones(12, dtype=torch.bool), HarmonyConfig(realign="gradvac", gradvac_target=0.3), fixed)
+    realign(dots_of(ga, gv), torch.ones(12, dtype=torch.bool), HarmonyConfig(realign="gradvac", gradvac_target=0.3),
+            fixed)
     assert fixed.target == 0.3 and fixed.updates == 0
 
 
@@ -327,7 +328,7 @@ def test_realign_state_round_trip():
     assert back.updates == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("rule", RULES)
 def test_cuda_matches_cpu(rule):
     ga, gv = make_pairs(B=33, P=40, seed=77)

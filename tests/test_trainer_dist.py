@@ -2,112 +2,20 @@
 global masked mean), a run equal to one process on the same global batch, and an exact resume from a
 2-rank checkpoint. Both ranks are spawned ONCE and do everything in turn (spawning is the slow part).
 The FSDP2 counterpart is test_trainer_fsdp.py; the hard-kill resume is tested in test_trainer.py."""
-import json
 import os
-import socket
-import time
 
+import pytest
 import torch
-import torch.multiprocessing as mp
 
 from harmony import checkpoint as ckpt
 from harmony import distributed as hd
-from harmony.metrics import read_jsonl
 from harmony.trainer import main
-from test_trainer_standins import standin_parts, tiny_args
+from helpers import (COMMON, FEATURE_KEEP, WORLD, compare_resumed, compare_runs, free_ports, max_weight_diff, spawn,
+                     train_worker)
+from standins import standin_parts, tiny_args
 
-WORLD = 2
-JOIN_TIMEOUT_S = 240
-FEATURE_KEEP = 0.7  # exercises the rank-independent DropToken-like generator
-COMMON = ("--log.plots=false", "--train.ckpt_every=2")
+pytestmark = pytest.mark.distributed
 
-
-def free_ports(n: int):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _set_env(rank: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-
-
-def train_worker(rank, ports, runs, out_dir, check_helpers):
-    """Optionally the helper checks, then each run (CLI args) in turn, each with a fresh port."""
-    _set_env(rank, ports[0])
-    if check_helpers:
-        _check_collectives(rank, out_dir)
-    for port, args in zip(ports[1:], runs):
-        os.environ["MASTER_PORT"] = str(port)
-        main(args, parts=standin_parts(feature_keep=FEATURE_KEEP))
-
-
-def spawn(fn, args):
-    """Run fn(rank, *args) on WORLD processes; fail (after killing them) if they do not finish in time."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} did not finish in {JOIN_TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
-def _close(a, b, what, rel=1e-5, abs_=1e-6):
-    err = abs(a - b)
-    assert err <= abs_ + rel * abs(b), f"{what}: {a} vs {b} (err {err:.3e})"
-    return err
-
-
-def compare_runs(single, multi):
-    """Per-step losses, cosine statistics and final evaluation of a 2-rank run against the 1-process run."""
-    a, b = read_jsonl(single / "metrics.jsonl"), read_jsonl(multi / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    worst = 0.0
-    for ra, rb in zip(a, b):
-        for k in ("loss_va", "loss_vt", "loss", "cos_mean", "grad_norm"):
-            worst = max(worst, _close(rb[k], ra[k], f"step {ra['step']} {k}"))
-        assert ra["frac_conflict"] == rb["frac_conflict"] and ra["cos_hist"] == rb["cos_hist"]
-        assert ra["lr"] == rb["lr"] and ra["bad"] == rb["bad"]
-    print("max abs difference of logged values:", worst)
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
-    assert sb["world_size"] == 2 and sb["eval_items"] == sa["eval_items"]
-    # Retrieval ranks are step functions of the embeddings: the two runs' parameters agree to float rounding
-    # (the per-step losses and gradient norms above, to 1e-5), but a near-tie between two similarities can
-    # flip on the last bit (seen with OMP_NUM_THREADS=1: one of 24 items, v2t R@1). So each retrieval metric
-    # may differ by the effect of at most one item's rank moving by one; any larger difference fails.
-    n = sa["eval_items"]
-    for d in sa["retrieval"]:
-        for k, v in sa["retrieval"][d].items():
-            step = 1.0 if k == "medr" else 1.0 / n
-            assert abs(sb["retrieval"][d][k] - v) <= step + 1e-9, (d, k, sb["retrieval"][d][k], v)
-    for k in ("noise_auc", "noise_auc_memory", "probe_acc"):
-        _close(sb[k], sa[k], k)
-
-
-def compare_resumed(full, resumed, first_step):
-    """A run resumed from ``full``'s checkpoint logs the same values, bit for bit, from ``first_step`` on."""
-    a = [r for r in read_jsonl(full / "metrics.jsonl") if r["step"] >= first_step]
-    b = read_jsonl(resumed / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b] and b
-    for ra, rb in zip(a, b):
-        for k in ("loss_va", "loss_vt", "cos_mean", "grad_norm", "cos_hist", "lr"):
-            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
-
-
-def max_weight_diff(w1, w2):
-    assert set(w1) == set(w2)
-    return max((w1[k].double() - w2[k].double()).abs().max().item() for k in w1)
 
 
 def test_ddp_two_ranks(tmp_path):
@@ -120,7 +28,7 @@ def test_ddp_two_ranks(tmp_path):
                       f"--train.resume={full / 'checkpoints' / 'step_00000002'}"),
             # gradient accumulation: no_sync on the first micro-step, one reduction on the second
             tiny_args(ddp_ga, 2, *COMMON, "--train.parallel=ddp", "--train.grad_accum=2")]
-    spawn(train_worker, (free_ports(4), runs, str(tmp_path), True))
+    spawn(train_worker, (free_ports(4), runs, str(tmp_path), _check_collectives))
 
     _check_collective_results(tmp_path)
     compare_runs(single, full)

@@ -1,12 +1,15 @@
 """Two gloo ranks on the CPU with FSDP2 (fully_shard per block + root): a run equal to one process on the
 same global batch, and an exact resume from its sharded (torch.distributed.checkpoint) checkpoint."""
+import pytest
 import torch
 
 from harmony import checkpoint as ckpt
 from harmony.trainer import main
-from test_trainer_dist import (COMMON, FEATURE_KEEP, compare_resumed, compare_runs, free_ports, max_weight_diff,
-                               spawn, train_worker)
-from test_trainer_standins import standin_parts, tiny_args
+from helpers import (COMMON, FEATURE_KEEP, compare_resumed, compare_runs, free_ports, max_weight_diff, spawn,
+                     train_worker)
+from standins import standin_parts, tiny_args
+
+pytestmark = pytest.mark.distributed
 
 
 def _dcp_model(ckpt_dir, out):
@@ -27,7 +30,7 @@ def test_fsdp2_two_ranks(tmp_path):
                       f"--train.resume={full / 'checkpoints' / 'step_00000002'}"),
             # gradient accumulation: no reduce-scatter on the first micro-step
             tiny_args(fsdp_ga, 2, *COMMON, "--train.parallel=fsdp", "--train.grad_accum=2")]
-    spawn(train_worker, (free_ports(4), runs, str(tmp_path), False))
+    spawn(train_worker, (free_ports(4), runs, str(tmp_path)))
 
     compare_runs(single, full)
     compare_runs(single_ga, fsdp_ga)

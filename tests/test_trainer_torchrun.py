@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
-from test_trainer_e2e import REPO, SMALL
+import pytest
+
+from helpers import REPO, SMALL
+
+pytestmark = pytest.mark.distributed
 
 
 def test_train_py_under_torchrun_two_ranks(tmp_path):

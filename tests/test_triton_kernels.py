@@ -347,6 +347,7 @@ _COMPILE_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_sm90():
     """Without a GPU, compile every kernel for sm_90 with Triton's bundled ptxas (in a subprocess without the

@@ -1,5 +1,5 @@
 """Small stand-ins with the interfaces of the model, data loader and harmonizer, for testing the trainer on
-its own (they live only in the tests), and tests of the stand-ins' own contract (the trainer tests rely on it).
+its own (they live only in the tests; their own contract is tested in test_standins.py).
 
 * ``TinyVATT``: shared blocks (an nn.ModuleList called once per modality, like the modality-agnostic VATT),
   heads to S_va / S_vt with z_vt_v computed from z_va_v, outputs in a dataclass, an optional CPU
@@ -232,31 +232,3 @@ def tiny_args(run_dir, steps: int = 6, *extra: str) -> list:
             "--train.lr=0.01", "--train.device=cpu", "--data.size=64", "--data.eval_size=24", "--data.noise=0.3",
             "--data.noise_audio=0.2", "--eval.size=0", "--eval.batch_size=8", "--log.every=1", "--log.progress=false",
             "--eval.noise_window=4", "--train.ckpt_every=3", *extra]
-
-
-# ------------------------------------------------------------------------------------- contract tests
-
-def test_standin_loader_resumes_and_shards():
-    from harmony.config import DataConfig
-
-    cfg = DataConfig(size=40, eval_size=10, noise=0.3)
-    full = standin_loader(cfg, "train", 6, 0, 1, 0, 0)
-    batches = [next(full) for _ in range(4)]
-    resumed = standin_loader(cfg, "train", 6, 0, 1, 0, 2)
-    assert torch.equal(next(resumed)["video"], batches[2]["video"])
-    halves = [next(standin_loader(cfg, "train", 3, r, 2, 0, 1)) for r in range(2)]
-    assert torch.equal(torch.cat([h["index"] for h in halves]), batches[1]["index"])
-    ev = list(standin_loader(cfg, "eval", 4, 0, 1, 0, 0))
-    assert sum(b["index"].numel() for b in ev) == 10 and not any(b["noisy_text"].any() for b in ev)
-
-
-def test_standin_items_are_deterministic_and_noisy_at_rate():
-    from harmony.config import DataConfig
-
-    cfg = DataConfig(size=400, noise=0.3)
-    items = [make_item(cfg, "train", i) for i in range(400)]
-    again = make_item(cfg, "train", 17)
-    assert torch.equal(again["video"], items[17]["video"])
-    rate = sum(it["noisy_text"] for it in items) / len(items)
-    print("noisy text rate", rate)
-    assert 0.2 < rate < 0.4
