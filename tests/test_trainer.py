@@ -1,8 +1,9 @@
-"""The trainer in one process on the CPU, driven with the small stand-ins of test_trainer_standins:
+"""The trainer in one process on the CPU, driven with the small stand-ins of tests/standins.py:
 outputs of a run, exact resume after a hard kill, skipped non-finite steps, gradient accumulation, errors."""
 import copy
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,11 +14,10 @@ import torch
 import yaml
 
 from harmony import checkpoint as ckpt
-from harmony.config import ConfigError
 from harmony.metrics import Progress, read_jsonl
 from harmony.trainer import Trainer, main, resolve_run_dir
 from harmony.cli import parse_args
-from test_trainer_standins import TinyVATT, standin_loader, standin_parts, tiny_args
+from standins import standin_loader, standin_parts, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"step", "loss_va", "loss_vt", "loss", "cos_mean", "frac_conflict", "kept", "lr", "grad_norm",
@@ -52,8 +52,13 @@ def test_run_writes_every_output(tmp_path):
     assert on_disk["steps"] == 6 and on_disk["wall_s"] > 0 and on_disk["samples_per_s"] > 0
     for d in ("v2t", "t2v", "v2a", "a2v"):
         assert set(on_disk["retrieval"][d]) == {"r1", "r5", "r10", "medr", "concept_acc"}
-    for k in ("probe_acc", "noise_auc", "noise_auc_text", "noise_auc_audio", "noise_auc_memory"):
-        assert 0.0 <= on_disk[k] <= 1.0, k
+    # the stand-ins' 4 concepts are linearly separable in the pooled features: probe accuracy 1.0 on seeds 0-4
+    # (chance 0.25); six steps teach the cosine nothing to bound, but both noise classes must be scored (else NaN)
+    assert on_disk["probe_acc"] >= 0.75
+    assert all(math.isfinite(on_disk[k])
+               for k in ("noise_auc", "noise_auc_text", "noise_auc_audio", "noise_auc_memory"))
+    # it trains: the last two steps' mean loss is at most 0.85 of the first two's (seeds 0-4: 0.46 ... 0.76)
+    assert (rows[4]["loss"] + rows[5]["loss"]) <= 0.85 * (rows[0]["loss"] + rows[1]["loss"])
     assert summary["retrieval"] == on_disk["retrieval"]
     assert [p.name for p in ckpt.step_dirs(run / "checkpoints")] == ["step_00000003", "step_00000006"]
     assert sorted(p.name for p in (run / "plots").iterdir()) == \
@@ -65,7 +70,7 @@ _KILLED_RUN = """
 import os, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from harmony.trainer import main
-from test_trainer_standins import standin_loader, standin_parts, tiny_args
+from standins import standin_loader, standin_parts, tiny_args
 
 def loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, drop_last=True, sampler=None):
     for n, batch in enumerate(standin_loader(data_cfg, split, batch_size, rank, world_size, seed, start_step)):
@@ -77,6 +82,7 @@ main(tiny_args({run!r}, 6, *{extra!r}), parts=standin_parts(feature_keep=0.7, lo
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bitwise(tmp_path):
     """A run killed during step 5 (last checkpoint: step 3) and resumed with train.resume=auto logs the same
     per-step losses, bit for bit, as an uninterrupted run, and ends with the same weights."""
@@ -222,7 +228,15 @@ def test_bf16_autocast_and_profiler_trace(tmp_path):
     main(tiny_args(run, 3, "--train.precision=bf16", "--profile.torch=1:2", "--log.plots=false",
                    "--log.tensorboard=true"), parts=standin_parts())
     rows = read_jsonl(run / "metrics.jsonl")
-    assert all(r["loss"] is not None and r["skipped"] == 0 for r in rows)
+    assert all(r["skipped"] == 0 for r in rows)
+    # close to the fp32 run, yet not equal to it (autocast is on): on seeds 0-4 the per-step loss differs by
+    # 0.01-1.0% and cos_mean by at most 0.012; the bounds are 3x and 4x that
+    main(tiny_args(tmp_path / "fp32", 3, "--log.plots=false"), parts=standin_parts())
+    ref = read_jsonl(tmp_path / "fp32" / "metrics.jsonl")
+    rel = [abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(rows, ref)]
+    print("bf16 vs fp32: relative loss differences", rel)
+    assert len(rel) == 3 and max(rel) <= 0.03 and max(rel) > 1e-6
+    assert all(abs(a["cos_mean"] - b["cos_mean"]) <= 0.05 for a, b in zip(rows, ref))
     trace = run / "profile" / "trace_rank0_steps1-2.json"
     assert trace.is_file() and "traceEvents" in trace.read_text()[:2000]
 

@@ -1,7 +1,7 @@
 """The real thing, end to end on the CPU for a few steps: VATT, the synthetic and GRID data, the CMA losses and
 the GradientHarmonizer through ``main([...])``, writing every output (torchrun: test_trainer_torchrun.py)."""
 import json
-import os
+import math
 from pathlib import Path
 
 import pytest
@@ -10,32 +10,37 @@ import yaml
 
 from harmony.metrics import read_jsonl
 from harmony.trainer import main
+from helpers import REPO, SMALL, grid_dir
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--train.batch_size=8", "--train.warmup_steps=1", "--train.device=cpu", "--data.size=64",
-         "--data.eval_size=16", "--data.noise=0.3", "--data.noise_audio=0.2", "--data.frames=4",
-         "--data.image_size=16", "--model.video_patch=[2,8,8]", "--eval.size=16", "--eval.batch_size=8",
-         "--log.every=1", "--log.progress=false", "--train.ckpt_every=2"]
-
-
-def grid_dir() -> Path:
-    return Path(os.environ.get("HARMONY_GRID_DIR", REPO.parent / "shared" / "data" / "grid"))
+# the real model for a few steps each: seconds per test
+pytestmark = pytest.mark.slow
 
 
 def _check_outputs(run: Path, steps: int, synthetic: bool) -> dict:
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == steps
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["steps"] == steps
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
-        assert r["loss"] is not None and r["cos_mean"] is not None and 0 <= r["kept"] <= 1
-        assert -1.0 <= r["cos_mean"] <= 1.0 and r["skipped"] == 0
+        assert r["skipped"] == 0
+        assert r["loss"] == pytest.approx(r["loss_va"] + cfg["harmony"]["lam"] * r["loss_vt"], rel=1e-6)
+        # the step's statistics describe the same n cosines: the histogram holds each valid sample once, the
+        # mean lies within a bin of the histogram's mean, and kept / conflict fractions are counts out of n
+        n = sum(r["cos_hist"])
+        assert 0 < n <= cfg["train"]["batch_size"]
+        width = 2.0 / len(r["cos_hist"])
+        hist_mean = sum(c * (-1 + (i + 0.5) * width) for i, c in enumerate(r["cos_hist"])) / n
+        assert abs(r["cos_mean"] - hist_mean) <= width / 2 + 1e-9, (r["cos_mean"], hist_mean)
+        for frac in ("kept", "frac_conflict"):
+            assert r[frac] * n == pytest.approx(round(r[frac] * n), abs=1e-6), (frac, r[frac], n)
     summary = json.loads((run / "summary.json").read_text())
     for d in ("v2t", "t2v", "v2a", "a2v"):
-        assert {"r1", "r5", "r10", "medr"} <= set(summary["retrieval"][d])
+        ret = summary["retrieval"][d]
+        assert ret["r1"] <= ret["r5"] <= ret["r10"] and ret["medr"] >= 1, (d, ret)
     assert summary["steps"] == steps and summary["samples_per_s"] > 0 and summary["wall_s"] > 0
-    if synthetic:
-        assert 0 <= summary["probe_acc"] <= 1 and 0 <= summary["noise_auc"] <= 1
-        assert 0 <= summary["noise_auc_memory"] <= 1
+    if synthetic:   # a few steps learn nothing to bound (test_measure_arm_finds_planted_noise does); both
+        # classes of the planted noise must be in the window, else the AUC is NaN
+        assert all(math.isfinite(summary[k]) for k in ("probe_acc", "noise_auc", "noise_auc_memory"))
     assert (run / "checkpoints" / f"step_{steps:08d}" / "state.pt").is_file()
     assert {"losses.png", "cos_hist.png", "retrieval.png"} <= {p.name for p in (run / "plots").iterdir()}
     print(json.dumps({k: v for k, v in summary.items() if k != "retrieval"}, indent=None)[:600])
@@ -99,17 +104,41 @@ def test_window_noise_statistics_are_logged(tmp_path, method):
         if method == "measure" else ["--harmony.enabled=false"]
     main([f"--log.run_dir={run}", "--train.steps=3", "--log.plots=false", "--data.noise=0.5", *arm, *SMALL])
     rows = read_jsonl(run / "metrics.jsonl")
-    for r in rows:
+    for r in rows:   # logged with a value (both classes present); what the values reach: the test below
         for key in ("noise_auc_feat", "noise_auc_feat_text", "noise_auc_loss_text", "noise_auc_loss_audio"):
-            assert 0 <= r[key] <= 1
+            assert math.isfinite(r[key]), key
         if method == "measure":
             for key in ("noise_auc", "noise_auc_text", "noise_auc_memory", "frac_conflict_clean",
                         "frac_conflict_text"):
-                assert 0 <= r[key] <= 1
+                assert math.isfinite(r[key]), key
         else:
             measured = {k for k, v in r.items() if v is not None}
             assert not measured & {"noise_auc", "noise_auc_text", "noise_auc_memory", "frac_conflict",
                                    "frac_conflict_clean", "frac_conflict_text", "cos_mean"}
+
+
+def test_measure_arm_finds_planted_noise(tmp_path):
+    """The measure arm (harmonizer on, realign=none) on planted noise (30% of captions and 20% of audio tracks
+    swapped for another concept's): once the model learns, the per-sample gradient cosine ranks the misaligned
+    triplets below the clean ones, and the own caption loss ranks swapped captions above clean ones. Measured with
+    this command on seeds 0, 1, 2 (2026-12-05): the last window's (steps 151-200) noise_auc 0.77 / 0.63 / 0.68 and
+    noise_auc_loss_text 0.87 / 0.74 / 0.77; the first window's (steps 1-50) noise_auc 0.52 / 0.51 / 0.53. A window
+    scores 1600 triplets (AUC standard error about 0.015), so the bounds sit more than 3 standard errors under the
+    worst seed, while a measurement without signal (random or sign-flipped cosines: AUC <= 0.5) fails them. The
+    test runs seed 0."""
+    run = tmp_path / "measure"
+    main([*SMALL, f"--log.run_dir={run}", "--train.steps=200", "--train.batch_size=32", "--data.size=4096",
+          "--train.lr=0.001", "--train.warmup_steps=10", "--train.weight_decay=0.01", "--train.clip_norm=1.0",
+          "--model.droptoken=0.5", "--data.noise=0.3", "--data.noise_audio=0.2", "--data.noise_kind=swap",
+          "--harmony.realign=none", "--harmony.curriculum=memory", "--harmony.curriculum_start=0",
+          "--harmony.mode=auto", "--harmony.scope=shared", "--log.every=50", "--log.plots=false",
+          "--eval.final=false", "--train.ckpt_every=0", "--train.seed=0", "--data.seed=0"])
+    rows = read_jsonl(run / "metrics.jsonl")
+    print([(r["step"], round(r["noise_auc"], 3), round(r["noise_auc_loss_text"], 3)) for r in rows])
+    assert [r["step"] for r in rows] == [50, 100, 150, 200]
+    assert rows[-1]["noise_auc"] >= 0.58
+    assert rows[-1]["noise_auc_loss_text"] >= 0.69
+    assert rows[-1]["noise_auc"] >= rows[0]["noise_auc"] + 0.05     # it rises with learning (seeds: +0.12 ... +0.25)
 
 
 def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
