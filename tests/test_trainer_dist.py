@@ -17,7 +17,6 @@ from standins import standin_parts, tiny_args
 pytestmark = pytest.mark.distributed
 
 
-
 def test_ddp_two_ranks(tmp_path):
     single, full, resumed = tmp_path / "single", tmp_path / "ddp", tmp_path / "ddp_resumed"
     single_ga, ddp_ga = tmp_path / "single_ga", tmp_path / "ddp_ga"
