@@ -1,7 +1,7 @@
-"""Gradient-based curriculum (SPEC §4): per-sample weights from cosines, a per-item score memory, and a
+"""Gradient-based curriculum (docs/METHOD.md "Curriculum"): per-sample weights from cosines, a per-item score memory, and a
 sampler driven by that memory.
 
-Conventions this module fixes where the SPEC is silent (docs/METHOD.md explains them):
+Conventions this module fixes (docs/METHOD.md explains them):
 * Progress starts at the curriculum's start: p = (step − curriculum_start·T) / (ramp·T), clipped to
   [0, 1]; before curriculum_start·T every weight is 1. The curriculum is therefore strictest (κ0, ρ0)
   the step it switches on and admits everything ramp·T steps later (or never fully, when
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from harmony import distributed as hd
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.nvtx import nvtx_range
 
@@ -369,9 +370,7 @@ class PrioritizedSampler(torch.utils.data.Sampler):
                  num_samples: Optional[int] = None, replacement: bool = True, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None):
         if world_size is None:
-            dist = torch.distributed
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            rank = dist.get_rank() if world_size > 1 else 0
+            world_size, rank = hd.get_world_size(), hd.get_rank()
         rank = 0 if rank is None else rank
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")

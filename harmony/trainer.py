@@ -843,8 +843,7 @@ class Trainer:
                         with self._phase("forward"):
                             l_va, l_vt, va_in, vt_in = self.forward(batch, self.step * ga + k)
                         feat_cos = self.feature_cosine(batch, l_va, l_vt)
-                        with self._phase("harmonize"), \
-                                hd.unsharded_through_backward(self.model, self.harmonizer is not None):
+                        with self._phase("harmonize"):
                             stats = self.harmonize(batch, l_va, l_vt, va_in, vt_in)
                     self._record(win, batch, l_va, l_vt, stats, feat_cos)
                     loss_sum = loss_sum + (l_va.detach().sum() + l_vt.detach().sum())
