@@ -1,5 +1,5 @@
-"""Gradient-based curriculum (docs/METHOD.md "Curriculum"): per-sample weights from cosines, a per-item score memory, and a
-sampler driven by that memory.
+"""Gradient-based curriculum (docs/METHOD.md "Curriculum"): per-sample weights from cosines, a per-item score
+memory, and a sampler driven by that memory (``memory_sampler``: the trainer's, following its step).
 
 Conventions this module fixes (docs/METHOD.md explains them):
 * Progress starts at the curriculum's start: p = (step − curriculum_start·T) / (ramp·T), clipped to
@@ -455,3 +455,37 @@ class PrioritizedSampler(torch.utils.data.Sampler):
         self._indices = indices.clone() if indices.numel() else None
         self._position = int(d["position"])
         self._resume = self._indices is not None
+
+
+class StepAwareSampler(torch.utils.data.Sampler):
+    """Hands the trainer's current step (``step_of()``) to a ``PrioritizedSampler`` at each epoch start (its
+    priorities follow the curriculum's progress); the loader only knows the epoch number."""
+
+    def __init__(self, sampler: PrioritizedSampler, step_of):
+        self.sampler, self.step_of = sampler, step_of
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch, step=self.step_of())
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def memory_sampler(cfg, harmonizer, rank: int, world_size: int, step_of) -> Optional[StepAwareSampler]:
+    """The training loader's sampler under harmony.curriculum=memory with memory_use=sampler: a
+    ``PrioritizedSampler`` over the harmonizer's score memory that follows the trainer's step (``step_of()``);
+    None for every other setting. ``cfg``: the whole run config."""
+    h = cfg.harmony
+    if not (h.enabled and h.curriculum == "memory" and h.memory_use == "sampler"):
+        return None
+    if cfg.data.kind == "shards":
+        raise ConfigError("harmony.memory_use='sampler' needs indexable data; data.kind='shards' streams "
+                          "(use harmony.memory_use='weights')")
+    from harmony.data import build_dataset
+
+    items = len(build_dataset(cfg.data, "train"))
+    return StepAwareSampler(PrioritizedSampler(harmonizer.memory, items, h, cfg.train.steps, seed=cfg.train.seed,
+                                               rank=rank, world_size=world_size), step_of)
