@@ -86,8 +86,9 @@ class GradientHarmonizer:
 
     def __init__(self, model: nn.Module, cfg: Optional[HarmonyConfig] = None, bookkeeping: Optional[bool] = None):
         """``bookkeeping``: form the update's parameter gradients from the kept X and measured G instead of a
-        second backward (docs/HARMONIZER.md "3. The measurement tiers"); None picks it on the first step (single process, every layer has a sampler,
-        and the scope holds at least half of the layers' work), True requires it, False never uses it."""
+        second backward (docs/HARMONIZER.md "3. The measurement tiers"); None picks it on the first step (single
+        process, every layer has a sampler, and the scope holds at least half of the layers' work), True requires
+        it, False never uses it."""
         self.cfg = (cfg if cfg is not None else HarmonyConfig()).validate()
         self.model = model
         self.inner = hd.unwrap(model)

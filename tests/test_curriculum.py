@@ -1,5 +1,5 @@
-"""Curriculum schedules, update coefficients, the score memory and the prioritized sampler (SPEC §4):
-hand-computed cases, plus an independent pure-Python reference on fresh random inputs with ties."""
+"""Curriculum schedules, update coefficients, the score memory and the prioritized sampler (docs/METHOD.md
+"Curriculum"): hand-computed cases, plus an independent pure-Python reference on fresh random inputs with ties."""
 import io
 import math
 import random

@@ -1,5 +1,5 @@
 """Two gloo ranks, DDP and FSDP2: the harmonized .grad and the per-sample dots equal a single-process run on
-the same global batch (SPEC §7). The losses gather negatives across ranks with gradient.
+the same global batch (docs/HARMONIZER.md "4. Data parallelism"). The losses gather negatives across ranks with gradient.
 
 The ranks hold different numbers of valid samples: each rank differentiates its share of the GLOBAL masked
 mean, so the wrappers' averaging gives the single process's gradient exactly.
