@@ -1,7 +1,7 @@
-"""Gradient-based curriculum (SPEC §4): per-sample weights from cosines, a per-item score memory, and a
-sampler driven by that memory.
+"""Gradient-based curriculum (docs/METHOD.md "Curriculum"): per-sample weights from cosines, a per-item score
+memory, and a sampler driven by that memory (``memory_sampler``: the trainer's, following its step).
 
-Conventions this module fixes where the SPEC is silent (docs/METHOD.md explains them):
+Conventions this module fixes (docs/METHOD.md explains them):
 * Progress starts at the curriculum's start: p = (step − curriculum_start·T) / (ramp·T), clipped to
   [0, 1]; before curriculum_start·T every weight is 1. The curriculum is therefore strictest (κ0, ρ0)
   the step it switches on and admits everything ramp·T steps later (or never fully, when
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from harmony import distributed as hd
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.nvtx import nvtx_range
 
@@ -369,9 +370,7 @@ class PrioritizedSampler(torch.utils.data.Sampler):
                  num_samples: Optional[int] = None, replacement: bool = True, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None):
         if world_size is None:
-            dist = torch.distributed
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            rank = dist.get_rank() if world_size > 1 else 0
+            world_size, rank = hd.get_world_size(), hd.get_rank()
         rank = 0 if rank is None else rank
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -456,3 +455,37 @@ class PrioritizedSampler(torch.utils.data.Sampler):
         self._indices = indices.clone() if indices.numel() else None
         self._position = int(d["position"])
         self._resume = self._indices is not None
+
+
+class StepAwareSampler(torch.utils.data.Sampler):
+    """Hands the trainer's current step (``step_of()``) to a ``PrioritizedSampler`` at each epoch start (its
+    priorities follow the curriculum's progress); the loader only knows the epoch number."""
+
+    def __init__(self, sampler: PrioritizedSampler, step_of):
+        self.sampler, self.step_of = sampler, step_of
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch, step=self.step_of())
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def memory_sampler(cfg, harmonizer, rank: int, world_size: int, step_of) -> Optional[StepAwareSampler]:
+    """The training loader's sampler under harmony.curriculum=memory with memory_use=sampler: a
+    ``PrioritizedSampler`` over the harmonizer's score memory that follows the trainer's step (``step_of()``);
+    None for every other setting. ``cfg``: the whole run config."""
+    h = cfg.harmony
+    if not (h.enabled and h.curriculum == "memory" and h.memory_use == "sampler"):
+        return None
+    if cfg.data.kind == "shards":
+        raise ConfigError("harmony.memory_use='sampler' needs indexable data; data.kind='shards' streams "
+                          "(use harmony.memory_use='weights')")
+    from harmony.data import build_dataset
+
+    items = len(build_dataset(cfg.data, "train"))
+    return StepAwareSampler(PrioritizedSampler(harmonizer.memory, items, h, cfg.train.steps, seed=cfg.train.seed,
+                                               rank=rank, world_size=world_size), step_of)

@@ -1,4 +1,11 @@
-"""Process groups, parallel wrappers and collectives for the trainer (SPEC §7).
+"""Process groups, parallel wrappers and every collective of the project (docs/HARMONIZER.md "4. Data parallelism",
+docs/DESIGN.md "Collectives and wrappers").
+
+The trainer, the harmonizer, the losses, the evaluation and the sampler ask this module, and only this
+module, how many ranks there are, what a wrapper holds (``unwrap``, ``is_ddp``, ``is_fsdp``), and to move
+tensors between ranks: a dict of sums (``reduce_dict``), rows of different counts per rank (``gather_rows``,
+with or without gradient), the global masked mean (``global_masked_means``), the unsharded-backward context
+of FSDP2 (``unsharded_through_backward``).
 
 Launch with ``torchrun [--nproc_per_node N] train.py ...``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT come from torchrun's environment; without them the run is one process and every helper here
@@ -13,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -92,7 +99,14 @@ def get_rank() -> int:
 
 
 def get_world_size() -> int:
+    """The number of ranks of the default process group (1 without one)."""
     return dist.get_world_size() if is_dist() else 1
+
+
+def data_parallel_world(model: nn.Module) -> int:
+    """The ranks ``model`` averages its gradients over: the group's size for a DDP or FSDP2 model, else 1 (a
+    plain module in a process group trains on its own rank's batch)."""
+    return get_world_size() if is_ddp(model) or is_fsdp(model) else 1
 
 
 def barrier() -> None:
@@ -117,6 +131,40 @@ def reduce_scalars(values: Iterable[float], op: str = "sum", device=None) -> Lis
     return all_reduce(t, op).tolist()
 
 
+def reduce_dict(values: Dict[str, Union[float, List[float]]], op: str = "sum", device=None
+                ) -> Dict[str, Union[float, List[float]]]:
+    """All-reduce a dict of numbers and lists of numbers in one float64 collective -> the same structure.
+
+    Every rank must pass the same keys with lists of the same lengths (they are flattened in key order)."""
+    keys = sorted(values)
+    flat: List[float] = []
+    for k in keys:
+        v = values[k]
+        flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    red = reduce_scalars(flat, op, device=device)
+    out, o = {}, 0
+    for k in keys:
+        v = values[k]
+        n = len(v) if isinstance(v, (list, tuple)) else 1
+        out[k] = red[o:o + n] if isinstance(v, (list, tuple)) else red[o]
+        o += n
+    return out
+
+
+def average_across_ranks(tensors: List[torch.Tensor], world: int) -> None:
+    """In place: each tensor becomes its mean over ``world`` ranks (one flat collective), as DDP / FSDP2
+    average gradients; nothing to do when ``world`` is 1."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    o = 0
+    for t in tensors:
+        t.copy_(flat[o:o + t.numel()].view_as(t))
+        o += t.numel()
+
+
 def any_nonfinite(*tensors: Optional[torch.Tensor], device=None) -> bool:
     """True on EVERY rank if any rank has a NaN/inf in any of ``tensors`` (None entries are ignored).
 
@@ -128,17 +176,35 @@ def any_nonfinite(*tensors: Optional[torch.Tensor], device=None) -> bool:
     return bool(all_reduce(flag, "max").item() > 0)
 
 
-def global_masked_mean(losses: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """This rank's share of the GLOBAL masked mean Σ_i m_i ℓ_i / Σ_i m_i (i over every rank's samples).
+def global_masked_means(*pairs: Tuple[torch.Tensor, torch.Tensor], world: Optional[int] = None
+                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """This rank's share of each GLOBAL masked mean Σ_i m_i ℓ_i / Σ_i m_i (i over every rank's samples).
 
-    losses [b], mask [b] -> scalar  local Σ m ℓ / (global Σ m / world). Data-parallel gradient averaging
-    (÷ world) then yields exactly the gradient of the global mean however the masked samples are spread over
-    ranks — a per-rank masked_mean would not. In one process it is the plain masked mean.
+    pairs: (losses [b], mask [b] bool) -> ([local Σ m ℓ / (max(global Σ m, 1) / W)], differentiable; [the global
+    masked means], detached fp32). Data-parallel gradient averaging (÷ W) then yields exactly the gradient of
+    the global mean however the masked samples are spread over ranks — a per-rank masked mean would not. The
+    sums travel in one float64 collective. ``world``: the W to divide by and reduce over (default: the
+    process group's size); 1 gives the plain masked means of this rank's samples.
     """
+    W = get_world_size() if world is None else world
+    sums = [torch.where(m, l, torch.zeros_like(l)).sum() for l, m in pairs]
+    dtype = sums[0].dtype
+    stats = torch.stack([x for s, (_, m) in zip(sums, pairs) for x in (s.detach().to(dtype), m.sum().to(dtype))])
+    stats = stats.double()
+    if W > 1:
+        dist.all_reduce(stats)
+    shares, means = [], []
+    for k, s in enumerate(sums):
+        n = stats[2 * k + 1].clamp(min=1)
+        shares.append(s / (n / W).to(s.dtype))
+        means.append((stats[2 * k] / n).float())
+    return shares, means
+
+
+def global_masked_mean(losses: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """losses [b], mask [b] -> scalar: this rank's share of the global masked mean (``global_masked_means``)."""
     m = torch.ones_like(losses, dtype=torch.bool) if mask is None else mask.to(losses.device, torch.bool)
-    total = torch.where(m, losses, torch.zeros_like(losses)).sum()
-    count = all_reduce(m.sum().to(torch.float64).detach().clone(), "sum")
-    return total / (count.clamp_min(1) / get_world_size()).to(losses.dtype)
+    return global_masked_means((losses, m))[0][0]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -158,22 +224,59 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``t`` [n_r, ...] along dim 0 -> [Σ n_r, ...] in rank order (n_r may differ).
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather equal-sized blocks [m, ...] from every rank -> [world·m, ...] in rank order, differentiable.
 
-    Without gradient (evaluation); rows are padded to the largest n_r for the collective and trimmed after.
+    Each rank differentiates its own loss, which reads every rank's rows; the gradient of this rank's block is
+    therefore the sum over ranks of the gradient each one computed for it: an all_reduce (sum) of the full
+    gathered gradient, then this rank's slice. Every rank must run the backward (as with any collective).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()  # all_reduce works in place; autograd's buffer must stay untouched
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(t: torch.Tensor, differentiable: bool = False) -> Tuple[torch.Tensor, int]:
+    """Every rank's rows t [n_r, ...] -> ([Σ n_r, ...] in rank order, the index of this rank's first row).
+
+    Ranks may hold different n_r: rows are zero-padded to the largest for the collective and cut off after it.
+    ``differentiable``: the backward sums every rank's gradient for a row into the rank that owns it (the
+    contrastive losses' negatives); otherwise no gradient flows. One process: (t, 0).
     """
     if not is_dist():
-        return t
+        return t, 0
     n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
     sizes = [int(s.item()) for s in sizes]
-    pad = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
-    pad[: t.shape[0]] = t
-    bufs = [torch.empty_like(pad) for _ in sizes]
-    dist.all_gather(bufs, pad.contiguous())
-    return torch.cat([b[:s] for b, s in zip(bufs, sizes)], dim=0)
+    m = max(sizes)
+    if differentiable:
+        pad = torch.cat([t, t.new_zeros((m - t.shape[0],) + tuple(t.shape[1:]))]) if m > t.shape[0] else t
+        full = _AllGatherWithGrad.apply(pad)
+        parts = [full[r * m:r * m + k] for r, k in enumerate(sizes)]
+    else:
+        pad = t.new_zeros((m,) + tuple(t.shape[1:]))
+        pad[: t.shape[0]] = t
+        bufs = [torch.empty_like(pad) for _ in sizes]
+        dist.all_gather(bufs, pad.contiguous())
+        parts = [b[:k] for b, k in zip(bufs, sizes)]
+    return torch.cat(parts, dim=0), sum(sizes[: dist.get_rank()])
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``t`` [n_r, ...] along dim 0 -> [Σ n_r, ...] in rank order, without gradient."""
+    return gather_rows(t)[0]
 
 
 # ----------------------------------------------------------------------------------------------- wrapping
@@ -221,7 +324,25 @@ def wrap_model(model: nn.Module, parallel: str, env: DistEnv, precision: str = "
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DDP wrapper (FSDP2 shards in place: the module itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model.module if is_ddp(model) else model
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _fsdp_units_of(model: nn.Module) -> List[nn.Module]:
+    """The FSDP2 units (``fully_shard``-ed modules) inside ``model``, itself included."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is sharded by FSDP2 ``fully_shard``."""
+    return bool(_fsdp_units_of(model))
 
 
 @contextlib.contextmanager
@@ -230,7 +351,7 @@ def grad_sync(model: nn.Module, enabled: bool):
     if enabled:
         yield
         return
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    if is_ddp(model):
         with model.no_sync():
             yield
         return
@@ -244,32 +365,33 @@ def grad_sync(model: nn.Module, enabled: bool):
     yield
 
 
+def _reshard_after_backward(unit: nn.Module) -> bool:
+    """The unit's current reshard-after-backward setting (FSDP2 keeps it in its parameter group; default True)."""
+    try:
+        return bool(unit._get_fsdp_state()._fsdp_param_group.reshard_after_backward)
+    except AttributeError:
+        return True
+
+
 @contextlib.contextmanager
-def unsharded_through_backward(model: nn.Module, enabled: bool = True):
-    """FSDP2: keep parameters unsharded across the several backward passes of one step (the harmonizer's
-    measurement passes, then its update) and reshard once after the last.
+def unsharded_through_backward(model: nn.Module):
+    """FSDP2: keep the units unsharded across several backward passes through one graph (the harmonizer's
+    measurement passes, then its update) and reshard once after the last; a no-op for other models.
 
     FSDP2 frees a unit's unsharded parameters after its backward; a later backward through the same graph
-    then finds the saved weights' storage gone (seen with torch 2.11 on CUDA). Gradient reduce-scatter
-    is unaffected. No-op for other models."""
-    if not (enabled and is_fsdp(model)):
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    then finds the saved weights' storage gone (seen with torch 2.11 on CUDA). Gradient reduce-scatter is
+    unaffected. Each unit's setting is restored on exit (nested use keeps the outer one's)."""
+    units = _fsdp_units_of(model)
+    before = [_reshard_after_backward(m) for m in units]
     for m in units:
         m.set_reshard_after_backward(False, recurse=False)
     try:
         yield
     finally:
-        for m in units:
-            m.set_reshard_after_backward(True, recurse=False)
-            m.reshard()
-
-
-def is_fsdp(model: nn.Module) -> bool:
-    return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
+        for m, b in zip(units, before):
+            m.set_reshard_after_backward(b, recurse=False)
+            if b:
+                m.reshard()
 
 
 def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:

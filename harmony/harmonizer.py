@@ -1,4 +1,5 @@
-"""GradientHarmonizer: per-sample cross-modality gradient harmonization of one training step (SPEC §2–5, §7).
+"""GradientHarmonizer: per-sample cross-modality gradient harmonization of one training step (docs/HARMONIZER.md;
+docs/METHOD.md "Which gradient is sample i's", "Realignment rules", "Curriculum").
 
     harmonizer = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode="ghost", scope="shared"))
     l_va = nce(z_v, z_a); l_vt = mil_nce(z_vt, z_t)                      # per-sample losses [B]
@@ -35,14 +36,13 @@ autograd graph of the first step (found by walking grad_fn.next_functions to the
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from harmony import distributed as hd
 from harmony import strategies
 from harmony.config import ConfigError, HarmonyConfig
 from harmony.curriculum import LossMixture, ScoreMemory, curriculum_weights, sample_scores, update_coefficients
@@ -81,45 +81,20 @@ class HarmonyStats:
     score: Optional[torch.Tensor] = None
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel (FSDP2 keeps the module itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _is_fsdp2(model: nn.Module) -> bool:
-    return any(_is_fsdp_unit(m) for m in model.modules())
-
-
-def _is_fsdp_unit(m: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(m, FSDPModule)
-
-
-def _reshard_after_backward(unit: nn.Module) -> bool:
-    """The unit's current reshard-after-backward setting (FSDP2 keeps it in its parameter group; default True)."""
-    try:
-        return bool(unit._get_fsdp_state()._fsdp_param_group.reshard_after_backward)
-    except AttributeError:
-        return True
-
-
 class GradientHarmonizer:
     """Per-sample gradient harmonization for ``model`` (plain, DDP-wrapped or FSDP2-sharded); see the module doc."""
 
     def __init__(self, model: nn.Module, cfg: Optional[HarmonyConfig] = None, bookkeeping: Optional[bool] = None):
         """``bookkeeping``: form the update's parameter gradients from the kept X and measured G instead of a
-        second backward (SPEC §5); None picks it on the first step (single process, every layer has a sampler,
-        and the scope holds at least half of the layers' work), True requires it, False never uses it."""
+        second backward (docs/HARMONIZER.md "3. The measurement tiers"); None picks it on the first step (single
+        process, every layer has a sampler, and the scope holds at least half of the layers' work), True requires
+        it, False never uses it."""
         self.cfg = (cfg if cfg is not None else HarmonyConfig()).validate()
         self.model = model
-        self.inner = unwrap(model)
-        from torch.nn.parallel import DistributedDataParallel
-        self.ddp = isinstance(model, DistributedDataParallel)
-        self.fsdp = _is_fsdp2(model)
+        self.inner = hd.unwrap(model)
+        self.ddp, self.fsdp = hd.is_ddp(model), hd.is_fsdp(model)
+        #: the ranks the wrapper averages gradients over (1 for a plain module, even in a process group)
+        self.world = hd.data_parallel_world(model)
         if self.fsdp and self.cfg.mode == "materialize":
             raise ConfigError("harmony.mode=materialize is not supported under FSDP2 (fully_shard): its [B, P] buffers "
                               "would hold whole unsharded layers; use harmony.mode=ghost (or auto)")
@@ -170,40 +145,6 @@ class GradientHarmonizer:
     def _param_of(self, q: str) -> nn.Parameter:
         return self.rec._param_of(q)
 
-    # ------------------------------------------------------------------ distributed helpers
-    def _world(self) -> int:
-        if (self.ddp or self.fsdp) and dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-        return 1
-
-    def _gather(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """All-gather rows x [b, ...] (ranks may differ in b) -> ([Σb, ...], offset of this rank's rows)."""
-        if self._world() == 1:
-            return x, 0
-        dev = x.device
-        size = torch.tensor([x.shape[0]], device=dev)
-        sizes = [torch.zeros_like(size) for _ in range(self._world())]
-        dist.all_gather(sizes, size)
-        sizes = [int(s) for s in sizes]
-        pad = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=dev)
-        pad[: x.shape[0]] = x
-        parts = [torch.empty_like(pad) for _ in sizes]
-        dist.all_gather(parts, pad)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
-
-    def _all_reduce_mean(self, tensors: List[torch.Tensor]) -> None:
-        """Average across ranks like DDP / FSDP2 average the gradients."""
-        W = self._world()
-        if W == 1 or not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= W
-        o = 0
-        for t in tensors:
-            t.copy_(flat[o:o + t.numel()].view_as(t))
-            o += t.numel()
-
     # ------------------------------------------------------------------ the step
     def backward(self, l_va: torch.Tensor, l_vt: torch.Tensor, va_inputs: Sequence[torch.Tensor],
                  vt_inputs: Sequence[torch.Tensor], mask_va: Optional[torch.Tensor] = None,
@@ -229,7 +170,7 @@ class GradientHarmonizer:
         self.rec._in_backward = True     # the samplers' own forwards (generic) must not be recorded
         self._late = []
         try:
-            with self._fsdp_unsharded():
+            with hd.unsharded_through_backward(self.model):
                 stats = self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step,
                                        total_steps, ids, measure_losses, feature)
             for q, g in self._late:      # FSDP2: gradients formed here go to the sharded parameters, once resharded
@@ -239,23 +180,6 @@ class GradientHarmonizer:
             self.rec._records = {}
             self._late = []
             self.rec._in_backward = False
-
-    @contextlib.contextmanager
-    def _fsdp_unsharded(self):
-        """FSDP2: keep the units unsharded across the step's backward passes (measurement, then update), and
-        reshard once after the last; FSDP2 otherwise frees a unit's unsharded weights after its first backward,
-        which a later backward through the same graph still reads."""
-        units = [m for m in self.model.modules() if _is_fsdp_unit(m)] if self.fsdp else []
-        before = [_reshard_after_backward(m) for m in units]
-        for m in units:
-            m.set_reshard_after_backward(False, recurse=False)
-        try:
-            yield
-        finally:
-            for m, b in zip(units, before):
-                m.set_reshard_after_backward(b, recurse=False)
-                if b:
-                    m.reshard()
 
     def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids, measure_losses,
                   feature=None):
@@ -285,7 +209,7 @@ class GradientHarmonizer:
         with nvtx_range("harmonize/dots"):
             # per-sample gradients of the data-parallel objective (1/W)·Σ_r L_r: each rank's upstream gradient is
             # W times that (DDP/FSDP2 average, the gathered losses sum), so the dots are W² too large
-            dots = strategy.dots(s) / float(self._world()) ** 2
+            dots = strategy.dots(s) / float(self.world) ** 2
         with nvtx_range("harmonize/coefficients"):
             zero = torch.zeros((), dtype=l_va.dtype, device=dev)
             losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
@@ -316,23 +240,10 @@ class GradientHarmonizer:
                             loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode, score=co["score"])
 
     def _losses(self, l_va, l_vt, m_va, m_vt):
-        """(L_va, L_vt) to differentiate and the global masked means (detached) for the stats.
-
-        One process: L = Σ m ℓ / max(Σ m, 1). Data parallel: this rank's share of the GLOBAL masked mean,
-        Σ_local m ℓ / (max(Σ_global m, 1) / W), so that the wrapper's averaging over ranks gives exactly the
-        gradient of the global mean however the masked samples are spread over the ranks.
-        """
-        W = self._world()
-        sum_va = torch.where(m_va, l_va, torch.zeros_like(l_va)).sum()
-        sum_vt = torch.where(m_vt, l_vt, torch.zeros_like(l_vt)).sum()
-        stats = torch.stack([sum_va.detach(), m_va.sum().to(sum_va.dtype), sum_vt.detach().to(sum_va.dtype),
-                             m_vt.sum().to(sum_va.dtype)]).double()
-        if W > 1:
-            dist.all_reduce(stats)
-        n_va, n_vt = stats[1].clamp(min=1), stats[3].clamp(min=1)
-        L_va = sum_va / (n_va / W).to(sum_va.dtype)
-        L_vt = sum_vt / (n_vt / W).to(sum_vt.dtype)
-        return L_va, L_vt, (stats[0] / n_va).float(), (stats[2] / n_vt).float()
+        """(L_va, L_vt) to differentiate: this rank's share of each GLOBAL masked mean (one process: the masked
+        mean), and the global masked means (detached) for the stats; ``hd.global_masked_means``."""
+        (L_va, L_vt), (mean_va, mean_vt) = hd.global_masked_means((l_va, m_va), (l_vt, m_vt), world=self.world)
+        return L_va, L_vt, mean_va, mean_vt
 
     def _upstream(self, L: torch.Tensor, inputs) -> List[torch.Tensor]:
         """∂L/∂input for each input (zeros where L does not depend on it)."""
@@ -380,6 +291,10 @@ class GradientHarmonizer:
         kept = float(((w[sl] > 0) & ra.valid[sl]).sum()) / n_valid if n_valid else 1.0
         return dict(cos=ra.cos[sl], alpha=ra.alpha[sl], beta=ra.beta[sl], conflict=ra.conflict[sl], valid=ra.valid[sl],
                     w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept, score=g_score[sl].float())
+
+    def _gather(self, x: torch.Tensor):
+        """Rows x [b, ...] of every rank the wrapper averages over -> ([Σb, ...], offset of this rank's rows)."""
+        return hd.gather_rows(x) if self.world > 1 else (x, 0)
 
     def _add_named(self, q: str, g: torch.Tensor) -> None:
         """Add g to parameter q's gradient; under FSDP2 after the step's units are resharded."""

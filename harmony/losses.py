@@ -1,4 +1,5 @@
-"""The two cross-modality alignment (CMA) losses (SPEC §1): per-sample asymmetric NCE / MIL-NCE.
+"""The two cross-modality alignment (CMA) losses (docs/HARMONIZER.md "1. Per-sample gradients of coupled
+losses"): per-sample asymmetric NCE / MIL-NCE.
 
 For anchors e_i [B, d] and candidates c_{j,l} [B, L, d] (L = 1: NCE; L > 1: MIL-NCE), all L2-normalised,
 s(x, y) = x̂·ŷ / τ and, over the GLOBAL batch (gathered from every rank with gradient):
@@ -25,64 +26,15 @@ sample i's"):
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from harmony import distributed as hd
 from harmony.nvtx import nvtx_range
 
 DEFINITIONS = ("path", "own_row", "own_pair")
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _gather_sizes(b: int, device: torch.device) -> List[int]:
-    """Local batch sizes of every rank."""
-    size = torch.tensor([b], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(_world())]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather equal-sized blocks [m, ...] from every rank -> [world·m, ...] in rank order, differentiable.
-
-    Each rank differentiates its own loss, which reads every rank's rows; the gradient of this rank's block is
-    therefore the sum over ranks of the gradient each one computed for it: an all_reduce (sum) of the full
-    gathered gradient, then this rank's slice. Every rank must run the backward (as with any collective).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(_world())]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.contiguous().clone()  # all_reduce works in place; autograd's buffer must stay untouched
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def _gather_rows(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
-    """All-gather x [b, ...] from every rank WITH gradient -> [Σ sizes, ...] in rank order.
-
-    Ranks may hold different b: rows are zero-padded to max(sizes) for the collective and cut off after it.
-    The backward sums every rank's gradient for a row into the rank that owns it (``_AllGatherWithGrad``).
-    """
-    m = max(sizes)
-    pad = m - x.shape[0]
-    if pad:
-        x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
-    full = _AllGatherWithGrad.apply(x)
-    return torch.cat([full[r * m:r * m + n] for r, n in enumerate(sizes)])
 
 
 def _gather_global(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
@@ -93,14 +45,13 @@ def _gather_global(e: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
     Embeddings and masks travel in one packed collective; the mask columns carry no gradient.
     """
     b, cands, d = c.shape
-    sizes = _gather_sizes(b, e.device)
     packed = torch.cat([e, c.reshape(b, cands * d), valid.to(e.dtype).detach()], dim=1)
-    full = _gather_rows(packed, sizes)
+    full, offset = hd.gather_rows(packed, differentiable=True)
     g = full.shape[0]
     e_all = full[:, :d]
     c_all = full[:, d:d + cands * d].reshape(g, cands, d)
     valid_all = full[:, d + cands * d:] > 0.5
-    return e_all, c_all, valid_all, sum(sizes[:dist.get_rank()])
+    return e_all, c_all, valid_all, offset
 
 
 def _logsumexp_rows(scores: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
@@ -144,7 +95,7 @@ def asymmetric_nce(anchor: torch.Tensor, cands: torch.Tensor, mask: Optional[tor
         c = F.normalize(torch.where(valid[..., None], cands.to(dtype), torch.zeros((), dtype=dtype,
                                                                                      device=cands.device)), dim=-1)
         offset = 0
-        if gather and _world() > 1:
+        if gather and hd.get_world_size() > 1:
             e_all, c_all, valid_all, offset = _gather_global(e, c, valid)
         else:
             e_all, c_all, valid_all = e, c, valid

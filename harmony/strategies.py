@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from harmony import feature as feature_mode
+from harmony import distributed as hd
 from harmony import ghost, materialize
 from harmony import sketch as sketch_mode
 
@@ -102,7 +103,7 @@ class Ghost(Strategy):
         da, dv = co["ca"] - co["pa"], co["cv"] - co["pv"]
         if bufs is not None:
             flats = materialize.combined(h.rec._plan, bufs, da, dv)
-            h._all_reduce_mean(flats)
+            hd.average_across_ranks(flats, h.world)
             for q, g in materialize.views(h.rec._plan, flats).items():
                 h._add_named(q, g)
             return
@@ -111,7 +112,7 @@ class Ghost(Strategy):
         for (mname, n), g in delta.items():
             q = h.rec._canonical[(mname, n)]
             merged[q] = g if q not in merged else merged[q] + g
-        h._all_reduce_mean(list(merged.values()))
+        hd.average_across_ranks(list(merged.values()), h.world)
         for q, g in merged.items():
             h._add_named(q, g)
 

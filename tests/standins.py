@@ -15,12 +15,12 @@ its own (they live only in the tests; their own contract is tested in test_stand
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import nn
 
+from harmony import HarmonyStats
 from harmony.distributed import global_masked_mean
 from harmony.losses import mil_nce, nce
 from harmony.trainer import Parts
@@ -44,6 +44,7 @@ class TinyOutput:
     feat_v: torch.Tensor
     feat_a: torch.Tensor
     feat_t: torch.Tensor
+    cand_mask: Optional[torch.Tensor] = None  # every candidate counts (the trainer's ModelOutput contract)
 
 
 class Block(nn.Module):
@@ -210,9 +211,10 @@ class ProbeHarmonizer:
         (big_va + self.cfg.lam * big_vt).backward()
         self.memory.update(ids, cos, valid)
         ones = torch.ones_like(cos)
-        return SimpleNamespace(dots=dots, cos=cos, valid=valid, conflict=(cos < self.cfg.conflict_threshold) & valid,
-                               weights=ones, alpha=ones, beta=ones * self.cfg.lam, loss_va=big_va.detach(),
-                               loss_vt=big_vt.detach(), kept=1.0)
+        return HarmonyStats(dots=dots, cos=cos, valid=valid, conflict=(cos < self.cfg.conflict_threshold) & valid,
+                            weights=ones, alpha=ones, beta=ones * self.cfg.lam, coef_va=ones,
+                            coef_vt=ones * self.cfg.lam, loss_va=big_va.detach(), loss_vt=big_vt.detach(), kept=1.0,
+                            mode="probe")
 
     def state_dict(self):
         return {"memory": self.memory.state_dict()}

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from brute_force import ToyVATT, toy_batch
 from harmony import GradientHarmonizer, HarmonyConfig
-from harmony.harmonizer import unwrap
+from harmony.distributed import unwrap
 from harmony.losses import mil_nce, nce
 
 WORLD, B_LOCAL = 2, 4

@@ -1,5 +1,5 @@
-"""CMA losses (docs/HARMONIZER.md "1. Per-sample gradients of coupled losses") against a direct float64 evaluation of
-the formula written with explicit loops."""
+"""CMA losses (docs/HARMONIZER.md "1. Per-sample gradients of coupled losses") against a direct float64
+evaluation of the formula written with explicit loops."""
 import math
 
 import pytest
@@ -18,7 +18,7 @@ def _lse(values):
 
 
 def reference_nce(anchor, cands, mask=None, cand_mask=None, temperature=0.07):
-    """ℓ [B] by loops in float64, differentiable by autograd."""
+    """ℓ [B] of the harmony.losses formula by loops in float64, differentiable by autograd."""
     e = anchor.double()
     c = cands.double()
     b, n_cand, _ = c.shape

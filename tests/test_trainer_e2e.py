@@ -142,7 +142,7 @@ def test_measure_arm_finds_planted_noise(tmp_path):
 
 
 def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
-    """Trainer.feature_cosine against the per-sample definitions at the pooled video feature: give every sample
+    """NoiseMonitor.feature_scores against the per-sample definitions at the pooled video feature: give every sample
     a private copy of its feature (f_i + δ_i, δ = 0) in a float64 model. path: ∂(Σ_j ℓ_j)/∂δ_i; own_row:
     ∂ℓ_i/∂δ_i (sample i's own row through its own copy); own_pair: (∂ℓ_i/∂s_ii)·∂s_ii/∂δ_i with ∂ℓ/∂s taken
     on a loss written out from the logit matrix (brute_force.logits_loss). The magnitude-aware scores follow."""
@@ -156,8 +156,7 @@ def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
     try:
         batch = next(iter(trainer._train_loader()))
         batch["mask_vt"][2] = False  # a masked caption: no cosine for that sample
-        l_va, l_vt, _, _ = trainer.forward(batch, micro_index=3)
-        got = trainer.feature_cosine(batch, l_va, l_vt)
+        got = trainer.monitor.feature_scores(batch, trainer.forward(batch, micro_index=3))
 
         model = trainer.model.double()
         delta = torch.zeros(7, trainer.model.video_post.in_features if hasattr(trainer.model.video_post,

@@ -1,0 +1,222 @@
+"""The noise monitor: how well each per-sample detector score flags the misaligned samples, an observer of the
+trainer (docs/DESIGN.md "The trainer and its observers"; the detectors in docs/METHOD.md).
+
+It only watches: it reads each micro-step's batch, losses and harmonizer statistics and never changes the
+update. Where the data carries ground-truth misalignment flags (``noisy_text``, ``noisy_audio``), the monitor
+
+* per micro-step (``feature_scores`` before the harmonizer's backward, ``on_micro_step`` after it) keeps the
+  detector scores of every sample: the harmonizer's cosine and curriculum score, the magnitude-aware
+  −‖g^k‖(1 − c) from its dots, the same three at the pooled video feature under each per-sample definition,
+  and the sample's own losses;
+* per log line (``on_log``) scores them by noise AUC over every rank's samples of the window;
+* over the last ``eval.noise_window`` steps and over the score memory (``summary``) gives summary.json's
+  noise_auc* keys; that window and each item's flags are checkpointed (``state_dict``).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from harmony import distributed as hd
+from harmony.config import Config
+from harmony.contracts import Batch, Forward, HarmonyStats
+from harmony.evaluate import noise_detection_auc
+
+DEFINITIONS = ("path", "own_row", "own_pair")
+
+
+def _finite(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Drop NaN entries (an AUC with no positives or no negatives in the window)."""
+    return {k: v for k, v in metrics.items() if v == v}
+
+
+def _has_flags(batch: Batch) -> bool:
+    return "noisy_text" in batch and "noisy_audio" in batch
+
+
+class NoiseMonitor:
+    """Noise-detection statistics of a run (module doc). ``memory``: the harmonizer's score memory (None
+    without a harmonizer)."""
+
+    def __init__(self, cfg: Config, memory: Any = None):
+        self.cfg, self.memory = cfg, memory
+        self.entries: List[dict] = []  # this log window's micro-steps (local to this rank)
+        # one entry per micro-step: the window spans eval.noise_window optimizer steps
+        self.recent: deque = deque(maxlen=cfg.eval.noise_window * cfg.train.grad_accum)
+        self.item_flags = torch.full((0,), -1, dtype=torch.int8)  # per item: noisy_text + 2·noisy_audio
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def feature_scores(self, batch: Batch, fwd: Forward) -> Optional[Dict[str, torch.Tensor]]:
+        """Per-sample detector scores at the pooled video feature f_i, for every per-sample definition (path,
+        own_row, own_pair), or None when eval.feature_cos is off or the batch carries no misalignment flags.
+
+        For definition d, g^k_i = ∂L̃_k/∂f_i (the batch loss under d; by the path decomposition sample i's own
+        gradient at its own pooled feature). Returns {"feat_cos[_d]": c_i, "feat_gvt[_d]": −‖g^vt_i‖·(1 − c_i),
+        "feat_gva[_d]": −‖g^va_i‖·(1 − c_i)} [b] (higher = more trusted, like the cosine; NaN where a loss is masked
+        or a gradient is zero); the suffix is empty for path. Small backwards through the heads and the losses
+        only; the parameters' .grad is untouched. Not under FSDP2 (its backward hooks)."""
+        feat = fwd.feat_v
+        if not (self.cfg.eval.feature_cos and self.cfg.train.parallel != "fsdp" and feat is not None
+                and feat.requires_grad and _has_flags(batch)):
+            return None
+        masks = (batch["mask_va"].bool(), batch["mask_vt"].bool())
+        out = {}
+        for definition in DEFINITIONS:
+            grads = []
+            for loss, m in zip(fwd.losses(definition), masks):
+                total = torch.where(m, loss, torch.zeros_like(loss)).sum()
+                g = torch.autograd.grad(total, feat, retain_graph=True, allow_unused=True)[0] \
+                    if total.requires_grad else None
+                grads.append(torch.zeros_like(feat) if g is None else g)
+            g_va, g_vt = (g.detach().double() for g in grads)
+            n_va, n_vt = g_va.norm(dim=1), g_vt.norm(dim=1)
+            cos = (g_va * g_vt).sum(1) / (n_va * n_vt)
+            ok = masks[0] & masks[1] & (n_va > 0) & (n_vt > 0)
+            nan = torch.full_like(cos, float("nan"))
+            sfx = "" if definition == "path" else f"_{definition}"
+            out[f"feat_cos{sfx}"] = torch.where(ok, cos, nan).float().cpu()
+            out[f"feat_gvt{sfx}"] = torch.where(ok, -n_vt * (1 - cos), nan).float().cpu()
+            out[f"feat_gva{sfx}"] = torch.where(ok, -n_va * (1 - cos), nan).float().cpu()
+        return out
+
+    def on_micro_step(self, batch: Batch, fwd: Forward, stats: Optional[HarmonyStats],
+                      feature: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Keep the micro-step's detector scores and flags (nothing without flags); with a cosine, also for the
+        final noise AUC over the last eval.noise_window steps, and each item's ground-truth flags."""
+        if not _has_flags(batch):
+            return
+        entry = self._entry(batch, fwd, stats)
+        if feature is not None:
+            entry.update(feature)
+        self.entries.append(entry)
+        if "cos" not in entry:
+            return
+        nt, na = entry["noisy_text"], entry["noisy_audio"]
+        self.recent.append({"cos": entry["cos"], "score": entry.get("score", entry["cos"]), "noisy_text": nt,
+                            "noisy_audio": na})
+        ids = batch["index"].long().cpu()
+        if ids.numel():
+            need = int(ids.max()) + 1
+            if need > self.item_flags.numel():
+                grown = torch.full((need,), -1, dtype=torch.int8)
+                grown[: self.item_flags.numel()] = self.item_flags
+                self.item_flags = grown
+            self.item_flags[ids] = (nt.to(torch.int8) + 2 * na.to(torch.int8))
+
+    @staticmethod
+    def _entry(batch: Batch, fwd: Forward, stats: Optional[HarmonyStats]) -> dict:
+        """The micro-step's flags, own losses and (with stats) cosine, score and −‖g^k‖(1 − c); NaN where a
+        sample has no value."""
+        entry = {"noisy_text": batch["noisy_text"].bool().cpu(), "noisy_audio": batch["noisy_audio"].bool().cpu()}
+        for key, loss, m in (("loss_va", fwd.l_va, batch["mask_va"]), ("loss_vt", fwd.l_vt, batch["mask_vt"])):
+            loss = loss.detach().float()
+            entry[key] = torch.where(m.bool(), loss, torch.full_like(loss, float("nan"))).cpu()
+        if stats is None:
+            return entry
+        cos = stats.cos.float()
+        valid = stats.valid.bool() & torch.isfinite(cos)
+        nan = torch.full_like(cos, float("nan"))
+        entry["cos"] = torch.where(valid, cos, nan).cpu()
+        dots = stats.dots.float()   # the magnitude-aware scores −‖g^k_i‖·(1 − c_i) from the harmonizer's dots
+        for key, col in (("gva", 1), ("gvt", 2)):
+            entry[key] = torch.where(valid, -dots[:, col].clamp(min=0).sqrt() * (1 - cos), nan).cpu()
+        if stats.score is not None:  # the run's detector (harmony.curriculum_score); NaN where it has no value
+            score = stats.score.float()
+            ok = stats.valid.bool() & torch.isfinite(score)
+            entry["score"] = torch.where(ok, score, torch.full_like(score, float("nan"))).cpu()
+        return entry
+
+    def on_log(self) -> dict:
+        """The window's statistics over all ranks, then a fresh window: noise AUC of the run's detector score
+        (noise_auc: what the curriculum ranks by, harmony.curriculum_score; the cosine by default), of the cosine
+        (noise_auc_cos; overall, text, audio), of −‖g^vt‖(1 − c), −‖g^va‖(1 − c) (noise_auc_gvt*, noise_auc_gva*),
+        of the same three at the pooled video feature under each per-sample definition (noise_auc_feat*,
+        noise_auc_feat_gvt*, noise_auc_feat_gva*; suffix _own_row / _own_pair, none for path), the conflict
+        fraction (cosine below harmony.conflict_threshold) on clean, text- and audio-misaligned samples, the
+        score memory's AUC over the items seen so far, and the small-loss detector's (noise_auc_loss_text: ℓ^vt,
+        noise_auc_loss_audio: ℓ^va). Keys whose score was not measured are absent."""
+        parts = hd.all_gather_object(self.entries) if hd.get_world_size() > 1 else [self.entries]
+        self.entries = []
+        entries = [e for p in parts for e in p]
+        if not entries:
+            return {}
+        nt = torch.cat([e["noisy_text"] for e in entries])
+        na = torch.cat([e["noisy_audio"] for e in entries])
+        scores = [("score" if all("score" in e for e in entries) else "cos", "noise_auc"), ("cos", "noise_auc_cos"),
+                  ("gvt", "noise_auc_gvt"), ("gva", "noise_auc_gva")]
+        scores += [(f"feat_{s}{d}", f"noise_auc_feat{'' if s == 'cos' else '_' + s}{d}")
+                   for d in ("", "_own_row", "_own_pair") for s in ("cos", "gvt", "gva")]
+        out: dict = {}
+        for key, prefix in scores:
+            if all(key in e for e in entries):
+                out.update(self._auc(torch.cat([e[key] for e in entries]), nt, na, prefix, conflict=key == "cos"))
+        for key, kind in (("loss_vt", "text"), ("loss_va", "audio")):  # a high own loss flags the sample
+            loss = torch.cat([e[key] for e in entries])
+            auc = noise_detection_auc(-loss, torch.isfinite(loss), nt, na, prefix="noise_auc_loss")
+            out.update(_finite({f"noise_auc_loss_{kind}": auc[f"noise_auc_loss_{kind}"]}))
+        out.update(_finite(self._memory_auc()))
+        return out
+
+    def _auc(self, score, nt, na, prefix: str, conflict: bool) -> dict:
+        """noise_detection_auc of ``score`` (NaN: no value); for the cosine also the conflict fractions."""
+        valid = torch.isfinite(score)
+        out = _finite(noise_detection_auc(score, valid, nt, na, prefix=prefix))
+        if conflict:
+            below = score < self.cfg.harmony.conflict_threshold
+            for name, sel in (("clean", ~(nt | na)), ("text", nt), ("audio", na)):
+                sel = sel & valid
+                if bool(sel.any()):
+                    out[f"frac_conflict_{name}"] = float(below[sel].double().mean())
+        return out
+
+    def summary(self) -> dict:
+        """Over the last eval.noise_window training steps: noise_auc of the run's detector score (what the
+        curriculum ranks by, harmony.curriculum_score: the cosine by default), noise_auc_cos of the cosine; and
+        noise_auc_memory of the score memory."""
+        out = {}
+        local = None
+        if self.recent:
+            # entries from checkpoints of older runs carry a separate "valid" mask instead of NaN cosines
+            cos = [torch.where(w["valid"], w["cos"], float("nan")) if "valid" in w else w["cos"] for w in self.recent]
+            score = [w.get("score", c) for w, c in zip(self.recent, cos)]
+            local = {"cos": torch.cat(cos), "score": torch.cat(score),
+                     **{k: torch.cat([w[k] for w in self.recent]) for k in ("noisy_text", "noisy_audio")}}
+        parts = [p for p in hd.all_gather_object(local) if p is not None]
+        if parts:
+            cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            for key, prefix in (("score", "noise_auc"), ("cos", "noise_auc_cos")):
+                out.update(_finite(noise_detection_auc(cat[key], torch.isfinite(cat[key]), cat["noisy_text"],
+                                                       cat["noisy_audio"], prefix=prefix)))
+        out.update(self._memory_auc())
+        return out
+
+    def _memory_auc(self) -> dict:
+        """noise_auc_memory(_text/_audio): the score memory's AUC over the items seen so far ({} without one)."""
+        if self.memory is None:
+            return {}
+        ids = torch.nonzero(self.item_flags >= 0).flatten()
+        score, seen = self.memory.scores(ids) if ids.numel() else (torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+        flags = self.item_flags[ids]
+        gathered = hd.all_gather_object({"ids": ids[seen], "score": score[seen].float(), "flags": flags[seen]})
+        ids = torch.cat([g["ids"] for g in gathered])
+        if not ids.numel():
+            return {}
+        order = torch.argsort(ids, stable=True)
+        first = torch.ones(ids.numel(), dtype=torch.bool)
+        first[1:] = ids[order][1:] != ids[order][:-1]  # items seen on several ranks count once
+        sel = order[first]
+        score = torch.cat([g["score"] for g in gathered])[sel]
+        flags = torch.cat([g["flags"] for g in gathered])[sel]
+        return noise_detection_auc(score, torch.ones_like(score, dtype=torch.bool), flags % 2 == 1, flags >= 2,
+                                   prefix="noise_auc_memory")
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The recent micro-steps' scores and each item's flags (checkpointed per rank)."""
+        return {"noise_window": list(self.recent), "item_flags": self.item_flags.clone()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.recent.extend(d.get("noise_window", []))
+        self.item_flags = d.get("item_flags", self.item_flags)
