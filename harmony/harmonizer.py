@@ -22,8 +22,8 @@ grad enabled each call keeps (inputs X, output Y) until the next ``backward``. `
 4. coefficients (``harmonize/coefficients``): cosines → curriculum weights → realignment →
    (ca, cv) = w·(α, β)/norm (harmony.realign, harmony.curriculum); under data parallelism on the global
    batch (B·3 scalars per rank are all-gathered), so every rank agrees with a single-process run.
-5. update (``harmonize/update``): ghost, sketch, feature — one weighted ordinary backward; materialize — ``combine`` into
-   the scoped parameters' .grad plus a weighted backward restricted to the other parameters. With
+5. update (``harmonize/update``): ghost, sketch, feature — one weighted ordinary backward; materialize —
+   ``combine`` into the scoped parameters' .grad plus a weighted backward restricted to the other parameters. With
    bookkeeping (single process, chosen on the first step) no second backward runs: every parameter's
    gradient is formed from its layer's kept X and the combined output gradient ca·G^va + cv·G^vt.
 

@@ -139,7 +139,8 @@ class ActivationRecorder:
         names = set()
         for p in params:
             if id(p) not in by_id:
-                raise ConfigError(f"{where}: a parameter of shape {tuple(p.shape)} is not a trainable parameter of the model")
+                raise ConfigError(f"{where}: a parameter of shape {tuple(p.shape)} is not a trainable parameter "
+                                  "of the model")
             names.add(by_id[id(p)])
         return names
 
@@ -158,8 +159,8 @@ class ActivationRecorder:
         tied = {q: o for q, o in owners.items() if len(o) > 1}
         if tied and self.cfg.mode in ("ghost", "sketch"):
             q, o = next(iter(tied.items()))
-            raise PerSampleError(f"parameter {q} is shared by {o}; per-layer ghost dots cannot add the cross terms of a "
-                                 "tied parameter: use harmony.mode=materialize or leave it out of the scope")
+            raise PerSampleError(f"parameter {q} is shared by {o}; per-layer ghost dots cannot add the cross terms "
+                                 "of a tied parameter: use harmony.mode=materialize or leave it out of the scope")
         self._tied = bool(tied)
 
     def _resolve_shared(self, va_inputs, vt_inputs) -> None:

@@ -68,8 +68,8 @@ class Ghost(Strategy):
 
     def dots(self, s: Step) -> torch.Tensor:
         h = self.h
-        return ghost.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B, h.cfg.ghost_method,
-                                s.device)
+        return ghost.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B,
+                                h.cfg.ghost_method, s.device)
 
     def apply(self, s: Step, co: dict) -> None:
         if self.h.bookkeeping:
@@ -124,8 +124,9 @@ class Sketch(Ghost):
 
     def dots(self, s: Step) -> torch.Tensor:
         h, cfg = self.h, self.h.cfg
-        return sketch_mode.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B, cfg.sketch_dim,
-                                      cfg.sketch_seed, s.step, cfg.sketch_kind, cfg.ghost_method, s.device)
+        return sketch_mode.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B,
+                                      cfg.sketch_dim, cfg.sketch_seed, s.step, cfg.sketch_kind, cfg.ghost_method,
+                                      s.device)
 
 
 class Materialize(Ghost):
@@ -136,7 +137,8 @@ class Materialize(Ghost):
     def dots(self, s: Step) -> torch.Tensor:
         h = self.h
         bufs = h.rec._plan.allocate(s.B, getattr(torch, h.cfg.buffer_dtype))
-        materialize.fill(h.rec._plan, bufs, h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, h.rec._canonical, s.B)
+        materialize.fill(h.rec._plan, bufs, h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped,
+                         h.rec._canonical, s.B)
         s.state["bufs"] = bufs
         return materialize.dots(bufs).to(s.device)
 
