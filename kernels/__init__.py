@@ -1,8 +1,15 @@
-"""Triton kernels of harmony's ops (SPEC §6), one module per op, each with its raw @triton.jit kernels and a launcher:
+"""harmony.kernels: the Triton kernels of harmony's ops (docs/KERNELS.md), one module per op, each with its raw
+@triton.jit kernels and a launcher:
 
-  kernels.gram.gram(A, V, out)                              out [B, 3] fp32 += per-row (A·V, A·A, V·V) over buckets
-  kernels.combine.combine(A, V, ca, cv, out, accumulate)    out_k (+)= Σ_i ca_i A_k[i] + cv_i V_k[i]
-  kernels.ghost_dots.ghost_dots(X, Ga, Gb, out, method)     out [B, 3] fp32 += per-sample dots of GaᵀX, GbᵀX
+  harmony.kernels.gram.gram(A, V, out)                           out [B, 3] fp32 += per-row (A·V, A·A, V·V)
+  harmony.kernels.combine.combine(A, V, ca, cv, out, accumulate) out_k (+)= Σ_i ca_i A_k[i] + cv_i V_k[i]
+  harmony.kernels.ghost_dots.ghost_dots(X, Ga, Gb, out, method)  out [B, 3] fp32 += per-sample dots of GaᵀX, GbᵀX
+
+This folder (kernels/ in the repository) is installed as the package ``harmony.kernels`` (setup.py maps it; in a
+checkout, harmony/kernels is a link to it), never as a top-level ``kernels``, which is another project's name on
+PyPI. Its modules import each other relatively, so they work under that one name. The launchers are registered as
+torch ops (harmony::<op>_triton, with ``torch.library.triton_op``) in harmony/ops/<op>.py, which is the way to call
+them: harmony.ops validates the arguments, the launchers do not.
 
 Launchers write into caller-provided outputs and return None; they compile for CUDA tensors, or run on CPU tensors
 under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported). Importing this package does not
@@ -22,7 +29,7 @@ def usable(device: torch.device | str) -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as exc:  # not installed, or a broken install
         return False, f"triton is not importable ({exc.__class__.__name__}: {exc})"
-    from kernels._common import interpreting
+    from ._common import interpreting
     if interpreting():
         if device.type == "cpu":
             return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors"

@@ -1,4 +1,5 @@
-"""combine in Triton: weighted sum of per-sample gradient rows into flat gradient buffers (SPEC §5–6).
+"""combine in Triton: weighted sum of per-sample gradient rows into flat gradient buffers
+(docs/KERNELS.md; where they are used: docs/HARMONIZER.md "3. The measurement tiers").
 
 For buckets A_k, V_k [B, P_k] (one dtype: fp32, bf16 or fp16), coefficients ca, cv [B] fp32 and outputs
 out_k [P_k] (fp32, bf16 or fp16, may differ from A's dtype):
@@ -22,7 +23,7 @@ Alignment. Buckets whose A_k, V_k rows and out_k start on 16-byte boundaries tak
 Block sizes come from `_config` (fixed, no autotuning: it would re-run an accumulating kernel and change the
 summation order between runs).
 
-Requirements: A_k, V_k 2-D with unit column stride (any row stride), same shape per k; out_k 1-D contiguous [P_k];
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with unit column stride (any row stride), same shape per k; out_k 1-D contiguous [P_k];
 ca, cv [B] float32 with unit stride; all on one device (CUDA compiled, CPU under the interpreter).
 """
 from __future__ import annotations
@@ -34,8 +35,10 @@ import triton
 import triton.language as tl
 
 from harmony.nvtx import nvtx_range
-from kernels._common import (LRU, TL_DTYPE, VEC_BYTES, bucket_table, check_device, check_dtype, check_rows,
-                             group_buckets, interpreting, is_aligned, round_to, row_stride, signature)
+from torch.library import wrap_triton
+
+from ._common import (LRU, TL_DTYPE, VEC_BYTES, bucket_table, group_buckets, interpreting, is_aligned, round_to,
+                      row_stride, signature)
 
 Buffers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -110,40 +113,9 @@ def _as_list(x: Buffers) -> list:
     return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
-def _check(As: list, Vs: list, ca: torch.Tensor, cv: torch.Tensor, outs: list) -> int:
-    """Validates the arguments; returns B."""
-    if not len(As) == len(Vs) == len(outs):
-        raise ValueError(f"combine: {len(As)} A, {len(Vs)} V and {len(outs)} out buckets; they must match")
-    for name, c in (("ca", ca), ("cv", cv)):
-        check_device(f"combine: {name}", c)
-        if c.dim() != 1 or c.dtype != torch.float32 or (c.numel() > 1 and c.stride(0) != 1):
-            raise ValueError(f"combine: {name} must be a contiguous [B] float32 tensor, got {tuple(c.shape)} "
-                             f"{c.dtype} strides {c.stride()}")
-    B = ca.shape[0]
-    if cv.shape[0] != B or cv.device != ca.device:
-        raise ValueError(f"combine: ca {tuple(ca.shape)} and cv {tuple(cv.shape)} must be [B] on one device")
-    for k, (a, v, o) in enumerate(zip(As, Vs, outs)):
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v), (f"out[{k}]", o)):
-            check_device(f"combine: {name}", t)
-            check_dtype(f"combine: {name}", t)
-            if t.device != ca.device:
-                raise ValueError(f"combine: {name} is on {t.device}, ca on {ca.device}")
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v)):
-            check_rows(f"combine: {name}", t)
-            if t.dtype != As[0].dtype:
-                raise ValueError(f"combine: {name} is {t.dtype}; every A and V bucket must be {As[0].dtype}")
-        if a.shape != v.shape or a.shape[0] != B:
-            raise ValueError(f"combine: A[{k}] {tuple(a.shape)} and V[{k}] {tuple(v.shape)} must both be [B={B}, P]")
-        if o.dim() != 1 or o.shape[0] != a.shape[1] or (o.numel() > 1 and o.stride(0) != 1):
-            raise ValueError(f"combine: out[{k}] must be a contiguous [{a.shape[1]}] tensor, got {tuple(o.shape)} "
-                             f"strides {o.stride()}")
-    return B
-
-
 def _plan(As: list, Vs: list, ca: torch.Tensor, cv: torch.Tensor, outs: list) -> tuple:
-    """Validated launch plan: (B, [(table, chunk_bucket, kernel constants)]); no launches when every bucket is
-    empty."""
-    B = _check(As, Vs, ca, cv, outs)
+    """Launch plan: (B, [(table, chunk_bucket, kernel constants)]); no launches when every bucket is empty."""
+    B = ca.shape[0]
     live = [k for k in range(len(As)) if As[k].shape[1] > 0]
     if not live:
         return B, []
@@ -187,5 +159,5 @@ def combine(A: Buffers, V: Buffers, ca: torch.Tensor, cv: torch.Tensor, out: Buf
             _PLANS.put(key, plan)
         B, launches = plan
         for table, chunk_bucket, consts in launches:
-            _combine_kernel[(chunk_bucket.numel(),)](table, chunk_bucket, ca, cv, B, ACCUMULATE=bool(accumulate),
-                                                     **consts)
+            wrap_triton(_combine_kernel)[(chunk_bucket.numel(),)](table, chunk_bucket, ca, cv, B,
+                                                                  ACCUMULATE=bool(accumulate), **consts)

@@ -1,4 +1,5 @@
-"""gram in Triton: per-row dots of per-sample gradient buckets (SPEC §5–6).
+"""gram in Triton: per-row dots of per-sample gradient buckets
+(docs/KERNELS.md; where they are used: docs/HARMONIZER.md "3. The measurement tiers").
 
 For buckets A_k, V_k [B, P_k] (one dtype: fp32, bf16 or fp16) it ADDS into out [B, 3] fp32
     out[i] += (Σ_k A_k[i]·V_k[i], Σ_k |A_k[i]|², Σ_k |V_k[i]|²),
@@ -24,7 +25,7 @@ Determinism. No atomics: each partial is written by exactly one program and stag
 same inputs at the same addresses give bitwise-same output. Block sizes are fixed by `_config` (no autotuning,
 which would change the summation order from run to run and re-run an accumulating kernel).
 
-Requirements: A_k, V_k 2-D with unit column stride (any row stride), same shape per k, one dtype and B for all
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with unit column stride (any row stride), same shape per k, one dtype and B for all
 buckets, on the CUDA device compiled (CPU under the interpreter); out [B, 3] fp32 (any strides) on that device.
 """
 from __future__ import annotations
@@ -37,8 +38,10 @@ import triton
 import triton.language as tl
 
 from harmony.nvtx import nvtx_range
-from kernels._common import (LRU, TL_DTYPE, bucket_table, check_device, check_dtype, check_rows, group_buckets,
-                             interpreting, is_aligned, reduce_partials, row_stride, signature)
+from torch.library import wrap_triton
+
+from ._common import (LRU, TL_DTYPE, bucket_table, group_buckets, interpreting, is_aligned, reduce_partials, row_stride,
+                      signature)
 
 Buffers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -105,31 +108,10 @@ def _as_list(x: Buffers) -> list:
     return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
-def _check(As: list, Vs: list, out: torch.Tensor) -> int:
-    """Validates the buckets and out; returns B."""
-    if len(As) != len(Vs):
-        raise ValueError(f"gram: {len(As)} A buckets but {len(Vs)} V buckets")
-    check_device("gram: out", out)
-    B = out.shape[0]
-    if out.dim() != 2 or out.shape[1] != 3 or out.dtype != torch.float32:
-        raise ValueError(f"gram: out must be [B, 3] float32, got {tuple(out.shape)} {out.dtype}")
-    for k, (a, v) in enumerate(zip(As, Vs)):
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v)):
-            check_device(f"gram: {name}", t)
-            check_dtype(f"gram: {name}", t)
-            check_rows(f"gram: {name}", t)
-            if t.device != out.device or t.dtype != As[0].dtype:
-                raise ValueError(f"gram: {name} is {t.dtype} on {t.device}; every bucket must be "
-                                 f"{As[0].dtype} on {out.device} like A[0] and out")
-        if a.shape != v.shape or a.shape[0] != B:
-            raise ValueError(f"gram: A[{k}] {tuple(a.shape)} and V[{k}] {tuple(v.shape)} must both be [B={B}, P]")
-    return B
-
-
 def _plan(As: list, Vs: list, out: torch.Tensor) -> tuple | None:
-    """Validated launch plan: (B, total chunks, kernel constants, [(table, chunk_bucket, aligned)]), or None
-    when there is nothing to add (B = 0 or no non-empty bucket)."""
-    B = _check(As, Vs, out)
+    """Launch plan: (B, total chunks, kernel constants, [(table, chunk_bucket, aligned)]), or None when there is
+    nothing to add (B = 0 or no non-empty bucket)."""
+    B = out.shape[0]
     live = [k for k in range(len(As)) if As[k].shape[1] > 0]
     if B == 0 or not live:
         return None
@@ -175,5 +157,5 @@ def gram(A: Buffers, V: Buffers, out: torch.Tensor) -> None:
         ws = torch.empty(B, n_total, 3, dtype=torch.float32, device=out.device)
         for table, chunk_bucket, aligned in launches:
             n = chunk_bucket.numel()
-            _gram_kernel[(B * n,)](table, chunk_bucket, ws, n, n_total * 3, ALIGNED=aligned, **consts)
+            wrap_triton(_gram_kernel)[(B * n,)](table, chunk_bucket, ws, n, n_total * 3, ALIGNED=aligned, **consts)
         reduce_partials(ws, out)
