@@ -14,7 +14,7 @@ VENV="$ROOT/.venv-cuda"
 "$VENV/bin/python" -m pip install -q torch==2.14.1 numpy ninja pybind11 setuptools wheel
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
-git ls-files -z | xargs -0 -I{} cp --parents {} "$SCRATCH"
+git ls-files -z | xargs -0 -I{} cp -P --parents {} "$SCRATCH"  # -P: harmony/kernels is a link
 cd "$SCRATCH"
 [ -d /usr/local/cuda ] && : "${CUDA_HOME:=/usr/local/cuda}"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
