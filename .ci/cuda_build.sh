@@ -25,7 +25,11 @@ so=$(ls harmony/_C*.so)
 # The CUDA symbols must be in the library we built (the kernels were compiled and linked, not skipped).
 # cuobjdump: the toolkit's, else the one Triton's package carries.
 CUOBJDUMP=$(command -v "$CUDA_HOME/bin/cuobjdump" cuobjdump | head -n 1 || true)
-[ -n "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -n 1)
+# (the CUDA torch venv has triton as a dependency; else a project venv's)
+[ -n "$CUOBJDUMP" ] || CUOBJDUMP=$("$VENV/bin/python" -c \
+  'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' \
+  2> /dev/null || true)
+[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -n 1)
 "$CUOBJDUMP" --list-elf "$so" | tee "$SCRATCH/elf.txt"
 for op in gram combine ghost_dots; do
   grep -q "$op.sm_90.cubin" "$SCRATCH/elf.txt" || { echo "$so holds no sm_90 code of $op"; exit 1; }

@@ -3,14 +3,12 @@ schema as the C++ op of the same name (docs/KERNELS.md "Under torch.compile").
 
 A triton_op is decomposed by AOT autograd (torch.compile's aot_eager and inductor backends): its body is traced,
 and the ``wrap_triton`` launches inside it become graph nodes that Inductor compiles with the rest of the graph.
-That needs a body that runs on traced tensors, which two things rule out:
+The launchers take the tensors themselves when traced (gram and combine, which eagerly launch once for a whole list
+of buckets through a table of addresses, launch once per bucket then: a traced tensor has no address).
 
-* launch plans built from tensor addresses (gram, combine: one launch for a whole list of buckets through a table
-  of data pointers; traced tensors have no address);
-* Triton's interpreter (TRITON_INTERPRET=1), whose kernels are plain Python functions that read tensor memory.
-
-Such ops are registered opaque: a fake that only says "out is mutated", and no decomposition, so torch.compile
-keeps them as one call, as it does the C++ ops.
+Under Triton's interpreter (TRITON_INTERPRET=1) the kernels are plain Python functions that read tensor memory and
+cannot be traced; the ops are then registered opaque (a fake that only says "out is mutated", no decomposition),
+so torch.compile keeps each as one call, as it does the C++ ops.
 """
 from __future__ import annotations
 
@@ -31,11 +29,11 @@ def _no_decomposition(mode, op, types, args, kwargs):
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
-def triton_op(name: str, launch: Callable, mutates_args: Iterable[str], fake: Callable, traceable: bool):
-    """Registers ``launch`` (annotated with the op's argument types) as the torch op ``name``. ``traceable``: its
-    body runs on traced tensors, so torch.compile may decompose it (still opaque under the interpreter)."""
+def triton_op(name: str, launch: Callable, mutates_args: Iterable[str], fake: Callable):
+    """Registers ``launch`` (annotated with the op's argument types) as the torch op ``name``; opaque to
+    torch.compile under the interpreter, decomposed into its kernels otherwise."""
     op = torch.library.triton_op(name, launch, mutates_args=set(mutates_args))
-    if not traceable or interpreting():
+    if interpreting():
         op.register_fake(fake)
         op.register_torch_dispatch(FunctionalTensorMode, _no_decomposition)
     return op

@@ -55,8 +55,7 @@ def _register_triton() -> None:
                        accumulate: bool) -> None:
         launch(A, V, ca, cv, out, accumulate)
 
-    # not traceable: one launch covers all buckets through a table of their addresses
-    triton_op("harmony::combine_triton", combine_triton, mutates_args={"out"}, fake=_combine_fake, traceable=False)
+    triton_op("harmony::combine_triton", combine_triton, mutates_args={"out"}, fake=_combine_fake)
 
 
 _dispatch.register("combine", combine_ref, _register_triton)

@@ -65,9 +65,7 @@ def _register_triton() -> None:
     def ghost_dots_triton(X: Tensor, Ga: Tensor, Gb: Tensor, out: Tensor, method: str) -> None:
         launch(X, Ga, Gb, out, method)
 
-    # traceable: the launches take the tensors themselves, so Inductor can compile them into the graph
-    triton_op("harmony::ghost_dots_triton", ghost_dots_triton, mutates_args={"out"}, fake=_ghost_dots_fake,
-              traceable=True)
+    triton_op("harmony::ghost_dots_triton", ghost_dots_triton, mutates_args={"out"}, fake=_ghost_dots_fake)
 
 
 _dispatch.register("ghost_dots", lambda X, Ga, Gb, out, method: ghost_dots_ref(X, Ga, Gb, out=out),

@@ -60,8 +60,7 @@ def _register_triton() -> None:
     def gram_triton(A: List[Tensor], V: List[Tensor], out: Tensor) -> None:
         launch(A, V, out)
 
-    # not traceable: one launch covers all buckets through a table of their addresses
-    triton_op("harmony::gram_triton", gram_triton, mutates_args={"out"}, fake=_gram_fake, traceable=False)
+    triton_op("harmony::gram_triton", gram_triton, mutates_args={"out"}, fake=_gram_fake)
 
 
 _dispatch.register("gram", lambda A, V, out: gram_ref(A, V, out=out), _register_triton)
