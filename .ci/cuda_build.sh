@@ -29,7 +29,8 @@ CUOBJDUMP=$(command -v "$CUDA_HOME/bin/cuobjdump" cuobjdump | head -n 1 || true)
 [ -n "$CUOBJDUMP" ] || CUOBJDUMP=$("$VENV/bin/python" -c \
   'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' \
   2> /dev/null || true)
-[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -n 1)
+[ -x "$CUOBJDUMP" ] || \
+  CUOBJDUMP=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -n 1)
 "$CUOBJDUMP" --list-elf "$so" | tee "$SCRATCH/elf.txt"
 for op in gram combine ghost_dots; do
   grep -q "$op.sm_90.cubin" "$SCRATCH/elf.txt" || { echo "$so holds no sm_90 code of $op"; exit 1; }

@@ -27,8 +27,9 @@ Alignment. Buckets whose A_k, V_k rows and out_k start on 16-byte boundaries tak
 Block sizes come from `_config` (fixed, no autotuning: it would re-run an accumulating kernel and change the
 summation order between runs).
 
-Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with unit column stride (any row stride), same shape per k; out_k 1-D contiguous [P_k];
-ca, cv [B] float32 with unit stride; all on one device (CUDA compiled, CPU under the interpreter).
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with
+unit column stride (any row stride), same shape per k; out_k 1-D contiguous [P_k]; ca, cv [B] float32 with unit
+stride; all on one device (CUDA compiled, CPU under the interpreter).
 """
 from __future__ import annotations
 

@@ -24,9 +24,9 @@ Determinism. Stage 1 writes one fp32 partial triple per program into ws [B, tile
 adds them into out in one fixed order. No atomics, fixed block sizes from `_config` (no autotuning), so the same
 inputs give bitwise-same output.
 
-Requirements (not checked here: harmony.ops validates every call before it reaches a backend): X, Ga, Gb 3-D with the same B and T and one dtype (fp32/bf16/fp16), any strides (no copies are made);
-out [B, 3] fp32 (any strides); one device (CUDA compiled, CPU under the interpreter). Empty B, T, Din or Dout add
-nothing.
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): X, Ga, Gb 3-D with
+the same B and T and one dtype (fp32/bf16/fp16), any strides (no copies are made); out [B, 3] fp32 (any strides);
+one device (CUDA compiled, CPU under the interpreter). Empty B, T, Din or Dout add nothing.
 """
 from __future__ import annotations
 

@@ -29,8 +29,9 @@ Determinism. No atomics: each partial is written by exactly one program and stag
 same inputs at the same addresses give bitwise-same output. Block sizes are fixed by `_config` (no autotuning,
 which would change the summation order from run to run and re-run an accumulating kernel).
 
-Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with unit column stride (any row stride), same shape per k, one dtype and B for all
-buckets, on the CUDA device compiled (CPU under the interpreter); out [B, 3] fp32 (any strides) on that device.
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with
+unit column stride (any row stride), same shape per k, one dtype and B for all buckets, on the CUDA device compiled
+(CPU under the interpreter); out [B, 3] fp32 (any strides) on that device.
 """
 from __future__ import annotations
 

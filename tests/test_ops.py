@@ -324,6 +324,14 @@ def test_dispatch_picks_and_explains(monkeypatch):
         assert not table["cuda"][0] and table["cuda"][1]  # says why
 
 
+def test_info_report():
+    """python -m harmony.info: what was built, where the Triton kernels' package is, which backends are usable."""
+    from harmony import info
+    text = info.report()
+    print(text)
+    assert "kernels    harmony.kernels at " in text and "backend  usable" in text and "automatic choice" in text
+
+
 def test_forced_backend_that_cannot_run_says_why(monkeypatch):
     A = torch.randn(2, 5)
     if not HAS_GPU:
@@ -412,6 +420,11 @@ def test_registered_ops_check_their_inputs():
         torch.ops.harmony.gram([a.double()], [a.double()], out)
 
 
+def signature(schema) -> list:
+    """(name, type, written to) per argument of an op schema."""
+    return [(a.name, str(a.type), bool(a.alias_info and a.alias_info.is_write)) for a in schema.arguments]
+
+
 def test_one_signature_for_every_backend():
     """The C++ op and the Triton op of each op share one schema (the Triton ops register when triton loads)."""
     require("cpu", "cpu")
@@ -421,9 +434,7 @@ def test_one_signature_for_every_backend():
     for op in ("gram", "combine", "ghost_dots"):
         cpp = getattr(torch.ops.harmony, op).default._schema
         triton = getattr(torch.ops.harmony, f"{op}_triton").default._schema
-        assert [(a.name, str(a.type), a.is_out or bool(a.alias_info and a.alias_info.is_write)) for a in cpp.arguments] \
-            == [(a.name, str(a.type), a.is_out or bool(a.alias_info and a.alias_info.is_write)) for a in triton.arguments], \
-            f"{op}: {cpp} vs {triton}"
+        assert signature(cpp) == signature(triton), f"{op}: {cpp} vs {triton}"
         assert not cpp.returns and not triton.returns, f"{op}: out= ops return nothing"
 
 

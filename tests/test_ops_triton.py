@@ -1,7 +1,7 @@
 """The Triton backend (harmony.kernels) on CPU tensors under TRITON_INTERPRET=1, forced with backend="triton", against
-the float64 reference; plus opcheck of its ops (torch.library.triton_op) and a torch.compile run. Shapes stay small: the interpreter's cost grows with
-programs x loop steps. (With a GPU, test_ops.py runs the compiled kernels on CUDA tensors instead.)
-Tolerances come from test_ops.TOL.
+the float64 reference; plus opcheck of its ops (torch.library.triton_op), torch.compile, and the package name.
+Shapes stay small: the interpreter's cost grows with programs x loop steps. (With a GPU, test_ops.py runs the
+compiled kernels on CUDA tensors instead.) Tolerances come from test_ops.TOL.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Triton kernels (kernels/, imported as harmony.kernels) against float64 references computed here, on fresh random inputs and awkward shapes.
+"""Triton kernels (kernels/, imported as harmony.kernels) against float64 references computed here, on fresh random
+inputs and awkward shapes.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
 with one, the same tests run compiled on CUDA tensors.

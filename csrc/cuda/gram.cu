@@ -2,8 +2,8 @@
 // Stage 1: a grid over (chunk, row); chunks of every bucket are numbered bucket-major and a bucket table passed
 // by value maps a block's chunk to its bucket (one launch per kMaxBuckets buckets). Each block reduces its
 // kGramChunk elements with 16-byte loads (when the row is 16-byte aligned) into its own slot of a [B, N, 3]
-// workspace. Stage 2 (reduce_partials) sums every row's N slots in a fixed order and adds them into out. No atomics: same inputs,
-// same bits.
+// workspace. Stage 2 (reduce_partials) sums every row's N slots in a fixed order and adds them into out.
+// No atomics: same inputs, same bits.
 #include <algorithm>
 #include <vector>
 
