@@ -110,7 +110,8 @@ def main():
         python_requires=">=3.10",
         # The Triton kernels live in the top-level kernels/ folder but are installed as harmony.kernels: a top-level
         # "kernels" would be another project's name on PyPI (and whichever came first on sys.path would win).
-        # In a checkout, harmony/kernels is a link to kernels/, so `import harmony.kernels` works there too.
+        # In a checkout, harmony/kernels is a link to kernels/, so `import harmony.kernels` works there too; the
+        # folder has no __init__.py, so with the checkout on sys.path it cannot shadow PyPI's kernels either.
         packages=find_packages(include=["harmony", "harmony.*"], exclude=["harmony.kernels", "harmony.kernels.*"])
         + ["harmony.kernels"],
         package_dir={"harmony.kernels": "kernels"},

@@ -2,7 +2,6 @@
 here and why the others are not."""
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from typing import List
@@ -18,7 +17,7 @@ def _versions() -> List[str]:
     except Exception as e:
         lines.append(f"triton     not importable ({type(e).__name__}: {e})")
     import harmony.kernels  # the Triton kernels' package (kernels/ in the repository); imports no triton
-    lines.append(f"kernels    harmony.kernels at {os.path.dirname(harmony.kernels.__file__)}")
+    lines.append(f"kernels    harmony.kernels at {', '.join(harmony.kernels.__path__)}")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         lines.append(f"CUDA       available: {torch.cuda.device_count()} GPU(s): {names}")

@@ -1,5 +1,10 @@
-"""Pieces shared by the Triton launchers: interpreter detection, bucket pointer tables and the fixed-order
-reduction of per-program partials.
+"""Pieces shared by the Triton launchers: interpreter detection (`interpreting`, `usable`), bucket pointer tables
+and the fixed-order reduction of per-program partials.
+
+The kernels/ folder has no __init__.py on purpose: it is installed as harmony.kernels (setup.py; in a checkout
+harmony/kernels links to it), and as a namespace folder it can never shadow another package named ``kernels``
+(PyPI's, which transformers uses) when the repository root is on sys.path (`python train.py`, pytest, setup.py):
+a regular package anywhere on sys.path wins over a namespace folder. docs/KERNELS.md "The installed package name".
 
 Launchers trust their arguments: harmony.ops validates every call once, before any backend runs
 (harmony/ops/_checks.py), and harmony.backends sends CUDA tensors here, or CPU tensors under the interpreter.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 from typing import Hashable, Sequence
 
 import torch
@@ -75,6 +81,21 @@ def round_to(x, DTYPE: tl.constexpr):
 def interpreting() -> bool:
     """True when triton.jit hands out interpreted functions (TRITON_INTERPRET=1 was set before import)."""
     return isinstance(_reduce_partials_kernel, InterpretedFunction)
+
+
+def usable(device: torch.device | str) -> tuple[bool, str]:
+    """(True, how) when the Triton launchers can run on ``device``, else (False, why not)."""
+    device = torch.device(device)
+    if interpreting():
+        if device.type == "cpu":
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors"
+        return False, "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
+    if device.type != "cuda":
+        hint = "" if os.environ.get("TRITON_INTERPRET") else " (set TRITON_INTERPRET=1 before importing triton)"
+        return False, f"compiled Triton kernels need a CUDA device, not {device.type}{hint}"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    return True, f"triton {triton.__version__} compiled for {torch.cuda.get_device_name(device)}"
 
 
 def is_aligned(t: torch.Tensor, row_stride: int) -> bool:

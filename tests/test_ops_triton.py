@@ -196,19 +196,27 @@ def test_compiled_triton_ops_decompose_under_aot_autograd():
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_no_top_level_kernels_import(tmp_path):
-    """harmony imports its Triton kernels as harmony.kernels only: a top-level package named ``kernels`` first on
-    sys.path (as PyPI's, which transformers uses, may be) changes nothing."""
-    shadow = tmp_path / "kernels"
-    shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('not harmony: a stand-in for another kernels package')\n")
-    code = ("import torch\nfrom harmony import ops\nA = torch.randn(2, 40)\n"
-            "torch.testing.assert_close(ops.gram(A, A, backend='triton'), ops.gram(A, A, backend='ref'))\n"
-            "import harmony.kernels, sys\nassert 'kernels' not in sys.modules\nprint(harmony.kernels.__file__)\n")
+def test_another_kernels_package_coexists(tmp_path):
+    """harmony's Triton kernels are harmony.kernels, and the repository's kernels/ folder (no __init__.py) never
+    shadows another top-level ``kernels`` (PyPI's, which transformers uses), even with the repository root first on
+    sys.path, as under pytest or `python train.py`. harmony itself never imports a top-level ``kernels``."""
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("WHOSE = 'another project'\n")
+    repo = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent("""
+        import sys, torch
+        from harmony import ops
+        A = torch.randn(2, 40)
+        torch.testing.assert_close(ops.gram(A, A, backend="triton"), ops.gram(A, A, backend="ref"))
+        assert "kernels" not in sys.modules, "harmony imported a top-level kernels"
+        import harmony.kernels.gram, kernels
+        assert kernels.WHOSE == "another project", kernels
+        print("harmony.kernels:", list(harmony.kernels.__path__), "| kernels:", kernels.__file__)
+    """)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), str(tmp_path / "site"), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+                         cwd=repo)
     print(res.stdout)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -23,8 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 from harmony import ops  # noqa: E402
-from harmony.kernels import usable  # noqa: E402
-from harmony.kernels._common import interpreting  # noqa: E402
+from harmony.kernels._common import interpreting, usable  # noqa: E402
 from harmony.kernels.combine import combine  # noqa: E402
 from harmony.kernels.ghost_dots import ghost_dots  # noqa: E402
 from harmony.kernels.gram import gram  # noqa: E402
