@@ -1,5 +1,7 @@
 """Build and install harmony: the Python packages plus the ``harmony._C`` kernel extension.
 
+Installs one top-level package, ``harmony``; the Triton kernels of the kernels/ folder go in as ``harmony.kernels``.
+
 torch is NOT a declared dependency (a bare ``torch`` requirement pulls a multi-GB CUDA build): install
 the torch you want first (the CPU wheel, or a CUDA build on GPU machines), then either
 
@@ -106,7 +108,13 @@ def main():
         version="0.1.0",
         description="VATT-style multimodal pre-training with per-sample cross-modality gradient harmonization",
         python_requires=">=3.10",
-        packages=find_packages(include=["harmony", "harmony.*", "kernels", "kernels.*"]),
+        # The Triton kernels live in the top-level kernels/ folder but are installed as harmony.kernels: a top-level
+        # "kernels" would be another project's name on PyPI (and whichever came first on sys.path would win).
+        # In a checkout, harmony/kernels is a link to kernels/, so `import harmony.kernels` works there too; the
+        # folder has no __init__.py, so with the checkout on sys.path it cannot shadow PyPI's kernels either.
+        packages=find_packages(include=["harmony", "harmony.*"], exclude=["harmony.kernels", "harmony.kernels.*"])
+        + ["harmony.kernels"],
+        package_dir={"harmony.kernels": "kernels"},
         ext_modules=[ext],
         cmdclass={"build_ext": build_ext},
         # torch is deliberately absent (see the module docstring); the rest is in requirements.txt.

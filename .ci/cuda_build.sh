@@ -14,7 +14,7 @@ VENV="$ROOT/.venv-cuda"
 "$VENV/bin/python" -m pip install -q torch==2.14.1 numpy ninja pybind11 setuptools wheel
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
-git ls-files -z | xargs -0 -I{} cp --parents {} "$SCRATCH"
+git ls-files -z | xargs -0 -I{} cp -P --parents {} "$SCRATCH"  # -P: harmony/kernels is a link
 cd "$SCRATCH"
 [ -d /usr/local/cuda ] && : "${CUDA_HOME:=/usr/local/cuda}"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
@@ -25,7 +25,12 @@ so=$(ls harmony/_C*.so)
 # The CUDA symbols must be in the library we built (the kernels were compiled and linked, not skipped).
 # cuobjdump: the toolkit's, else the one Triton's package carries.
 CUOBJDUMP=$(command -v "$CUDA_HOME/bin/cuobjdump" cuobjdump | head -n 1 || true)
-[ -n "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -n 1)
+# (the CUDA torch venv has triton as a dependency; else a project venv's)
+[ -n "$CUOBJDUMP" ] || CUOBJDUMP=$("$VENV/bin/python" -c \
+  'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' \
+  2> /dev/null || true)
+[ -x "$CUOBJDUMP" ] || \
+  CUOBJDUMP=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -n 1)
 "$CUOBJDUMP" --list-elf "$so" | tee "$SCRATCH/elf.txt"
 for op in gram combine ghost_dots; do
   grep -q "$op.sm_90.cubin" "$SCRATCH/elf.txt" || { echo "$so holds no sm_90 code of $op"; exit 1; }

@@ -1,5 +1,5 @@
-"""Kernel benchmark (SPEC §12): gram, combine and ghost_dots on every usable backend, against the straightforward
-torch-ops composition and a plain copy of the same bytes measured in the same run.
+"""Kernel benchmark (results: benchmarks/RESULTS.md): gram, combine and ghost_dots on every usable backend, against
+the straightforward torch-ops composition and a plain copy of the same bytes measured in the same run.
 
     python benchmarks/bench_kernels.py                       # CPU here: B=32, P in {1M, 4M}, fp32 + bf16
     python benchmarks/bench_kernels.py --device cuda         # GPU defaults: P in {4M, 16M, 64M}

@@ -37,10 +37,10 @@ def _register() -> None:
         return sdpa_backward_flop_count(grad_out, q, k, v)
 
     @register_flop_formula(torch.ops.harmony.ghost_dots)
-    def _ghost_dots(x, ga, gb, method, *args, out_shape=None, **kw) -> int:
+    def _ghost_dots(x, ga, gb, out, method, *args, out_shape=None, **kw) -> int:
         B, T, d_in = x
         d_out = ga[-1]
-        if method == 0:      # Gram form: X Xᵀ and the three G Gᵀ products, then three [T, T] contractions
+        if method == "gram":  # Gram form: X Xᵀ and the three G Gᵀ products, then three [T, T] contractions
             return 2 * B * T * T * (d_in + 3 * d_out) + 6 * B * T * T
         return 2 * 2 * B * T * d_in * d_out + 6 * B * d_in * d_out     # GaᵀX, GbᵀX, three Frobenius products
 

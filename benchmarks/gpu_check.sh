@@ -66,8 +66,10 @@ fi
 if [ $GPU -eq 1 ]; then
   # pytest-xdist spreads the many small op tests over the host cores when it is installed.
   XDIST=$("$PY" -c "import xdist" 2> /dev/null && echo "-n 8" || true)
+  # test_ops.py: every backend through harmony.ops, and torch.compile with inductor (cuda and triton);
+  # test_triton_kernels.py: the compiled Triton launchers alone (harmony.kernels).
   stage "tests (CUDA, compiled Triton)" "$OUT/tests.log" "${TEST_LIMIT:-150}" "$PY" -m pytest -q -rs $XDIST \
-    tests/test_ops.py
+    tests/test_ops.py tests/test_triton_kernels.py
   stage "kernel benchmark (GPU sizes)" "$OUT/bench.log" "${BENCH_LIMIT:-90}" "$PY" benchmarks/bench_kernels.py \
     --device cuda --sizes "${BENCH_SIZES:-16M,64M}" --repeats 10 --csv "$OUT/results.csv"
   stage "step benchmark (VATT-small, every tier)" "$OUT/bench_step.log" "${STEP_LIMIT:-90}" "$PY" \

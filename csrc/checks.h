@@ -1,10 +1,16 @@
-// Input validation shared by the CPU and CUDA implementations of the harmony ops.
-// Every failure is a TORCH_CHECK (RuntimeError in Python) naming the op and the offending shapes.
+// Input checks of the C++ bindings, shared by the CPU and CUDA implementations of the harmony ops.
+// harmony.ops validates every call before it reaches a backend (harmony/ops/_checks.py, the one place whose
+// messages users see); these checks guard the C++ entry points themselves, which torch.ops.harmony.* exposes to
+// any caller, so a malformed call fails in a TORCH_CHECK (RuntimeError naming the op and the shapes) instead of
+// reading out of bounds.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <vector>
+
+#include <c10/util/string_view.h>
 
 namespace harmony {
 
@@ -72,9 +78,23 @@ inline void check_combine_out(const char* op, at::TensorList A, at::TensorList o
   }
 }
 
-// ghost_dots: X [B, T, Din], Ga and Gb [B, T, Dout], one dtype and device; method 0 = gram, 1 = instantiate.
-inline void check_ghost(const char* op, const at::Tensor& X, const at::Tensor& Ga, const at::Tensor& Gb, int64_t method,
-                        c10::DeviceType device_type) {
+// out of gram / ghost_dots: [B, 3] fp32 on the inputs' device (any strides: it is added into element by element).
+inline void check_dots_out(const char* op, const at::Tensor& out, int64_t B, const at::Device& dev) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == B && out.size(1) == 3 && out.scalar_type() == at::kFloat, op,
+              ": out must be [B, 3] = [", B, ", 3] float32, got shape ", out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(out.device() == dev, op, ": out is on ", out.device(), " but the inputs are on ", dev);
+}
+
+// ghost_dots' method: true for "gram" (via X Xᵀ and Ga Gbᵀ), false for "instantiate" (GaᵀX tile by tile).
+inline bool ghost_gram_form(const char* op, c10::string_view method) {
+  TORCH_CHECK(method == "gram" || method == "instantiate", op, ": method must be \"gram\" or \"instantiate\", got \"",
+              std::string(method), "\"");
+  return method == "gram";
+}
+
+// ghost_dots: X [B, T, Din], Ga and Gb [B, T, Dout], one dtype and device; out [B, 3] fp32 there.
+inline void check_ghost(const char* op, const at::Tensor& X, const at::Tensor& Ga, const at::Tensor& Gb,
+                        const at::Tensor& out, c10::DeviceType device_type) {
   TORCH_CHECK(X.dim() == 3 && Ga.dim() == 3 && Gb.dim() == 3, op,
               ": X must be [B, T, Din] and Ga, Gb [B, T, Dout]; got shapes ", X.sizes(), ", ", Ga.sizes(), ", ",
               Gb.sizes());
@@ -89,7 +109,7 @@ inline void check_ghost(const char* op, const at::Tensor& X, const at::Tensor& G
   TORCH_CHECK(X.device().type() == device_type && Ga.device() == X.device() && Gb.device() == X.device(), op,
               ": X, Ga, Gb must be ", device_type, " tensors on one device; got ", X.device(), ", ", Ga.device(), ", ",
               Gb.device());
-  TORCH_CHECK(method == 0 || method == 1, op, ": method must be 0 (gram) or 1 (instantiate), got ", method);
+  check_dots_out(op, out, X.size(0), X.device());
 }
 
 }  // namespace harmony

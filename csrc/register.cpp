@@ -21,10 +21,12 @@
 #define HARMONY_BUILD_REASON "built outside setup.py"
 #endif
 
+// One out= signature per op, shared by every backend (the Triton ops in harmony/ops/ have the same schemas):
+// each op ADDS into (gram, ghost_dots) or writes (combine) its caller's out and returns nothing.
 TORCH_LIBRARY(harmony, m) {
-  m.def("gram(Tensor[] A, Tensor[] V) -> Tensor");
+  m.def("gram(Tensor[] A, Tensor[] V, Tensor(a!) out) -> ()");
   m.def("combine(Tensor[] A, Tensor[] V, Tensor ca, Tensor cv, Tensor(a!)[] out, bool accumulate) -> ()");
-  m.def("ghost_dots(Tensor X, Tensor Ga, Tensor Gb, int method) -> Tensor");
+  m.def("ghost_dots(Tensor X, Tensor Ga, Tensor Gb, Tensor(a!) out, str method) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(harmony, CPU, m) {

@@ -1,6 +1,6 @@
-"""Which kernel backend runs an op, and why the others do not (SPEC §6).
+"""Which kernel backend runs an op, and why the others do not (docs/KERNELS.md "Backends and dispatch").
 
-Backends, in order of preference: ``cuda`` (harmony._C built with CUDA, CUDA tensors), ``triton`` (kernels/,
+Backends, in order of preference: ``cuda`` (harmony._C built with CUDA, CUDA tensors), ``triton`` (harmony.kernels,
 compiled on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 and only when forced — the interpreter is
 for tests, not speed), ``cpu`` (harmony._C, CPU tensors), ``ref`` (pure PyTorch, anything).
 
@@ -51,15 +51,17 @@ def _cuda_status() -> Tuple[bool, str]:
 
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> Tuple[bool, str, bool]:
-    """(importable, why not, interpreting): Triton and the kernels/ package, as imported by this process."""
+    """(importable, why not, interpreting): Triton and harmony.kernels, as imported by this process; registers the
+    Triton ops (torch.ops.harmony.<op>_triton) on the first call."""
     try:
         import triton  # noqa: F401
     except Exception as e:
         return False, f"triton is not importable ({type(e).__name__}: {e})", False
     try:
-        from harmony.ops import _triton
+        from harmony.ops import _dispatch, _triton
+        _dispatch.register_triton_ops()
     except Exception as e:
-        return False, f"the Triton kernels (kernels/) do not import ({type(e).__name__}: {e})", False
+        return False, f"the Triton kernels (harmony.kernels) do not load ({type(e).__name__}: {e})", False
     return True, "", _triton.interpreting()
 
 

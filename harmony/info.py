@@ -16,6 +16,8 @@ def _versions() -> List[str]:
         lines.append(f"triton     {triton.__version__}")
     except Exception as e:
         lines.append(f"triton     not importable ({type(e).__name__}: {e})")
+    import harmony.kernels  # the Triton kernels' package (kernels/ in the repository); imports no triton
+    lines.append(f"kernels    harmony.kernels at {', '.join(harmony.kernels.__path__)}")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         lines.append(f"CUDA       available: {torch.cuda.device_count()} GPU(s): {names}")

@@ -1,14 +1,24 @@
-"""Pieces shared by the Triton launchers: interpreter detection, device checks, bucket pointer tables and the
-fixed-order reduction of per-program partials.
+"""Pieces shared by the Triton launchers: interpreter detection (`interpreting`, `usable`), bucket pointer tables
+and the fixed-order reduction of per-program partials.
+
+The kernels/ folder has no __init__.py on purpose: it is installed as harmony.kernels (setup.py; in a checkout
+harmony/kernels links to it), and as a namespace folder it can never shadow another package named ``kernels``
+(PyPI's, which transformers uses) when the repository root is on sys.path (`python train.py`, pytest, setup.py):
+a regular package anywhere on sys.path wins over a namespace folder. docs/KERNELS.md "The installed package name".
+
+Launchers trust their arguments: harmony.ops validates every call once, before any backend runs
+(harmony/ops/_checks.py), and harmony.backends sends CUDA tensors here, or CPU tensors under the interpreter.
+Every launch goes through ``torch.library.wrap_triton``, so tracing (torch.compile, make_fx) can record it; inside
+the registered ops in eager mode, and always under the interpreter, that is the plain kernel.
 
 Pointer tables (multi-bucket, one launch): a list of buckets (A_k, V_k, ... each [B, P_k] with unit column stride)
 is described by an int64 table [K, F] built on the host, one row per non-empty bucket holding raw data addresses,
 row strides (in elements), P_k and the bucket's first chunk; a second int32 array maps every chunk to its bucket
 row. A program reads its chunk's bucket row and casts the int64 address to a typed pointer.
 
-Launch plans (validated arguments, device tables, launch list) are cached by the signature of every tensor
-(address, dtype, shape, strides, device), so a training loop that reuses its buffers pays the checks, the table
-building and the host-to-device copy once; a hit costs about 1-2 µs of host time per tensor (the signature). A plan
+Launch plans (device tables, launch list) are cached by the signature of every tensor (address, dtype, shape,
+strides, device), so a training loop that reuses its buffers pays the table building and the host-to-device copy
+once; a hit costs about 1-2 µs of host time per tensor (the signature). A plan
 stays correct after its tensors are freed: it holds numbers only and is found again only by tensors with those same
 numbers.
 
@@ -20,11 +30,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 from typing import Hashable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -71,29 +83,19 @@ def interpreting() -> bool:
     return isinstance(_reduce_partials_kernel, InterpretedFunction)
 
 
-def check_device(name: str, t: torch.Tensor) -> None:
-    """The interpreter reads raw host addresses, compiled kernels need CUDA memory: reject anything else early."""
+def usable(device: torch.device | str) -> tuple[bool, str]:
+    """(True, how) when the Triton launchers can run on ``device``, else (False, why not)."""
+    device = torch.device(device)
     if interpreting():
-        if t.device.type != "cpu":
-            raise ValueError(f"{name}: the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors only, "
-                             f"got a {t.device} tensor")
-    elif t.device.type != "cuda":
-        raise ValueError(f"{name}: compiled Triton kernels need CUDA tensors, got a {t.device} tensor "
-                         "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU)")
-
-
-def check_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in TL_DTYPE:
-        raise TypeError(f"{name}: dtype {t.dtype} is not supported (float32, bfloat16, float16)")
-
-
-def check_rows(name: str, t: torch.Tensor) -> None:
-    """Buckets are [B, P] with unit column stride; any row stride (a column slice of a wider buffer) is fine."""
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D [B, P] tensor, got shape {tuple(t.shape)}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name}: columns must be contiguous (stride(1) == 1), got strides {t.stride()}; "
-                         "call .contiguous() first")
+        if device.type == "cpu":
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors"
+        return False, "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
+    if device.type != "cuda":
+        hint = "" if os.environ.get("TRITON_INTERPRET") else " (set TRITON_INTERPRET=1 before importing triton)"
+        return False, f"compiled Triton kernels need a CUDA device, not {device.type}{hint}"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    return True, f"triton {triton.__version__} compiled for {torch.cuda.get_device_name(device)}"
 
 
 def is_aligned(t: torch.Tensor, row_stride: int) -> bool:
@@ -168,5 +170,5 @@ def reduce_partials(ws: torch.Tensor, out: torch.Tensor) -> None:
         rows, block_n, warps = min(64, triton.next_power_of_2(B)), min(1024, triton.next_power_of_2(max(N, 1))), 4
     else:
         rows, block_n, warps = 1, 512, 4
-    _reduce_partials_kernel[(triton.cdiv(B, rows),)](ws, out, B, N, out.stride(0), out.stride(1),
-                                                     ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    wrap_triton(_reduce_partials_kernel)[(triton.cdiv(B, rows),)](ws, out, B, N, out.stride(0), out.stride(1),
+                                                                  ROWS=rows, BLOCK_N=block_n, num_warps=warps)

@@ -1,4 +1,5 @@
-"""combine in Triton: weighted sum of per-sample gradient rows into flat gradient buffers (SPEC §5–6).
+"""combine in Triton: weighted sum of per-sample gradient rows into flat gradient buffers
+(docs/KERNELS.md; where they are used: docs/HARMONIZER.md "3. The measurement tiers").
 
 For buckets A_k, V_k [B, P_k] (one dtype: fp32, bf16 or fp16), coefficients ca, cv [B] fp32 and outputs
 out_k [P_k] (fp32, bf16 or fp16, may differ from A's dtype):
@@ -17,13 +18,18 @@ column block; an int32 array maps each block to its table row; the kernel casts 
 Works compiled and under TRITON_INTERPRET=1 (host addresses: CPU tensors there). Launch plans are cached by the
 signatures of A, V and out (not of ca and cv, which may change every step); see _common.
 
+Traced launches. Under torch.compile the tensors have no address, so the launcher (`_combine_per_bucket`) launches
+the same kernel once per bucket with A_k, V_k and out_k as arguments (FROM_TABLE=False): the same blocks, the same
+bits.
+
 Alignment. Buckets whose A_k, V_k rows and out_k start on 16-byte boundaries take the ALIGNED variant
 (`tl.multiple_of` hints, 16-byte vector loads and stores on full blocks); the rest run the same code unhinted.
 Block sizes come from `_config` (fixed, no autotuning: it would re-run an accumulating kernel and change the
 summation order between runs).
 
-Requirements: A_k, V_k 2-D with unit column stride (any row stride), same shape per k; out_k 1-D contiguous [P_k];
-ca, cv [B] float32 with unit stride; all on one device (CUDA compiled, CPU under the interpreter).
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with
+unit column stride (any row stride), same shape per k; out_k 1-D contiguous [P_k]; ca, cv [B] float32 with unit
+stride; all on one device (CUDA compiled, CPU under the interpreter).
 """
 from __future__ import annotations
 
@@ -34,8 +40,10 @@ import triton
 import triton.language as tl
 
 from harmony.nvtx import nvtx_range
-from kernels._common import (LRU, TL_DTYPE, VEC_BYTES, bucket_table, check_device, check_dtype, check_rows,
-                             group_buckets, interpreting, is_aligned, round_to, row_stride, signature)
+from torch.library import wrap_triton
+
+from ._common import (LRU, TL_DTYPE, VEC_BYTES, bucket_table, group_buckets, interpreting, is_aligned, round_to,
+                      row_stride, signature)
 
 Buffers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -63,16 +71,24 @@ def _weighted_rows(a, v, a_rs, v_rs, ca_ptr, cv_ptr, B, cols, P,
 
 
 @triton.jit(do_not_specialize=["B"])  # the batch size must not trigger recompiles
-def _combine_kernel(tab_ptr, chunk_bucket_ptr, ca_ptr, cv_ptr, B,
+def _combine_kernel(tab_ptr, chunk_bucket_ptr, a_ptr, v_ptr, o_ptr, ca_ptr, cv_ptr, B,
                     IN_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    """out[cols] (+)= Σ_i ca_i·a[i, cols] + cv_i·v[i, cols] for one BLOCK of columns of one bucket."""
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+                    FROM_TABLE: tl.constexpr):
+    """out[cols] (+)= Σ_i ca_i·a[i, cols] + cv_i·v[i, cols] for one BLOCK of columns of one bucket.
+    FROM_TABLE: the buckets' addresses come from the table (eager: one launch, many buckets); else the launch is
+    for one bucket, passed as a_ptr, v_ptr, o_ptr (traced launches: a traced tensor has no address)."""
     chunk = tl.program_id(0)
     # table row (8 int64): a_addr, v_addr, out_addr, a_row_stride, v_row_stride, P, first local block, (unused)
     entry = tab_ptr + tl.load(chunk_bucket_ptr + chunk).to(tl.int64) * 8
-    a = tl.load(entry).to(tl.pointer_type(IN_DTYPE))
-    v = tl.load(entry + 1).to(tl.pointer_type(IN_DTYPE))
-    o = tl.load(entry + 2).to(tl.pointer_type(OUT_DTYPE))
+    if FROM_TABLE:
+        a = tl.load(entry).to(tl.pointer_type(IN_DTYPE))
+        v = tl.load(entry + 1).to(tl.pointer_type(IN_DTYPE))
+        o = tl.load(entry + 2).to(tl.pointer_type(OUT_DTYPE))
+    else:
+        a = a_ptr
+        v = v_ptr
+        o = o_ptr
     a_rs = tl.load(entry + 3)
     v_rs = tl.load(entry + 4)
     P = tl.load(entry + 5)
@@ -110,45 +126,18 @@ def _as_list(x: Buffers) -> list:
     return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
-def _check(As: list, Vs: list, ca: torch.Tensor, cv: torch.Tensor, outs: list) -> int:
-    """Validates the arguments; returns B."""
-    if not len(As) == len(Vs) == len(outs):
-        raise ValueError(f"combine: {len(As)} A, {len(Vs)} V and {len(outs)} out buckets; they must match")
-    for name, c in (("ca", ca), ("cv", cv)):
-        check_device(f"combine: {name}", c)
-        if c.dim() != 1 or c.dtype != torch.float32 or (c.numel() > 1 and c.stride(0) != 1):
-            raise ValueError(f"combine: {name} must be a contiguous [B] float32 tensor, got {tuple(c.shape)} "
-                             f"{c.dtype} strides {c.stride()}")
-    B = ca.shape[0]
-    if cv.shape[0] != B or cv.device != ca.device:
-        raise ValueError(f"combine: ca {tuple(ca.shape)} and cv {tuple(cv.shape)} must be [B] on one device")
-    for k, (a, v, o) in enumerate(zip(As, Vs, outs)):
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v), (f"out[{k}]", o)):
-            check_device(f"combine: {name}", t)
-            check_dtype(f"combine: {name}", t)
-            if t.device != ca.device:
-                raise ValueError(f"combine: {name} is on {t.device}, ca on {ca.device}")
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v)):
-            check_rows(f"combine: {name}", t)
-            if t.dtype != As[0].dtype:
-                raise ValueError(f"combine: {name} is {t.dtype}; every A and V bucket must be {As[0].dtype}")
-        if a.shape != v.shape or a.shape[0] != B:
-            raise ValueError(f"combine: A[{k}] {tuple(a.shape)} and V[{k}] {tuple(v.shape)} must both be [B={B}, P]")
-        if o.dim() != 1 or o.shape[0] != a.shape[1] or (o.numel() > 1 and o.stride(0) != 1):
-            raise ValueError(f"combine: out[{k}] must be a contiguous [{a.shape[1]}] tensor, got {tuple(o.shape)} "
-                             f"strides {o.stride()}")
-    return B
+def _consts(In: torch.Tensor, out_dtype: torch.dtype, cfg: dict, aligned: bool) -> dict:
+    return dict(IN_DTYPE=TL_DTYPE[In.dtype], OUT_DTYPE=TL_DTYPE[out_dtype], ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"],
+                ALIGNED=aligned, VEC=VEC_BYTES // In.element_size(), num_warps=cfg["num_warps"])
 
 
 def _plan(As: list, Vs: list, ca: torch.Tensor, cv: torch.Tensor, outs: list) -> tuple:
-    """Validated launch plan: (B, [(table, chunk_bucket, kernel constants)]); no launches when every bucket is
-    empty."""
-    B = _check(As, Vs, ca, cv, outs)
+    """Launch plan: (B, [(table, chunk_bucket, kernel constants)]); no launches when every bucket is empty."""
+    B = ca.shape[0]
     live = [k for k in range(len(As)) if As[k].shape[1] > 0]
     if not live:
         return B, []
     cfg = _config(B, max(As[k].shape[1] for k in live))
-    block = cfg["BLOCK"]
     keys = []
     for k in live:
         aligned = (is_aligned(As[k], row_stride(As[k])) and is_aligned(Vs[k], row_stride(Vs[k]))
@@ -160,15 +149,33 @@ def _plan(As: list, Vs: list, ca: torch.Tensor, cv: torch.Tensor, outs: list) ->
         rows = [[As[k].data_ptr(), Vs[k].data_ptr(), outs[k].data_ptr(), row_stride(As[k]), row_stride(Vs[k])]
                 for k in ks]
         # the table's workspace-slot column is unused here: combine needs no workspace
-        table, chunk_bucket = bucket_table(rows, [As[k].shape[1] for k in ks], [0] * len(ks), block, ca.device)
-        consts = dict(IN_DTYPE=TL_DTYPE[As[ks[0]].dtype], OUT_DTYPE=TL_DTYPE[out_dtype], ROWS=cfg["ROWS"],
-                      BLOCK=block, ALIGNED=aligned, VEC=VEC_BYTES // As[ks[0]].element_size(),
-                      num_warps=cfg["num_warps"])
-        launches.append((table, chunk_bucket, consts))
+        table, chunk_bucket = bucket_table(rows, [As[k].shape[1] for k in ks], [0] * len(ks), cfg["BLOCK"],
+                                           ca.device)
+        launches.append((table, chunk_bucket, _consts(As[ks[0]], out_dtype, cfg, aligned)))
     return B, launches
 
 
 _PLANS = LRU()
+
+
+def _combine_per_bucket(As: list, Vs: list, ca: torch.Tensor, cv: torch.Tensor, outs: list, accumulate: bool) -> None:
+    """combine with one launch per bucket, its tensors passed as kernel arguments: what torch.compile traces (the
+    table of addresses cannot be built from traced tensors). Same blocks and the same per-element arithmetic as
+    the table path, so the same bits."""
+    B = ca.shape[0]
+    live = [k for k in range(len(As)) if As[k].shape[1] > 0]
+    if not live:
+        return
+    cfg = _config(B, max(As[k].shape[1] for k in live))
+    for k in live:
+        n = triton.cdiv(As[k].shape[1], cfg["BLOCK"])
+        # one table row, addresses unused: (0, 0, 0, a_row_stride, v_row_stride, P, first local block, unused)
+        table = torch.tensor([[0, 0, 0, row_stride(As[k]), row_stride(Vs[k]), As[k].shape[1], 0, 0]],
+                             dtype=torch.int64, device=ca.device)
+        chunk_bucket = torch.zeros(n, dtype=torch.int32, device=ca.device)
+        wrap_triton(_combine_kernel)[(n,)](table, chunk_bucket, As[k], Vs[k], outs[k], ca, cv, B,
+                                           ACCUMULATE=bool(accumulate), FROM_TABLE=False,
+                                           **_consts(As[k], outs[k].dtype, cfg, False))
 
 
 def combine(A: Buffers, V: Buffers, ca: torch.Tensor, cv: torch.Tensor, out: Buffers, accumulate: bool) -> None:
@@ -178,6 +185,9 @@ def combine(A: Buffers, V: Buffers, ca: torch.Tensor, cv: torch.Tensor, out: Buf
     """
     with nvtx_range("combine"):
         As, Vs, outs = _as_list(A), _as_list(V), _as_list(out)
+        if type(ca) is not torch.Tensor:  # traced by torch.compile: no addresses to put in a table
+            _combine_per_bucket(As, Vs, ca, cv, outs, accumulate)
+            return
         # ca and cv are read only at call time, so fresh coefficients each step still find the plan
         key = ((ca.dtype, ca.shape, ca.stride(), ca.get_device()), (cv.dtype, cv.shape, cv.stride(), cv.get_device()),
                *map(signature, As), None, *map(signature, Vs), None, *map(signature, outs))
@@ -187,5 +197,6 @@ def combine(A: Buffers, V: Buffers, ca: torch.Tensor, cv: torch.Tensor, out: Buf
             _PLANS.put(key, plan)
         B, launches = plan
         for table, chunk_bucket, consts in launches:
-            _combine_kernel[(chunk_bucket.numel(),)](table, chunk_bucket, ca, cv, B, ACCUMULATE=bool(accumulate),
-                                                     **consts)
+            wrap_triton(_combine_kernel)[(chunk_bucket.numel(),)](table, chunk_bucket, ca, ca, ca, ca, cv, B,
+                                                                  ACCUMULATE=bool(accumulate), FROM_TABLE=True,
+                                                                  **consts)

@@ -1,4 +1,5 @@
-"""ghost_dots in Triton: per-sample gradient dots of a linear layer straight from activations (SPEC §5–6).
+"""ghost_dots in Triton: per-sample gradient dots of a linear layer straight from activations
+(docs/KERNELS.md; where they are used: docs/HARMONIZER.md "3. The measurement tiers").
 
 For X [B, T, Din] (the layer's inputs) and output gradients Ga, Gb [B, T, Dout] of two losses, per sample i the
 weight gradients are Ga_iᵀX_i and Gb_iᵀX_i [Dout, Din]. This ADDS into out [B, 3] fp32
@@ -23,9 +24,9 @@ Determinism. Stage 1 writes one fp32 partial triple per program into ws [B, tile
 adds them into out in one fixed order. No atomics, fixed block sizes from `_config` (no autotuning), so the same
 inputs give bitwise-same output.
 
-Requirements: X, Ga, Gb 3-D with the same B and T and one dtype (fp32/bf16/fp16), any strides (no copies are made);
-out [B, 3] fp32 (any strides); one device (CUDA compiled, CPU under the interpreter). Empty B, T, Din or Dout add
-nothing.
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): X, Ga, Gb 3-D with
+the same B and T and one dtype (fp32/bf16/fp16), any strides (no copies are made); out [B, 3] fp32 (any strides);
+one device (CUDA compiled, CPU under the interpreter). Empty B, T, Din or Dout add nothing.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ import triton
 import triton.language as tl
 
 from harmony.nvtx import nvtx_range
-from kernels._common import TL_DTYPE, check_device, check_dtype, interpreting, reduce_partials
+from torch.library import wrap_triton
+
+from ._common import TL_DTYPE, interpreting, reduce_partials
 
 
 # sizes and batch strides vary from layer to layer: specialising on them would recompile per layer shape
@@ -151,38 +154,23 @@ def _config(method: str, T: int, d_in: int, d_out: int, dtype: torch.dtype) -> d
 _PAIRS: dict = {}
 
 
-def _tile_pairs(n: int, device: torch.device) -> torch.Tensor:
-    """int32 [n(n+1)/2, 2] upper-triangle tile pairs (t1 ≤ t2), cached per (n, device)."""
-    key = (n, str(device))
+def _tile_pairs(n: int, like: torch.Tensor) -> torch.Tensor:
+    """int32 [n(n+1)/2, 2] upper-triangle tile pairs (t1 ≤ t2) on like's device; cached per (n, device) for plain
+    tensors, built in the graph when ``like`` is a traced one (torch.compile), which cannot hold a real tensor."""
+    if type(like) is not torch.Tensor:
+        t1, t2 = torch.triu_indices(n, n, device=like.device)
+        return torch.stack([t1, t2], 1).to(torch.int32).contiguous()
+    key = (n, str(like.device))
     if key not in _PAIRS:
         t1, t2 = torch.triu_indices(n, n)
-        _PAIRS[key] = torch.stack([t1, t2], 1).to(torch.int32).contiguous().to(device)
+        _PAIRS[key] = torch.stack([t1, t2], 1).to(torch.int32).contiguous().to(like.device)
     return _PAIRS[key]
-
-
-def _check(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: torch.Tensor, method: str) -> None:
-    if method not in ("gram", "instantiate"):
-        raise ValueError(f"ghost_dots: method must be 'gram' or 'instantiate', got {method!r}")
-    for name, t in (("X", X), ("Ga", Ga), ("Gb", Gb), ("out", out)):
-        check_device(f"ghost_dots: {name}", t)
-        if t.device != X.device:
-            raise ValueError(f"ghost_dots: {name} is on {t.device}, X on {X.device}")
-    for name, t in (("X", X), ("Ga", Ga), ("Gb", Gb)):
-        check_dtype(f"ghost_dots: {name}", t)
-        if t.dim() != 3 or t.dtype != X.dtype:
-            raise ValueError(f"ghost_dots: {name} must be a 3-D {X.dtype} tensor, got {tuple(t.shape)} {t.dtype}")
-    if Ga.shape != Gb.shape or Ga.shape[:2] != X.shape[:2]:
-        raise ValueError(f"ghost_dots: X {tuple(X.shape)} must be [B, T, Din] and Ga {tuple(Ga.shape)}, "
-                         f"Gb {tuple(Gb.shape)} both [B, T, Dout]")
-    if out.dim() != 2 or out.shape != (X.shape[0], 3) or out.dtype != torch.float32:
-        raise ValueError(f"ghost_dots: out must be [{X.shape[0]}, 3] float32, got {tuple(out.shape)} {out.dtype}")
 
 
 def ghost_dots(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: torch.Tensor, method: str) -> None:
     """out [B, 3] fp32 += per sample (⟨Gaᵀ X, Gbᵀ X⟩_F, ‖Gaᵀ X‖², ‖Gbᵀ X‖²) from X [B, T, Din], Ga/Gb [B, T, Dout],
     without writing Gaᵀ X; method "gram" (cost ~T²) or "instantiate" (cost ~Din·Dout)."""
     with nvtx_range("ghost_dots"):
-        _check(X, Ga, Gb, out, method)
         B, T, d_in = X.shape
         d_out = Ga.shape[2]
         if B == 0 or T == 0 or d_in == 0 or d_out == 0:
@@ -191,15 +179,15 @@ def ghost_dots(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: torch.T
         strides = (*X.stride(), *Ga.stride(), *Gb.stride())
         consts = dict(CDT=cfg["CDT"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
         if method == "gram":
-            pairs = _tile_pairs(triton.cdiv(T, cfg["BT"]), X.device)
+            pairs = _tile_pairs(triton.cdiv(T, cfg["BT"]), X)
             n = pairs.shape[0]
             ws = torch.empty(B, n, 3, dtype=torch.float32, device=X.device)
-            _ghost_gram_kernel[(B * n,)](X, Ga, Gb, pairs, ws, T, d_in, d_out, n, *strides,
-                                        BT=cfg["BT"], BK=cfg["BK"], **consts)
+            wrap_triton(_ghost_gram_kernel)[(B * n,)](X, Ga, Gb, pairs, ws, T, d_in, d_out, n, *strides,
+                                                      BT=cfg["BT"], BK=cfg["BK"], **consts)
         else:
             n_o, n_d = triton.cdiv(d_out, cfg["BO"]), triton.cdiv(d_in, cfg["BI"])
             n = n_o * n_d
             ws = torch.empty(B, n, 3, dtype=torch.float32, device=X.device)
-            _ghost_instantiate_kernel[(B * n,)](X, Ga, Gb, ws, T, d_in, d_out, n_o, n_d, *strides,
-                                                BO=cfg["BO"], BI=cfg["BI"], BT=cfg["BT"], **consts)
+            wrap_triton(_ghost_instantiate_kernel)[(B * n,)](X, Ga, Gb, ws, T, d_in, d_out, n_o, n_d, *strides,
+                                                             BO=cfg["BO"], BI=cfg["BI"], BT=cfg["BT"], **consts)
         reduce_partials(ws, out)

@@ -1,4 +1,5 @@
-"""gram in Triton: per-row dots of per-sample gradient buckets (SPEC §5–6).
+"""gram in Triton: per-row dots of per-sample gradient buckets
+(docs/KERNELS.md; where they are used: docs/HARMONIZER.md "3. The measurement tiers").
 
 For buckets A_k, V_k [B, P_k] (one dtype: fp32, bf16 or fp16) it ADDS into out [B, 3] fp32
     out[i] += (Σ_k A_k[i]·V_k[i], Σ_k |A_k[i]|², Σ_k |V_k[i]|²),
@@ -16,6 +17,10 @@ kernel casts the int64 address to a typed pointer. This works compiled and under
 addresses are host addresses, so tensors must be on the CPU there). Launch plans are cached by the signatures of
 A and V (not of out, which may be fresh every step); see _common.
 
+Traced launches. Under torch.compile the tensors have no address, so the launcher (`_gram_per_bucket`) launches
+the same kernel once per bucket with A_k and V_k as arguments (FROM_TABLE=False), the same chunks writing the same
+workspace slots: the same bits, one launch per bucket.
+
 Alignment. A bucket whose A_k and V_k rows both start on 16-byte boundaries (base address and row stride) goes to
 the ALIGNED variant, where `tl.multiple_of` hints let full chunks use 16-byte vector loads; the last, partial chunk
 of a row is masked. Other buckets take the same code without hints (scalar loads, still coalesced).
@@ -24,8 +29,9 @@ Determinism. No atomics: each partial is written by exactly one program and stag
 same inputs at the same addresses give bitwise-same output. Block sizes are fixed by `_config` (no autotuning,
 which would change the summation order from run to run and re-run an accumulating kernel).
 
-Requirements: A_k, V_k 2-D with unit column stride (any row stride), same shape per k, one dtype and B for all
-buckets, on the CUDA device compiled (CPU under the interpreter); out [B, 3] fp32 (any strides) on that device.
+Requirements (not checked here: harmony.ops validates every call before it reaches a backend): A_k, V_k 2-D with
+unit column stride (any row stride), same shape per k, one dtype and B for all buckets, on the CUDA device compiled
+(CPU under the interpreter); out [B, 3] fp32 (any strides) on that device.
 """
 from __future__ import annotations
 
@@ -37,31 +43,37 @@ import triton
 import triton.language as tl
 
 from harmony.nvtx import nvtx_range
-from kernels._common import (LRU, TL_DTYPE, bucket_table, check_device, check_dtype, check_rows, group_buckets,
-                             interpreting, is_aligned, reduce_partials, row_stride, signature)
+from torch.library import wrap_triton
+
+from ._common import (LRU, TL_DTYPE, bucket_table, group_buckets, interpreting, is_aligned, reduce_partials, row_stride,
+                      signature)
 
 Buffers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 @triton.jit(do_not_specialize=["n_chunks", "ws_row"])  # these change with every bucket layout
-def _gram_kernel(tab_ptr, chunk_bucket_ptr, ws_ptr, n_chunks, ws_row,
+def _gram_kernel(tab_ptr, chunk_bucket_ptr, a_ptr, v_ptr, ws_ptr, n_chunks, ws_row,
                  DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 ALIGNED: tl.constexpr):
-    """ws[row, slot, :] = (a·v, a·a, v·v) over CHUNK columns of one row of one bucket (fp32)."""
+                 ALIGNED: tl.constexpr, FROM_TABLE: tl.constexpr):
+    """ws[row, slot, :] = (a·v, a·a, v·v) over CHUNK columns of one row of one bucket (fp32).
+    FROM_TABLE: the buckets' addresses come from the table (eager: one launch, many buckets); else the launch is
+    for one bucket, passed as a_ptr, v_ptr (traced launches: a traced tensor has no address)."""
     pid = tl.program_id(0)
     row = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
     # table row (7 int64): a_addr, v_addr, a_row_stride, v_row_stride, P, first local chunk, first global chunk
     entry = tab_ptr + tl.load(chunk_bucket_ptr + chunk).to(tl.int64) * 7
-    a_addr = tl.load(entry)
-    v_addr = tl.load(entry + 1)
     a_rs = tl.load(entry + 2)
     v_rs = tl.load(entry + 3)
     P = tl.load(entry + 4)
     local = chunk - tl.load(entry + 5)  # chunk index inside the bucket
     slot = tl.load(entry + 6) + local
-    a = a_addr.to(tl.pointer_type(DTYPE)) + row * a_rs
-    v = v_addr.to(tl.pointer_type(DTYPE)) + row * v_rs
+    if FROM_TABLE:
+        a = tl.load(entry).to(tl.pointer_type(DTYPE)) + row * a_rs
+        v = tl.load(entry + 1).to(tl.pointer_type(DTYPE)) + row * v_rs
+    else:
+        a = a_ptr + row * a_rs
+        v = v_ptr + row * v_rs
     if ALIGNED:  # promised by the host: rows start on 16-byte boundaries, so full chunks load as vectors
         a = tl.multiple_of(a, 16)
         v = tl.multiple_of(v, 16)
@@ -105,54 +117,65 @@ def _as_list(x: Buffers) -> list:
     return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
-def _check(As: list, Vs: list, out: torch.Tensor) -> int:
-    """Validates the buckets and out; returns B."""
-    if len(As) != len(Vs):
-        raise ValueError(f"gram: {len(As)} A buckets but {len(Vs)} V buckets")
-    check_device("gram: out", out)
-    B = out.shape[0]
-    if out.dim() != 2 or out.shape[1] != 3 or out.dtype != torch.float32:
-        raise ValueError(f"gram: out must be [B, 3] float32, got {tuple(out.shape)} {out.dtype}")
-    for k, (a, v) in enumerate(zip(As, Vs)):
-        for name, t in ((f"A[{k}]", a), (f"V[{k}]", v)):
-            check_device(f"gram: {name}", t)
-            check_dtype(f"gram: {name}", t)
-            check_rows(f"gram: {name}", t)
-            if t.device != out.device or t.dtype != As[0].dtype:
-                raise ValueError(f"gram: {name} is {t.dtype} on {t.device}; every bucket must be "
-                                 f"{As[0].dtype} on {out.device} like A[0] and out")
-        if a.shape != v.shape or a.shape[0] != B:
-            raise ValueError(f"gram: A[{k}] {tuple(a.shape)} and V[{k}] {tuple(v.shape)} must both be [B={B}, P]")
-    return B
-
-
-def _plan(As: list, Vs: list, out: torch.Tensor) -> tuple | None:
-    """Validated launch plan: (B, total chunks, kernel constants, [(table, chunk_bucket, aligned)]), or None
+def _layout(As: list, out: torch.Tensor) -> tuple | None:
+    """(B, live buckets, kernel config, chunks per live bucket, their first global chunks, total chunks), or None
     when there is nothing to add (B = 0 or no non-empty bucket)."""
-    B = _check(As, Vs, out)
+    B = out.shape[0]
     live = [k for k in range(len(As)) if As[k].shape[1] > 0]
     if B == 0 or not live:
         return None
     cfg = _config(max(As[k].shape[1] for k in live))
-    chunk = cfg["CHUNK"]
-    nchunks = [triton.cdiv(As[k].shape[1], chunk) for k in live]
+    nchunks = [triton.cdiv(As[k].shape[1], cfg["CHUNK"]) for k in live]
     starts = [0, *itertools.accumulate(nchunks)][:-1]
     n_total = sum(nchunks)
     if B * n_total >= 2 ** 31:
         raise ValueError(f"gram: {B} rows x {n_total} chunks exceeds the 2^31 grid limit")
+    return B, live, cfg, nchunks, starts, n_total
+
+
+def _consts(As: list, live: list, cfg: dict) -> dict:
+    return dict(DTYPE=TL_DTYPE[As[live[0]].dtype], CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+
+
+def _plan(As: list, Vs: list, out: torch.Tensor) -> tuple | None:
+    """Launch plan: (B, total chunks, kernel constants, [(table, chunk_bucket, aligned)]), or None when there is
+    nothing to add (B = 0 or no non-empty bucket)."""
+    layout = _layout(As, out)
+    if layout is None:
+        return None
+    B, live, cfg, nchunks, starts, n_total = layout
     keys = [is_aligned(As[k], row_stride(As[k])) and is_aligned(Vs[k], row_stride(Vs[k])) for k in live]
     launches = []
     for aligned, members in group_buckets(keys).items():
         ks = [live[j] for j in members]
         rows = [[As[k].data_ptr(), Vs[k].data_ptr(), row_stride(As[k]), row_stride(Vs[k])] for k in ks]
         table, chunk_bucket = bucket_table(rows, [As[k].shape[1] for k in ks], [starts[j] for j in members],
-                                           chunk, out.device)
+                                           cfg["CHUNK"], out.device)
         launches.append((table, chunk_bucket, aligned))
-    consts = dict(DTYPE=TL_DTYPE[As[live[0]].dtype], CHUNK=chunk, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
-    return B, n_total, consts, launches
+    return B, n_total, _consts(As, live, cfg), launches
 
 
 _PLANS = LRU()
+
+
+def _gram_per_bucket(As: list, Vs: list, out: torch.Tensor) -> None:
+    """gram with one launch per bucket, its tensors passed as kernel arguments: what torch.compile traces (the
+    table of addresses cannot be built from traced tensors). Same chunks, same workspace slots, same reduction as
+    the table path, so the same bits."""
+    layout = _layout(As, out)
+    if layout is None:
+        return
+    B, live, cfg, nchunks, starts, n_total = layout
+    consts = _consts(As, live, cfg)
+    ws = torch.empty(B, n_total, 3, dtype=torch.float32, device=out.device)
+    for j, k in enumerate(live):
+        # one table row, addresses unused: (0, 0, a_row_stride, v_row_stride, P, first local chunk, first global)
+        table = torch.tensor([[0, 0, row_stride(As[k]), row_stride(Vs[k]), As[k].shape[1], 0, starts[j]]],
+                             dtype=torch.int64, device=out.device)
+        chunk_bucket = torch.zeros(nchunks[j], dtype=torch.int32, device=out.device)
+        wrap_triton(_gram_kernel)[(B * nchunks[j],)](table, chunk_bucket, As[k], Vs[k], ws, nchunks[j], n_total * 3,
+                                                     ALIGNED=False, FROM_TABLE=False, **consts)
+    reduce_partials(ws, out)
 
 
 def gram(A: Buffers, V: Buffers, out: torch.Tensor) -> None:
@@ -163,6 +186,9 @@ def gram(A: Buffers, V: Buffers, out: torch.Tensor) -> None:
     """
     with nvtx_range("gram"):
         As, Vs = _as_list(A), _as_list(V)
+        if type(out) is not torch.Tensor:  # traced by torch.compile: no addresses to put in a table
+            _gram_per_bucket(As, Vs, out)
+            return
         # out is read only at call time (reduce_partials), so a fresh out each step still finds the plan
         key = (out.dtype, out.shape, out.get_device(), *map(signature, As), None, *map(signature, Vs))
         plan = _PLANS.get(key)
@@ -175,5 +201,6 @@ def gram(A: Buffers, V: Buffers, out: torch.Tensor) -> None:
         ws = torch.empty(B, n_total, 3, dtype=torch.float32, device=out.device)
         for table, chunk_bucket, aligned in launches:
             n = chunk_bucket.numel()
-            _gram_kernel[(B * n,)](table, chunk_bucket, ws, n, n_total * 3, ALIGNED=aligned, **consts)
+            wrap_triton(_gram_kernel)[(B * n,)](table, chunk_bucket, ws, ws, ws, n, n_total * 3, ALIGNED=aligned,
+                                                FROM_TABLE=True, **consts)
         reduce_partials(ws, out)

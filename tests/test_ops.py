@@ -1,4 +1,4 @@
-"""gram, combine and ghost_dots on every usable backend against the float64 reference (SPEC §6).
+"""gram, combine and ghost_dots on every usable backend against the float64 reference (docs/KERNELS.md).
 
 Backends here: ref and cpu on CPU tensors; cuda, triton (compiled) and ref on CUDA tensors when a GPU is present.
 The Triton interpreter on CPU tensors is tested in test_ops_triton.py (small shapes: it is slow).
@@ -324,6 +324,14 @@ def test_dispatch_picks_and_explains(monkeypatch):
         assert not table["cuda"][0] and table["cuda"][1]  # says why
 
 
+def test_info_report():
+    """python -m harmony.info: what was built, where the Triton kernels' package is, which backends are usable."""
+    from harmony import info
+    text = info.report()
+    print(text)
+    assert "kernels    harmony.kernels at " in text and "backend  usable" in text and "automatic choice" in text
+
+
 def test_forced_backend_that_cannot_run_says_why(monkeypatch):
     A = torch.randn(2, 5)
     if not HAS_GPU:
@@ -394,16 +402,40 @@ def test_registered_ops_check_their_inputs():
     """Direct torch.ops calls (no Python checks in front) fail in TORCH_CHECK with the op name and shapes."""
     require("cpu", "cpu")
     a = torch.randn(3, 5)
+    out = torch.zeros(3, 3)
     with pytest.raises(RuntimeError, match=r"harmony::gram: A\[0\] has shape \[3, 5\] but V\[0\] has shape \[3, 6\]"):
-        torch.ops.harmony.gram([a], [torch.randn(3, 6)])
+        torch.ops.harmony.gram([a], [torch.randn(3, 6)], out)
+    with pytest.raises(RuntimeError, match=r"harmony::gram: out must be \[B, 3\] = \[3, 3\] float32"):
+        torch.ops.harmony.gram([a], [a], torch.zeros(3, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"harmony::combine: out\[0\] must be \[P\] = \[5\]"):
         torch.ops.harmony.combine([a], [a], torch.randn(3), torch.randn(3), [torch.zeros(4)], False)
     with pytest.raises(RuntimeError, match=r"harmony::combine: out\[0\] must be contiguous"):
         torch.ops.harmony.combine([a], [a], torch.randn(3), torch.randn(3), [torch.zeros(10)[::2]], False)
-    with pytest.raises(RuntimeError, match="harmony::ghost_dots: method must be 0"):
-        torch.ops.harmony.ghost_dots(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 3, 5), 7)
+    X, G = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(RuntimeError, match='harmony::ghost_dots: method must be "gram" or "instantiate", got "fast"'):
+        torch.ops.harmony.ghost_dots(X, G, G, torch.zeros(2, 3), "fast")
+    with pytest.raises(RuntimeError, match=r"harmony::ghost_dots: out must be \[B, 3\] = \[2, 3\] float32"):
+        torch.ops.harmony.ghost_dots(X, G, G, torch.zeros(3, 3), "gram")
     with pytest.raises(RuntimeError, match="harmony::gram: dtype Double is not supported"):
-        torch.ops.harmony.gram([a.double()], [a.double()])
+        torch.ops.harmony.gram([a.double()], [a.double()], out)
+
+
+def signature(schema) -> list:
+    """(name, type, written to) per argument of an op schema."""
+    return [(a.name, str(a.type), bool(a.alias_info and a.alias_info.is_write)) for a in schema.arguments]
+
+
+def test_one_signature_for_every_backend():
+    """The C++ op and the Triton op of each op share one schema (the Triton ops register when triton loads)."""
+    require("cpu", "cpu")
+    ok, why, _ = backends._triton_status()
+    if not ok:
+        pytest.skip(f"Triton backend unavailable: {why}")
+    for op in ("gram", "combine", "ghost_dots"):
+        cpp = getattr(torch.ops.harmony, op).default._schema
+        triton = getattr(torch.ops.harmony, f"{op}_triton").default._schema
+        assert signature(cpp) == signature(triton), f"{op}: {cpp} vs {triton}"
+        assert not cpp.returns and not triton.returns, f"{op}: out= ops return nothing"
 
 
 # --------------------------------------------------------------------------------- opcheck, compile
@@ -412,31 +444,41 @@ def test_opcheck_cpu_ops():
     require("cpu", "cpu")
     gen = seeded("opcheck")
     A, V = buckets(3, [33, 1], torch.float32, "cpu", gen)
-    torch.library.opcheck(torch.ops.harmony.gram.default, (A, V))
+    torch.library.opcheck(torch.ops.harmony.gram.default, (A, V, torch.randn(3, 3, generator=gen)))
     out = [torch.zeros(33), torch.zeros(1)]
     torch.library.opcheck(torch.ops.harmony.combine.default, (A, V, torch.randn(3), torch.randn(3), out, True))
     X, Ga, Gb = (torch.randn(2, 5, d, generator=gen) for d in (4, 3, 3))
-    for method in (0, 1):
-        torch.library.opcheck(torch.ops.harmony.ghost_dots.default, (X, Ga, Gb, method))
+    for method in ("gram", "instantiate"):
+        torch.library.opcheck(torch.ops.harmony.ghost_dots.default, (X, Ga, Gb, torch.zeros(2, 3), method))
 
 
-def test_compile_fullgraph_gram_combine():
-    """gram + combine inside one torch.compile(fullgraph=True) graph (aot_eager: traces the fake impls and
-    functionalises the in-place combine without generating code, which keeps this quick)."""
-    require("cpu", "cpu")
+COMPILE_CASES = [("cpu", "cpu", "aot_eager")] + ([("cuda", "cuda", "inductor"), ("triton", "cuda", "inductor")]
+                                                    if HAS_GPU else [])
 
-    def harmonized_update(A, V, out):
-        d = ops.gram(A, V, backend="cpu")
+
+@pytest.mark.parametrize("backend,device,compiler", COMPILE_CASES, ids=[f"{b}-{c}" for b, _, c in COMPILE_CASES])
+def test_compile_fullgraph_all_ops(backend, device, compiler):
+    """gram, combine and ghost_dots inside one torch.compile(fullgraph=True) graph give the eager bits. On the CPU,
+    aot_eager: AOT autograd traces the fake impls and functionalises the in-place ops without generating code,
+    which keeps this quick; on a GPU, inductor (which also compiles the Triton ops' kernels into the graph). The
+    Triton interpreter's compile test is in test_ops_triton.py."""
+    require(backend, device)
+
+    def harmonized_update(A, V, X, Ga, Gb, out):
+        d = ops.gram(A, V, backend=backend)
         cos = d[:, 0] / (d[:, 1] * d[:, 2]).sqrt()
-        ops.combine(A, V, 1.0 - cos, torch.ones_like(cos), out, backend="cpu")
-        return d
+        ops.combine(A, V, 1.0 - cos, torch.ones_like(cos), out, backend=backend)
+        return d, ops.ghost_dots(X, Ga, Gb, method="gram", backend=backend), \
+            ops.ghost_dots(X, Ga, Gb, method="instantiate", backend=backend)
 
     gen = seeded("compile")
-    A, V = buckets(4, [300, 7], torch.float32, "cpu", gen)
-    out_eager = [torch.zeros(300), torch.zeros(7)]
-    d_eager = harmonized_update(A, V, out_eager)
+    A, V = buckets(4, [300, 7], torch.float32, device, gen)
+    X, Ga, Gb = (rand((4, 9, d), torch.float32, device, gen) for d in (20, 6, 6))
+    out_eager = [torch.zeros(300, device=device), torch.zeros(7, device=device)]
+    eager = harmonized_update(A, V, X, Ga, Gb, out_eager)
     torch._dynamo.reset()
-    compiled = torch.compile(harmonized_update, fullgraph=True, backend="aot_eager")
-    out_c = [torch.zeros(300), torch.zeros(7)]
-    d_c = compiled(A, V, out_c)
-    assert torch.equal(d_c, d_eager) and all(torch.equal(a, b) for a, b in zip(out_c, out_eager))
+    compiled = torch.compile(harmonized_update, fullgraph=True, backend=compiler)
+    out_c = [torch.zeros(300, device=device), torch.zeros(7, device=device)]
+    got = compiled(A, V, X, Ga, Gb, out_c)
+    assert all(torch.equal(a, b) for a, b in zip(got, eager))
+    assert all(torch.equal(a, b) for a, b in zip(out_c, out_eager))

@@ -1,4 +1,5 @@
-"""Triton kernels (kernels/) against float64 references computed here, on fresh random inputs and awkward shapes.
+"""Triton kernels (kernels/, imported as harmony.kernels) against float64 references computed here, on fresh random
+inputs and awkward shapes.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
 with one, the same tests run compiled on CUDA tensors.
@@ -21,11 +22,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import usable  # noqa: E402
-from kernels._common import interpreting  # noqa: E402
-from kernels.combine import combine  # noqa: E402
-from kernels.ghost_dots import ghost_dots  # noqa: E402
-from kernels.gram import gram  # noqa: E402
+from harmony import ops  # noqa: E402
+from harmony.kernels._common import interpreting, usable  # noqa: E402
+from harmony.kernels.combine import combine  # noqa: E402
+from harmony.kernels.ghost_dots import ghost_dots  # noqa: E402
+from harmony.kernels.gram import gram  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
 if not usable(DEVICE)[0]:
@@ -277,33 +278,46 @@ def test_plan_reuse_with_fresh_outputs_and_coefficients():
         _combine_case(As, Vs, gen, torch.float32 if step == 0 else torch.bfloat16, step == 1, f"combine reuse {step}")
 
 
-def test_argument_errors():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_traced_launches_give_the_same_bits(dtype):
+    """Under torch.compile, gram and combine launch once per bucket with the tensors as kernel arguments (a traced
+    tensor has no address for the table). Run eagerly here, that path must give the table path's exact bits."""
+    from harmony.kernels.combine import _combine_per_bucket
+    from harmony.kernels.gram import _gram_per_bucket
+    gen = torch.Generator().manual_seed(21)
+    As, Vs = _mixed_buckets(3, dtype, gen)
+    out0 = _rand(3, 3, dtype=torch.float32, gen=gen)
+    table, per_bucket = out0.clone(), out0.clone()
+    gram(As, Vs, table)
+    _gram_per_bucket(As, Vs, per_bucket)
+    assert torch.equal(table, per_bucket)
+    ca, cv = _rand(3, dtype=torch.float32, gen=gen), _rand(3, dtype=torch.float32, gen=gen)
+    for out_dtype, accumulate in ((torch.float32, False), (torch.bfloat16, True)):
+        old = [_rand(a.shape[1], dtype=out_dtype, gen=gen) for a in As]
+        table, per_bucket = [o.clone() for o in old], [o.clone() for o in old]
+        combine(As, Vs, ca, cv, table, accumulate)
+        _combine_per_bucket(As, Vs, ca, cv, per_bucket, accumulate)
+        assert all(torch.equal(t, b) for t, b in zip(table, per_bucket))
+
+
+def test_argument_errors_are_caught_before_the_launchers():
+    """The launchers do not validate: harmony.ops does, once, for every backend. Bad arguments for the Triton backend
+    fail there, with the public op's name, before anything is launched."""
     a = torch.randn(3, 8, device=DEVICE)
     out = torch.zeros(3, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="V buckets"):
-        gram([a], [], out)
-    with pytest.raises(ValueError, match=r"\[B=3, P\]"):
-        gram([a], [torch.randn(3, 9, device=DEVICE)], out)
-    with pytest.raises(ValueError, match="columns must be contiguous"):
-        gram([a.t().contiguous().t()], [a], out)  # [3, 8] view with stride(1) == 3
-    with pytest.raises(ValueError, match="float32"):
-        gram([a], [a], out.double())
-    with pytest.raises(TypeError, match="not supported"):
-        gram([a.double()], [a.double()], out)
-    with pytest.raises(ValueError, match="every bucket must be"):
-        gram([a, a.half()], [a, a.half()], out)
-    with pytest.raises(ValueError, match="contiguous"):
-        combine([a], [a], torch.ones(3, device=DEVICE), torch.ones(3, device=DEVICE),
-                [torch.zeros(16, device=DEVICE)[::2]], False)
-    with pytest.raises(ValueError, match="ca must be"):
-        combine([a], [a], torch.ones(3, device=DEVICE).half(), torch.ones(3, device=DEVICE),
-                [torch.zeros(8, device=DEVICE)], False)
-    with pytest.raises(ValueError, match="method"):
-        ghost_dots(a[:, None], a[:, None], a[:, None], out, "auto")
-    other = "cuda" if DEVICE == "cpu" else "cpu"
-    if other == "cpu" or torch.cuda.is_available():
-        with pytest.raises(ValueError, match="tensor"):
-            gram([a.to(other)], [a.to(other)], out.to(other))
+    with pytest.raises(ValueError, match="harmony.ops.gram: A has 1 buckets but V has 0"):
+        ops.gram([a], [], out=out, backend="triton")
+    with pytest.raises(ValueError, match=r"harmony.ops.gram: A\[0\] has shape \(3, 8\) but V\[0\] has \(3, 9\)"):
+        ops.gram([a], [torch.randn(3, 9, device=DEVICE)], out=out, backend="triton")
+    with pytest.raises(ValueError, match=r"harmony.ops.gram: out must be \[B, 3\]"):
+        ops.gram([a], [a], out=out.double(), backend="triton")
+    with pytest.raises(ValueError, match=r"harmony.ops.gram: A\[1\] is torch.float16 but A\[0\] is torch.float32"):
+        ops.gram([a, a.half()], [a, a.half()], backend="triton")
+    with pytest.raises(ValueError, match=r"harmony.ops.combine: ca must be \[B\] = \[3\]"):
+        ops.combine([a], [a], torch.ones(4, device=DEVICE), torch.ones(3, device=DEVICE),
+                    [torch.zeros(8, device=DEVICE)], backend="triton")
+    with pytest.raises(ValueError, match="harmony.ops.ghost_dots: method must be one of"):
+        ops.ghost_dots(a[:, None], a[:, None], a[:, None], method="fast", backend="triton")
 
 
 _COMPILE_CHECK = textwrap.dedent("""
@@ -311,10 +325,10 @@ _COMPILE_CHECK = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels.combine import _combine_kernel
-    from kernels.gram import _gram_kernel
-    from kernels.ghost_dots import _ghost_gram_kernel, _ghost_instantiate_kernel
-    from kernels._common import _reduce_partials_kernel
+    from harmony.kernels.combine import _combine_kernel
+    from harmony.kernels.gram import _gram_kernel
+    from harmony.kernels.ghost_dots import _ghost_gram_kernel, _ghost_instantiate_kernel
+    from harmony.kernels._common import _reduce_partials_kernel
 
     def ptx(fn, sig, consts, warps=4):
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -322,14 +336,17 @@ _COMPILE_CHECK = textwrap.dedent("""
 
     vec = lambda p: len(re.findall(r"ld\\.global(\\.[a-z0-9_:]+)*\\.v4\\.b32", p))
     table = {"tab_ptr": "*i64", "chunk_bucket_ptr": "*i32"}
-    for aligned in (False, True):
-        p = ptx(_gram_kernel, {**table, "ws_ptr": "*fp32", "n_chunks": "i32", "ws_row": "i32"},
-                dict(DTYPE=tl.float32, CHUNK=4096, BLOCK=1024, ALIGNED=aligned))
-        print("gram", aligned, vec(p)); assert (vec(p) > 0) == aligned
-        p = ptx(_combine_kernel, {**table, "ca_ptr": "*fp32", "cv_ptr": "*fp32", "B": "i32"},
+    # from_table: the eager launches (addresses in a table); otherwise the per-bucket launches torch.compile traces
+    for aligned, from_table in ((False, True), (True, True), (False, False)):
+        p = ptx(_gram_kernel, {**table, "a_ptr": "*fp32", "v_ptr": "*fp32", "ws_ptr": "*fp32", "n_chunks": "i32",
+                               "ws_row": "i32"},
+                dict(DTYPE=tl.float32, CHUNK=4096, BLOCK=1024, ALIGNED=aligned, FROM_TABLE=from_table))
+        print("gram", aligned, from_table, vec(p)); assert (vec(p) > 0) == aligned
+        p = ptx(_combine_kernel, {**table, "a_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*fp32", "ca_ptr": "*fp32",
+                                  "cv_ptr": "*fp32", "B": "i32"},
                 dict(IN_DTYPE=tl.bfloat16, OUT_DTYPE=tl.float32, ACCUMULATE=True, ROWS=8, BLOCK=512,
-                     ALIGNED=aligned, VEC=8))
-        print("combine", aligned, vec(p)); assert (vec(p) > 0) == aligned
+                     ALIGNED=aligned, VEC=8, FROM_TABLE=from_table))
+        print("combine", aligned, from_table, vec(p)); assert (vec(p) > 0) == aligned
     ptx(_reduce_partials_kernel, {"ws_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "N": "i32",
                                   "out_s0": "i32", "out_s1": "i32"}, dict(ROWS=1, BLOCK_N=512))
     strides = {n: "i32" for n in "sxb sxt sxd sab sat sad sbb sbt sbd".split()}

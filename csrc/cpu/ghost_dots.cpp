@@ -2,11 +2,11 @@
 // and Ga, Gb [B, T, Dout], never writing Ga_iᵀX_i to memory. Own blocked loops (no BLAS call), so the
 // summation order is fixed and the result does not depend on the thread count.
 //
-// Gram form (method 0), work item = (sample, block of 8 tokens t): with K = X Xᵀ symmetric,
+// Gram form (method "gram"), work item = (sample, block of 8 tokens t): with K = X Xᵀ symmetric,
 //   Σ_{t,s} K_ts (Ga Gbᵀ)_ts = Σ_t K_tt Ga_t·Gb_t + Σ_{t<s} K_ts (Ga_t·Gb_s + Ga_s·Gb_t),
 //   Σ_{t,s} K_ts (Ga Gaᵀ)_ts = Σ_t K_tt Ga_t·Ga_t + 2 Σ_{t<s} K_ts Ga_t·Ga_s   (likewise for Gb),
 // so token t pairs with s = t..T-1 and needs one Din dot and four Dout dots per pair.
-// Instantiate form (method 1), work item = (sample, tile of 16 output features): a register tile of
+// Instantiate form (method "instantiate"), work item = (sample, tile of 16 output features): a register tile of
 // [2 features x 16 inputs] of Ga_iᵀX_i and Gb_iᵀX_i accumulates over t, then its three dots are taken;
 // X_i's 16-column strip (T x 64 B) stays in L1/L2 while the tile's 8 feature pairs sweep it.
 // Both forms store per-item partials (double) and sum them per sample in item order.
@@ -160,14 +160,15 @@ void instantiate_item(const T* X, const T* Ga, const T* Gb, int64_t Tn, int64_t 
 
 }  // namespace
 
-at::Tensor ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at::Tensor& Gb_in, int64_t method) {
+void ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at::Tensor& Gb_in, const at::Tensor& out,
+                c10::string_view method) {
   const char* op = "harmony::ghost_dots";
-  check_ghost(op, X_in, Ga_in, Gb_in, method, c10::DeviceType::CPU);
+  check_ghost(op, X_in, Ga_in, Gb_in, out, c10::DeviceType::CPU);
+  const bool gram_form = ghost_gram_form(op, method);
   const at::Tensor X = X_in.to(at::kFloat).contiguous();
   const at::Tensor Ga = Ga_in.to(at::kFloat).contiguous();
   const at::Tensor Gb = Gb_in.to(at::kFloat).contiguous();
   const int64_t B = X.size(0), Tn = X.size(1), Din = X.size(2), Dout = Ga.size(2);
-  const bool gram_form = method == 0;
   const int64_t per_sample = gram_form ? (Tn + kTokBlock - 1) / kTokBlock : (Dout + kFeatTile - 1) / kFeatTile;
   std::vector<double> partial(static_cast<size_t>(B * per_sample) * 3, 0.0);
 
@@ -186,15 +187,14 @@ at::Tensor ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at:
       instantiate_item(x, a, b, Tn, Din, Dout, j * kFeatTile, partial.data() + 3 * w);
   });
 
-  at::Tensor out = at::empty({B, 3}, X.options());
   float* o = out.mutable_data_ptr<float>();
+  const int64_t s0 = out.stride(0), s1 = out.stride(1);
   for (int64_t i = 0; i < B; ++i) {
     double s[3] = {0.0, 0.0, 0.0};
     for (int64_t j = 0; j < per_sample; ++j)
       for (int q = 0; q < 3; ++q) s[q] += partial[3 * (i * per_sample + j) + q];
-    for (int q = 0; q < 3; ++q) o[3 * i + q] = static_cast<float>(s[q]);
+    for (int q = 0; q < 3; ++q) o[i * s0 + q * s1] += static_cast<float>(s[q]);
   }
-  return out;
 }
 
 }  // namespace harmony::cpu

@@ -1,11 +1,9 @@
 // gram on the CPU: per-row (A·V, A·A, V·V) over a list of buckets in one parallel loop.
 // Stage 1: every (bucket, row, chunk) work item reduces its chunk into its own slot of a partial table.
 // Stage 2: each row sums its slots bucket by bucket, chunk by chunk (double), so the result is the
-// same bits whatever the thread count.
+// same bits whatever the thread count, and adds the fp32-rounded sums into out.
 #include <algorithm>
 #include <vector>
-
-#include <ATen/ops/empty.h>
 
 #include "../checks.h"
 #include "../dispatch.h"
@@ -58,9 +56,10 @@ void gram_chunk(const T* a, const T* v, int64_t n, float* res) {
 
 }  // namespace
 
-at::Tensor gram(at::TensorList A_in, at::TensorList V_in) {
+void gram(at::TensorList A_in, at::TensorList V_in, const at::Tensor& out) {
   const char* op = "harmony::gram";
   const int64_t B = check_buckets(op, A_in, V_in, c10::DeviceType::CPU);
+  check_dots_out(op, out, B, A_in[0].device());
   const std::vector<at::Tensor> A = contiguous_all(A_in), V = contiguous_all(V_in);
   const int64_t K = static_cast<int64_t>(A.size());
 
@@ -85,8 +84,8 @@ at::Tensor gram(at::TensorList A_in, at::TensorList V_in) {
     });
   });
 
-  at::Tensor out = at::empty({B, 3}, A[0].options().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
+  const int64_t s0 = out.stride(0), s1 = out.stride(1);
   for (int64_t i = 0; i < B; ++i) {
     double s[3] = {0.0, 0.0, 0.0};
     for (int64_t k = 0; k < K; ++k) {
@@ -97,9 +96,8 @@ at::Tensor gram(at::TensorList A_in, at::TensorList V_in) {
         s[2] += p[2];
       }
     }
-    for (int q = 0; q < 3; ++q) o[3 * i + q] = static_cast<float>(s[q]);
+    for (int q = 0; q < 3; ++q) o[i * s0 + q * s1] += static_cast<float>(s[q]);
   }
-  return out;
 }
 
 }  // namespace harmony::cpu

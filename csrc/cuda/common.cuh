@@ -111,13 +111,14 @@ __device__ __forceinline__ void block_sum3(F& a, F& b, F& c) {
   __syncthreads();
 }
 
-// Stage 2: out[row, q] = Σ_n ws[row, n, q] (n ascending per thread, then a fixed tree), in double.
+// Stage 2: out[row, q] += Σ_n ws[row, n, q] (n ascending per thread, then a fixed tree, in double; the sum is
+// rounded to fp32 once and added to out).
 constexpr int kReduceThreads = 128;
 
 namespace {  // one private copy per translation unit that includes this header
 
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_partials_kernel(const float* __restrict__ ws, int64_t N, float* __restrict__ out) {
+    reduce_partials_kernel(const float* __restrict__ ws, int64_t N, float* __restrict__ out, int64_t s0, int64_t s1) {
   const int64_t row = blockIdx.x;
   const float* p = ws + row * N * 3;
   double a = 0.0, b = 0.0, c = 0.0;
@@ -128,20 +129,19 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
   block_sum3<kReduceThreads>(a, b, c);
   if (threadIdx.x == 0) {
-    out[3 * row] = static_cast<float>(a);
-    out[3 * row + 1] = static_cast<float>(b);
-    out[3 * row + 2] = static_cast<float>(c);
+    float* o = out + row * s0;
+    o[0] += static_cast<float>(a);
+    o[s1] += static_cast<float>(b);
+    o[2 * s1] += static_cast<float>(c);
   }
 }
 
-// ws [B, N, 3] fp32 -> new [B, 3] fp32 tensor.
-inline at::Tensor reduce_partials(const at::Tensor& ws, int64_t B, int64_t N, cudaStream_t stream) {
-  at::Tensor out = at::empty({B, 3}, ws.options());
-  if (B == 0) return out;
-  reduce_partials_kernel<<<static_cast<unsigned>(B), kReduceThreads, 0, stream>>>(ws.const_data_ptr<float>(), N,
-                                                                                  out.mutable_data_ptr<float>());
+// out [B, 3] fp32 (any strides) += ws [B, N, 3] fp32 summed over N.
+inline void reduce_partials(const at::Tensor& ws, int64_t B, int64_t N, const at::Tensor& out, cudaStream_t stream) {
+  if (B == 0) return;
+  reduce_partials_kernel<<<static_cast<unsigned>(B), kReduceThreads, 0, stream>>>(
+      ws.const_data_ptr<float>(), N, out.mutable_data_ptr<float>(), out.stride(0), out.stride(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // ghost_dots on CUDA: per sample i, (⟨Ga_iᵀX_i, Gb_iᵀX_i⟩, ‖Ga_iᵀX_i‖², ‖Gb_iᵀX_i‖²) from X [B, T, Din] and
 // Ga, Gb [B, T, Dout] without writing Ga_iᵀX_i to memory. Plain fp32 FMA tiles in shared memory (no tensor
 // cores: correctness and fp32 accuracy first). Each block writes one partial triple to a [B, tiles, 3]
-// workspace; reduce_partials sums them per sample in a fixed order (no atomics).
+// workspace; reduce_partials sums them per sample in a fixed order (no atomics) and adds them into out.
 //
 // Instantiate form: block = (sample, [32 out x 32 in] tile of Ga_iᵀX_i and Gb_iᵀX_i), accumulated over T in
 // 32-token steps from shared-memory tiles of X, Ga, Gb; then the tile's three dots.
@@ -159,18 +159,20 @@ __global__ void __launch_bounds__(kGhostThreads)
 
 }  // namespace
 
-at::Tensor ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at::Tensor& Gb_in, int64_t method) {
+void ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at::Tensor& Gb_in, const at::Tensor& out,
+                c10::string_view method) {
   const char* op = "harmony::ghost_dots";
-  check_ghost(op, X_in, Ga_in, Gb_in, method, c10::DeviceType::CUDA);
+  check_ghost(op, X_in, Ga_in, Gb_in, out, c10::DeviceType::CUDA);
+  const bool gram_form = ghost_gram_form(op, method);
   const c10::cuda::CUDAGuard guard(X_in.device());
   const at::Tensor X = X_in.contiguous(), Ga = Ga_in.contiguous(), Gb = Gb_in.contiguous();
   const int64_t B = X.size(0), Tn = X.size(1), Din = X.size(2), Dout = Ga.size(2);
   const auto f32 = X.options().dtype(at::kFloat);
-  if (B == 0 || Tn == 0 || Din == 0 || Dout == 0) return at::zeros({B, 3}, f32);
+  if (B == 0 || Tn == 0 || Din == 0 || Dout == 0) return;  // nothing to add
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t tiles_t = (Tn + kTile - 1) / kTile;
   const int64_t tiles_in = (Din + kTile - 1) / kTile, tiles_out = (Dout + kTile - 1) / kTile;
-  const int64_t tiles = method == 0 ? tiles_t * (tiles_t + 1) / 2 : tiles_out * tiles_in;
+  const int64_t tiles = gram_form ? tiles_t * (tiles_t + 1) / 2 : tiles_out * tiles_in;
   TORCH_CHECK(tiles < (int64_t{1} << 31), op, ": ", tiles, " tiles exceed the grid limit");
   at::Tensor ws = at::empty({B, tiles, 3}, f32);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min(B, kMaxGridY)));
@@ -178,7 +180,7 @@ at::Tensor ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at:
     const T* x = X.const_data_ptr<T>();
     const T* a = Ga.const_data_ptr<T>();
     const T* b = Gb.const_data_ptr<T>();
-    if (method == 0)
+    if (gram_form)
       gram_form_kernel<T><<<grid, kGhostThreads, 0, stream>>>(x, a, b, B, Tn, Din, Dout, tiles_t,
                                                               ws.mutable_data_ptr<float>());
     else
@@ -186,7 +188,7 @@ at::Tensor ghost_dots(const at::Tensor& X_in, const at::Tensor& Ga_in, const at:
                                                                 ws.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return reduce_partials(ws, B, tiles, stream);
+  reduce_partials(ws, B, tiles, out, stream);
 }
 
 }  // namespace harmony::cuda

@@ -2,8 +2,8 @@
 // Stage 1: a grid over (chunk, row); chunks of every bucket are numbered bucket-major and a bucket table passed
 // by value maps a block's chunk to its bucket (one launch per kMaxBuckets buckets). Each block reduces its
 // kGramChunk elements with 16-byte loads (when the row is 16-byte aligned) into its own slot of a [B, N, 3]
-// workspace. Stage 2 (reduce_partials) sums every row's N slots in a fixed order. No atomics: same inputs,
-// same bits.
+// workspace. Stage 2 (reduce_partials) sums every row's N slots in a fixed order and adds them into out.
+// No atomics: same inputs, same bits.
 #include <algorithm>
 #include <vector>
 
@@ -66,9 +66,10 @@ __global__ void __launch_bounds__(kGramThreads)
 
 }  // namespace
 
-at::Tensor gram(at::TensorList A_in, at::TensorList V_in) {
+void gram(at::TensorList A_in, at::TensorList V_in, const at::Tensor& out) {
   const char* op = "harmony::gram";
   const int64_t B = check_buckets(op, A_in, V_in, c10::DeviceType::CUDA);
+  check_dots_out(op, out, B, A_in[0].device());
   const std::vector<at::Tensor> A = contiguous_all(A_in), V = contiguous_all(V_in);
   const c10::cuda::CUDAGuard guard(A[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -79,7 +80,7 @@ at::Tensor gram(at::TensorList A_in, at::TensorList V_in) {
   for (size_t k = 0; k < A.size(); ++k)
     if (A[k].size(1) > 0) live.push_back(static_cast<int64_t>(k));
   for (int64_t k : live) total += (A[k].size(1) + kGramChunk - 1) / kGramChunk;
-  if (B == 0 || total == 0) return at::zeros({B, 3}, A[0].options().dtype(at::kFloat));
+  if (B == 0 || total == 0) return;  // nothing to add
   at::Tensor ws = at::empty({B, total, 3}, A[0].options().dtype(at::kFloat));
 
   HARMONY_DISPATCH(A[0].scalar_type(), op, T, {
@@ -104,7 +105,7 @@ at::Tensor gram(at::TensorList A_in, at::TensorList V_in) {
       first_chunk += chunks;
     }
   });
-  return reduce_partials(ws, B, total, stream);
+  reduce_partials(ws, B, total, out, stream);
 }
 
 }  // namespace harmony::cuda

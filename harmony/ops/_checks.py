@@ -1,5 +1,7 @@
-"""Argument checks shared by the public ops: one ValueError naming the op and the offending shapes, raised
-before any backend runs, so every backend sees the same well-formed inputs."""
+"""The one validation point of harmony's ops (docs/KERNELS.md "Validation"): the public functions call these checks
+once per call, before any backend runs, so every backend sees the same well-formed inputs; a failure is one
+ValueError naming the public op and the offending shapes. The Triton launchers do not check again; the C++ ops
+keep binding checks of their own because torch.ops.harmony.* can be called without harmony.ops in front."""
 from __future__ import annotations
 
 import contextlib

@@ -1,56 +1,39 @@
-"""The Triton kernels of kernels/ as torch custom ops (so torch.compile and opcheck see them):
+"""How the Triton launchers of harmony.kernels become torch ops: ``torch.library.triton_op``, with the same
+schema as the C++ op of the same name (docs/KERNELS.md "Under torch.compile").
 
-  harmony::gram_triton(A[], V[], out!)                      out [B, 3] fp32 += per-row dots
-  harmony::combine_triton(A[], V[], ca, cv, out![], acc)    out_k (+)= Σ_i ca_i A_k[i] + cv_i V_k[i]
-  harmony::ghost_dots_triton(X, Ga, Gb, out!, method)       out [B, 3] fp32 += per-sample dots
+A triton_op is decomposed by AOT autograd (torch.compile's aot_eager and inductor backends): its body is traced,
+and the ``wrap_triton`` launches inside it become graph nodes that Inductor compiles with the rest of the graph.
+The launchers take the tensors themselves when traced (gram and combine, which eagerly launch once for a whole list
+of buckets through a table of addresses, launch once per bucket then: a traced tensor has no address).
 
-Inputs arrive validated and contiguous from harmony.ops. Importing this module imports triton and kernels/;
-whether their kernels are interpreted is fixed by TRITON_INTERPRET at that moment.
+Under Triton's interpreter (TRITON_INTERPRET=1) the kernels are plain Python functions that read tensor memory and
+cannot be traced; the ops are then registered opaque (a fake that only says "out is mutated", no decomposition),
+so torch.compile keeps each as one call, as it does the C++ ops.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, Iterable
 
 import torch
-from torch import Tensor
-
-from kernels import _common
-from kernels import combine as _combine
-from kernels import ghost_dots as _ghost_dots
-from kernels import gram as _gram
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 
 def interpreting() -> bool:
     """True when the kernels run under the Triton interpreter (CPU tensors only)."""
-    return _common.interpreting()
+    from harmony.kernels._common import interpreting as kernels_interpreting
+    return kernels_interpreting()
 
 
-@torch.library.custom_op("harmony::gram_triton", mutates_args={"out"})
-def gram_triton(A: List[Tensor], V: List[Tensor], out: Tensor) -> None:
-    _gram.gram(A, V, out)
+def _no_decomposition(mode, op, types, args, kwargs):
+    """Functionalise the op as a whole (an opaque mutating op) instead of tracing its body."""
+    return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
-@gram_triton.register_fake
-def _gram_triton_fake(A, V, out):
-    return None
-
-
-@torch.library.custom_op("harmony::combine_triton", mutates_args={"out"})
-def combine_triton(A: List[Tensor], V: List[Tensor], ca: Tensor, cv: Tensor, out: List[Tensor],
-                   accumulate: bool) -> None:
-    _combine.combine(A, V, ca, cv, out, accumulate)
-
-
-@combine_triton.register_fake
-def _combine_triton_fake(A, V, ca, cv, out, accumulate):
-    return None
-
-
-@torch.library.custom_op("harmony::ghost_dots_triton", mutates_args={"out"})
-def ghost_dots_triton(X: Tensor, Ga: Tensor, Gb: Tensor, out: Tensor, method: str) -> None:
-    _ghost_dots.ghost_dots(X, Ga, Gb, out, method)
-
-
-@ghost_dots_triton.register_fake
-def _ghost_dots_triton_fake(X, Ga, Gb, out, method):
-    return None
+def triton_op(name: str, launch: Callable, mutates_args: Iterable[str], fake: Callable):
+    """Registers ``launch`` (annotated with the op's argument types) as the torch op ``name``; opaque to
+    torch.compile under the interpreter, decomposed into its kernels otherwise."""
+    op = torch.library.triton_op(name, launch, mutates_args=set(mutates_args))
+    if interpreting():
+        op.register_fake(fake)
+        op.register_torch_dispatch(FunctionalTensorMode, _no_decomposition)
+    return op

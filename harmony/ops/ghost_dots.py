@@ -1,17 +1,27 @@
-"""ghost_dots: per-sample gradient dots of a linear map straight from activations (SPEC §5–6).
+"""ghost_dots: per-sample gradient dots of a linear map straight from activations (docs/KERNELS.md; where it is
+used: docs/HARMONIZER.md "3. The measurement tiers").
 
 For one layer with input X_i [T, Din] and output gradients Ga_i, Gb_i [T, Dout] of sample i, the
-per-sample weight gradients are Ga_iᵀX_i and Gb_iᵀX_i; this returns, without forming them,
-(⟨Ga_iᵀX_i, Gb_iᵀX_i⟩, ‖Ga_iᵀX_i‖², ‖Gb_iᵀX_i‖²) per sample as [B, 3] fp32.
+per-sample weight gradients are Ga_iᵀX_i and Gb_iᵀX_i; this adds, without forming them,
+(⟨Ga_iᵀX_i, Gb_iᵀX_i⟩, ‖Ga_iᵀX_i‖², ‖Gb_iᵀX_i‖²) per sample into out [B, 3] fp32.
 Gram form: ⟨GaᵀX, GbᵀX⟩ = Σ_{t,s} (X Xᵀ)_{ts} (Ga Gbᵀ)_{ts}, chosen when 2T² ≤ Din·Dout.
+
+The op in one place: its reference ``ghost_dots_ref``, the fake shared by its registered ops, the registration of
+its Triton launcher (kernels/ghost_dots.py) as ``torch.ops.harmony.ghost_dots_triton`` and the public
+``ghost_dots``. The C++ op ``torch.ops.harmony.ghost_dots`` (csrc/cpu/ghost_dots.cpp, csrc/cuda/ghost_dots.cu) has
+the same schema: ``ghost_dots(Tensor X, Tensor Ga, Tensor Gb, Tensor(a!) out, str method) -> ()``, method "gram"
+or "instantiate".
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch import Tensor
 
+from harmony import _ext
 from harmony.backends import backend_for
+from harmony.ops import _dispatch
 from harmony.ops._checks import check_dots_out, check_ghost, op_range
 
 METHODS = ("auto", "gram", "instantiate")
@@ -24,7 +34,10 @@ def use_gram_form(T: int, d_in: int, d_out: int) -> bool:
 
 def ghost_dots_ref(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: Optional[torch.Tensor] = None,
                    upcast: bool = False) -> torch.Tensor:
-    """Pure-PyTorch reference. X [B, T, Din], Ga/Gb [B, T, Dout] -> [B, 3] fp32 (float64 with upcast)."""
+    """Pure-PyTorch reference. X [B, T, Din], Ga/Gb [B, T, Dout] -> [B, 3] fp32 (float64 with upcast).
+
+    With ``out`` given ([B, 3]), the result is added into it and ``out`` is returned.
+    """
     acc = torch.float64 if upcast else torch.float32
     X, Ga, Gb = X.to(acc), Ga.to(acc), Gb.to(acc)
     ga = Ga.transpose(1, 2) @ X          # [B, Dout, Din]
@@ -34,6 +47,29 @@ def ghost_dots_ref(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: Opt
         out += res.to(out.dtype)
         return out
     return res
+
+
+def _ghost_dots_fake(X: Tensor, Ga: Tensor, Gb: Tensor, out: Tensor, method: str) -> None:
+    """Shapes only, for torch.compile and opcheck: out is updated in place, nothing is returned."""
+    return None
+
+
+if _ext.C is not None:
+    torch.library.register_fake("harmony::ghost_dots")(_ghost_dots_fake)
+
+
+def _register_triton() -> None:
+    from harmony.kernels.ghost_dots import ghost_dots as launch
+    from harmony.ops._triton import triton_op
+
+    def ghost_dots_triton(X: Tensor, Ga: Tensor, Gb: Tensor, out: Tensor, method: str) -> None:
+        launch(X, Ga, Gb, out, method)
+
+    triton_op("harmony::ghost_dots_triton", ghost_dots_triton, mutates_args={"out"}, fake=_ghost_dots_fake)
+
+
+_dispatch.register("ghost_dots", lambda X, Ga, Gb, out, method: ghost_dots_ref(X, Ga, Gb, out=out),
+                   _register_triton)
 
 
 def ghost_dots(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: Optional[torch.Tensor] = None,
@@ -51,22 +87,14 @@ def ghost_dots(X: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor, out: Optiona
     B, T, d_in = X.shape
     d_out = Ga.shape[2]
     check_dots_out("ghost_dots", out, B, X.device)
+    if out is None:
+        out = torch.zeros(B, 3, dtype=torch.float32, device=X.device)
     if B == 0:
-        return out if out is not None else torch.zeros(0, 3, dtype=torch.float32, device=X.device)
+        return out
     if method == "auto":
         method = "gram" if use_gram_form(T, d_in, d_out) else "instantiate"
     name = backend_for("ghost_dots", X.device.type, X.dtype, backend)
     with op_range(f"ghost_dots/{name}"):
-        if name == "ref":
-            return ghost_dots_ref(X, Ga, Gb, out=out)
-        X, Ga, Gb = X.contiguous(), Ga.contiguous(), Gb.contiguous()
-        if name == "triton":
-            if out is None:
-                out = torch.zeros(B, 3, dtype=torch.float32, device=X.device)
-            torch.ops.harmony.ghost_dots_triton(X, Ga, Gb, out, method)
-            return out
-        res = torch.ops.harmony.ghost_dots(X, Ga, Gb, 0 if method == "gram" else 1)
-        if out is None:
-            return res
-        out += res
-        return out
+        X, Ga, Gb = _dispatch.kernel_layout(name, [X, Ga, Gb])
+        _dispatch.kernel("ghost_dots", name)(X, Ga, Gb, out, method)
+    return out

@@ -1,14 +1,22 @@
-"""gram: per-row dot products of two per-sample gradient buffers (SPEC §6).
+"""gram: per-row dot products of two per-sample gradient buffers (docs/KERNELS.md).
 
-For buckets A_k, V_k of shape [B, P_k]: out[i] = (Σ_k A_k[i]·V_k[i], Σ_k |A_k[i]|², Σ_k |V_k[i]|²), fp32.
+For buckets A_k, V_k of shape [B, P_k]: out[i] += (Σ_k A_k[i]·V_k[i], Σ_k |A_k[i]|², Σ_k |V_k[i]|²), fp32.
+
+The op in one place: its reference ``gram_ref``, the fake shared by its registered ops, the registration of its
+Triton launcher (kernels/gram.py) as ``torch.ops.harmony.gram_triton`` and the public ``gram``. The C++ op
+``torch.ops.harmony.gram`` (csrc/cpu/gram.cpp, csrc/cuda/gram.cu) has the same schema:
+``gram(Tensor[] A, Tensor[] V, Tensor(a!) out) -> ()``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 
+from harmony import _ext
 from harmony.backends import backend_for
+from harmony.ops import _dispatch
 from harmony.ops._checks import as_list, check_buckets, check_dots_out, op_range
 
 Buffers = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -36,6 +44,28 @@ def gram_ref(A: Buffers, V: Buffers, out: Optional[torch.Tensor] = None, upcast:
     return res
 
 
+def _gram_fake(A: List[Tensor], V: List[Tensor], out: Tensor) -> None:
+    """Shapes only, for torch.compile and opcheck: out is updated in place, nothing is returned."""
+    return None
+
+
+if _ext.C is not None:
+    torch.library.register_fake("harmony::gram")(_gram_fake)
+
+
+def _register_triton() -> None:
+    from harmony.kernels.gram import gram as launch
+    from harmony.ops._triton import triton_op
+
+    def gram_triton(A: List[Tensor], V: List[Tensor], out: Tensor) -> None:
+        launch(A, V, out)
+
+    triton_op("harmony::gram_triton", gram_triton, mutates_args={"out"}, fake=_gram_fake)
+
+
+_dispatch.register("gram", lambda A, V, out: gram_ref(A, V, out=out), _register_triton)
+
+
 def gram(A: Buffers, V: Buffers, out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Per-row (Σ_k A_k[i]·V_k[i], Σ_k |A_k[i]|², Σ_k |V_k[i]|²) -> [B, 3] fp32, fp32 accumulation.
 
@@ -48,21 +78,11 @@ def gram(A: Buffers, V: Buffers, out: Optional[torch.Tensor] = None, backend: Op
     As, Vs = as_list(A), as_list(V)
     B, device, dtype = check_buckets("gram", As, Vs, out)
     check_dots_out("gram", out, B, device)
+    if out is None:
+        out = torch.zeros(B, 3, dtype=torch.float32, device=device)
     if B == 0 or not As:
-        return out if out is not None else torch.zeros(B, 3, dtype=torch.float32, device=device)
+        return out
     name = backend_for("gram", device.type, dtype, backend)
     with op_range(f"gram/{name}"):
-        if name == "ref":
-            return gram_ref(As, Vs, out=out)
-        As = [a.contiguous() for a in As]
-        Vs = [v.contiguous() for v in Vs]
-        if name == "triton":
-            if out is None:
-                out = torch.zeros(B, 3, dtype=torch.float32, device=device)
-            torch.ops.harmony.gram_triton(As, Vs, out)
-            return out
-        res = torch.ops.harmony.gram(As, Vs)
-        if out is None:
-            return res
-        out += res
-        return out
+        _dispatch.kernel("gram", name)(_dispatch.kernel_layout(name, As), _dispatch.kernel_layout(name, Vs), out)
+    return out
