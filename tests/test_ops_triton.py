@@ -1,7 +1,7 @@
 """The Triton backend (harmony.kernels) on CPU tensors under TRITON_INTERPRET=1, forced with backend="triton", against
 the float64 reference; plus opcheck of its ops (torch.library.triton_op), torch.compile, and the package name.
 Shapes stay small: the interpreter's cost grows with programs x loop steps. (With a GPU, test_ops.py runs the
-compiled kernels on CUDA tensors instead.) Tolerances come from test_ops.TOL.
+compiled kernels on CUDA tensors instead.) Tolerances come from op_reference.TOL.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from harmony import backends, ops
-from test_ops import DTYPES, buckets, check_close, combine_expect, ghost_expect, gram_expect, rand, seeded
+from op_reference import DTYPES, buckets, check_close, combine_expect, ghost_expect, gram_expect, rand, seeded
 
 TRITON = "triton"
 

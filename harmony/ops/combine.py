@@ -30,7 +30,10 @@ def combine_ref(A: Buffers, V: Buffers, ca: torch.Tensor, cv: torch.Tensor, out:
     outs = [out] if single else list(out)
     acc = torch.float64 if upcast else torch.float32
     for a, v, o in zip(As, Vs, outs):
-        r = ca.to(acc) @ a.to(acc) + cv.to(acc) @ v.to(acc) if a.shape[0] else torch.zeros(o.shape, dtype=acc, device=o.device)
+        if a.shape[0]:
+            r = ca.to(acc) @ a.to(acc) + cv.to(acc) @ v.to(acc)
+        else:
+            r = torch.zeros(o.shape, dtype=acc, device=o.device)
         if accumulate:
             r = r + o.to(acc)
         o.copy_(r.to(o.dtype))
