@@ -200,7 +200,8 @@ class ProbeHarmonizer:
         self.cfg = harmony_cfg
         self.memory = EmaMemory(harmony_cfg.memory_decay)
 
-    def backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids):
+    def backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids,
+                 measure_losses=None, feature=None):  # the probe measures at its own feature, by path
         big_va, big_vt = global_masked_mean(l_va, mask_va), global_masked_mean(l_vt, mask_vt)
         feat = self.model.last_feat_v
         g_va, = torch.autograd.grad(big_va, feat, retain_graph=True)

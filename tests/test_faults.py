@@ -286,7 +286,7 @@ def test_grid_config_finds_its_manifest_from_any_directory(tmp_path, monkeypatch
 
 def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
     synthetic, _ = parse_args([])
-    assert (synthetic.data.noise, synthetic.data.noise_audio) == (0.3, 0.1)  # the benchmark keeps its noise
+    assert (synthetic.data.noise, synthetic.data.noise_audio) == (0.4, 0.0)  # the benchmark keeps its noise
     for kind in (["--data.kind=manifest", "--data.manifest=m.jsonl"], ["--data.kind=shards", "--data.shards=s.tar"]):
         cfg, _ = parse_args(kind)
         assert (cfg.data.noise, cfg.data.noise_audio) == (0.0, 0.0), kind

@@ -131,6 +131,7 @@ def test_measure_arm_finds_planted_noise(tmp_path):
           "--train.lr=0.001", "--train.warmup_steps=10", "--train.weight_decay=0.01", "--train.clip_norm=1.0",
           "--model.droptoken=0.5", "--data.noise=0.3", "--data.noise_audio=0.2", "--data.noise_kind=swap",
           "--harmony.realign=none", "--harmony.curriculum=memory", "--harmony.curriculum_start=0",
+          "--harmony.upstream=path", "--harmony.curriculum_score=cos",
           "--harmony.mode=auto", "--harmony.scope=shared", "--log.every=50", "--log.plots=false",
           "--eval.final=false", "--train.ckpt_every=0", "--train.seed=0", "--data.seed=0"])
     rows = read_jsonl(run / "metrics.jsonl")
@@ -235,7 +236,7 @@ def test_noise_auc_follows_the_runs_detector_score(tmp_path, score):
     """noise_auc (per window and in the summary) is the AUC of what the curriculum ranks by; noise_auc_cos stays
     the cosine's. With the cosine they are the same numbers; with gvt they equal the magnitude-aware score's AUC
     (computed by the trainer from the same dots); with a measure-free loss ranking they equal the own-loss AUC."""
-    extra = {"cos": ["--harmony.mode=feature"],
+    extra = {"cos": ["--harmony.mode=feature", "--harmony.curriculum_score=cos"],
              "gvt": ["--harmony.mode=feature", "--harmony.curriculum=ratio", "--harmony.curriculum_score=gvt"],
              "loss": ["--harmony.measure=false", "--harmony.curriculum=ratio", "--harmony.curriculum_score=loss",
                       "--data.noise_audio=0.0", "--harmony.lam=1.0"]}[score]
