@@ -137,7 +137,7 @@ class NoiseMonitor:
         fraction (cosine below harmony.conflict_threshold) on clean, text- and audio-misaligned samples, the
         score memory's AUC over the items seen so far, and the small-loss detector's (noise_auc_loss_text: ℓ^vt,
         noise_auc_loss_audio: ℓ^va). Keys whose score was not measured are absent."""
-        parts = hd.all_gather_object(self.entries) if hd.get_world_size() > 1 else [self.entries]
+        parts = hd.all_gather_object(self.entries)
         self.entries = []
         entries = [e for p in parts for e in p]
         if not entries:
