@@ -85,16 +85,23 @@ class HarmonyConfig:
     curriculum_score: str = _f("cos", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
                                "gradient cosine), gvt (−‖g^vt‖·(1 − cos), magnitude-aware), loss (−(ℓ^va + λ·ℓ^vt): "
                                "the small-loss detector), gmm (clean posterior of a two-Gaussian mixture fitted to "
-                               "recent ℓ^vt), combo (mean of the batch-standardized loss and gvt scores); gvt, loss "
+                               "recent ℓ^vt), combo (mean of the batch-standardized loss and gvt scores), agree (clean "
+                               "posterior of a two-Gaussian mixture fitted to the recent cross-modal neighbourhood "
+                               "disagreements), loss_agree (the mean of the gmm and agree posteriors); gvt, loss "
                                "and combo have no fixed scale: ratio schedule only (docs/METHOD.md)",
-                               choices=("cos", "gvt", "loss", "gmm", "combo"))
+                               choices=("cos", "gvt", "loss", "gmm", "combo", "agree", "loss_agree"))
     measure: bool = _f(True, "measure the per-sample gradients; false (realign=none with a loss-based curriculum "
                        "score, loss or gmm, only) skips them: the step costs about a plain one and no cosine is "
                        "reported")
-    curriculum_target: str = _f("triplet", "what a curriculum weight scales: the whole triplet (both losses) or only "
-                                "the sample's video–text loss (vt), keeping its video–audio pair",
-                                choices=("triplet", "vt"))
-    gmm_window: int = _f(4096, "curriculum_score=gmm: how many recent per-sample ℓ^vt the mixture is fitted to", lo=8)
+    curriculum_target: str = _f("triplet", "what a curriculum weight scales: the whole triplet (both losses), only "
+                                "the sample's video–text loss (vt), keeping its video–audio pair, or each pair by its "
+                                "own score (pair: a suspected caption loses L_vt, a suspected audio track L_va)",
+                                choices=("triplet", "vt", "pair"))
+    gmm_window: int = _f(4096, "curriculum_score=gmm, agree, loss_agree: how many recent per-sample values each "
+                         "mixture is fitted to", lo=8)
+    agree_bank: int = _f(2048, "curriculum_score=agree, loss_agree: how many recent samples' embeddings are the "
+                         "neighbour candidates of the cross-modal agreement", lo=1)
+    agree_k: int = _f(32, "curriculum_score=agree, loss_agree: neighbours per sample", lo=1)
     curriculum_start: float = _f(0.1, "fraction of training before which no curriculum applies", lo=0.0, hi=1.0)
     ramp: float = _f(0.5, "fraction of training over which the curriculum admits all samples", lo=1e-9)
     kappa0: float = _f(0.0, "threshold/soft curriculum: cosine threshold at the start", lo=-1.0, hi=1.0)
@@ -126,11 +133,16 @@ class HarmonyConfig:
             raise ConfigError(f"harmony.upstream={self.upstream} with harmony.apply_to=scope is not supported: the "
                               "scope-only correction needs the path per-sample gradients, which only "
                               "upstream=path measures; use apply_to=all")
-        if not self.measure and not (self.realign == "none" and self.curriculum_score in ("loss", "gmm")
+        if self.curriculum_target == "pair" and self.curriculum == "memory":
+            raise ConfigError("harmony.curriculum_target=pair needs a score per pair; the score memory keeps one per "
+                              "item: use curriculum=threshold, ratio or soft")
+        if not self.measure and not (self.realign == "none"
+                                     and self.curriculum_score in ("loss", "gmm", "agree", "loss_agree")
                                      and self.apply_to == "all"):
             raise ConfigError("harmony.measure=false leaves nothing to decide by: it needs harmony.realign=none and "
-                              f"harmony.curriculum_score=loss or gmm, with apply_to=all (got realign={self.realign}, "
-                              f"curriculum_score={self.curriculum_score}, apply_to={self.apply_to})")
+                              "harmony.curriculum_score=loss, gmm, agree or loss_agree, with apply_to=all (got "
+                              f"realign={self.realign}, curriculum_score={self.curriculum_score}, "
+                              f"apply_to={self.apply_to})")
         if self.mode == "feature" and self.apply_to != "all":
             raise ConfigError("harmony.mode=feature measures at a representation, not over a parameter scope: "
                               "harmony.apply_to=scope has no scope to restrict to; use apply_to=all")
@@ -185,6 +197,13 @@ class DataConfig:
                             "between clips, only when set on the command line or in your own config)",
                             lo=0.0, hi=1.0)
     noise_kind: str = _f("swap", "kind of misalignment (manifest: swap only)", choices=("swap", "bias", "unrelated"))
+    noise_bias: float = _f(0.0, "synthetic: rate of captions with narrator bias (a fixed wrong concept per concept), "
+                           "on top of data.noise's captions of data.noise_kind; noise + noise_bias <= 1",
+                           lo=0.0, hi=1.0)
+    hard: float = _f(0.0, "synthetic: fraction of training items whose video and audio carry a weaker concept "
+                     "signal (smaller, dimmer sprite; quieter concept tones), whatever their noise", lo=0.0, hi=1.0)
+    imbalance: float = _f(1.0, "synthetic: frequency of the most common concept over the least common one in the "
+                          "training split (frequencies ∝ rank^-a); 1 = uniform; the eval split stays uniform", lo=1.0)
     frames: int = _f(8, "video frames per clip", lo=1)
     image_size: int = _f(32, "video frame height and width after resize/crop", lo=8)
     fps: float = _f(8.0, "manifest/shards: frame sampling rate", lo=0.1)
@@ -208,6 +227,14 @@ class DataConfig:
         if noisy and self.kind == "shards":
             raise ConfigError("data.noise / data.noise_audio are not supported for data.kind=shards; use "
                               "data.kind=synthetic or manifest")
+        if self.noise + self.noise_bias > 1.0:
+            raise ConfigError(f"data.noise + data.noise_bias = {self.noise + self.noise_bias:g} exceeds 1 (they are "
+                              "rates of disjoint sets of captions)")
+        synthetic_only = {k: v for k, v in (("noise_bias", self.noise_bias > 0), ("hard", self.hard > 0),
+                                            ("imbalance", self.imbalance != 1.0)) if v}
+        if synthetic_only and self.kind != "synthetic":
+            raise ConfigError(f"data.{', data.'.join(synthetic_only)} need the synthetic benchmark's concepts "
+                              f"(data.kind=synthetic), not data.kind={self.kind}")
         if noisy and self.kind == "manifest" and self.noise_kind != "swap":
             raise ConfigError(f"data.noise_kind={self.noise_kind!r} needs concepts, which real clips do not have; "
                               "data.kind=manifest supports only noise_kind=swap")

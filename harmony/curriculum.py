@@ -164,7 +164,9 @@ def update_coefficients(alpha: Tensor, beta: Tensor, weights: Tensor, renormaliz
     return (w * alpha.double() / norm).float(), (w * beta.double() / norm).float()
 
 
-SCORES = ("cos", "loss", "gvt", "gmm", "combo")
+SCORES = ("cos", "loss", "gvt", "gmm", "combo", "agree", "loss_agree")
+#: scores read from the cross-modal neighbourhood agreement (harmony.agreement), not from gradients or losses
+AGREEMENT_SCORES = ("agree", "loss_agree")
 
 
 def _standardize(x: Tensor, valid: Tensor) -> Tensor:
@@ -204,6 +206,53 @@ def sample_scores(kind: str, cos: Tensor, dots: Tensor, l_va: Tensor, l_vt: Tens
     else:
         raise ConfigError(f"harmony.curriculum_score={kind!r} is not one of {list(SCORES)}")
     return out.to(cos.dtype)
+
+
+def mixture_names(kind: str, target: str) -> tuple:
+    """The LossMixtures a score needs, by what each is fitted to: loss_vt / loss_va (the per-sample losses),
+    agree_vt / agree_va (the disagreements −agree^k); the audio pair's only when the target is per pair."""
+    pairs = ("vt", "va") if target == "pair" else ("vt",)
+    sources = {"gmm": ("loss",), "agree": ("agree",), "loss_agree": ("loss", "agree")}.get(kind, ())
+    return tuple(f"{src}_{p}" for src in sources for p in pairs)
+
+
+def pair_scores(kind: str, cos: Tensor, dots: Tensor, l_va: Tensor, l_vt: Tensor, valid: Tensor, lam: float,
+                mixtures: dict, agree: Optional[tuple] = None) -> tuple:
+    """(text score, audio score) [N] float32, higher = that pair more trusted: the per-pair form of ``sample_scores``
+    for harmony.curriculum_target=pair. cos, gvt: (c, c) and (−‖g^vt‖(1 − c), −‖g^va‖(1 − c)); loss: (−ℓ^vt,
+    −ℓ^va); gmm: the clean posteriors of mixtures["loss_vt"] at ℓ^vt and ["loss_va"] at ℓ^va; agree: the clean
+    posteriors of mixtures["agree_vt"/"agree_va"] at −agree^vt / −agree^va (``agree`` = (agree^vt, agree^va));
+    loss_agree: the mean of the gmm and agree posteriors of each pair; combo: the mean of the batch-standardized
+    loss and magnitude-aware scores of each pair."""
+    c = cos.double()
+    mag = {"vt": -dots[:, 2].double().clamp(min=0).sqrt() * (1 - c), "va": -dots[:, 1].double().clamp(min=0).sqrt()
+           * (1 - c)}
+    loss = {"vt": -l_vt.double(), "va": -l_va.double()}
+    dis = {"vt": None if agree is None else -agree[0], "va": None if agree is None else -agree[1]}
+    out = []
+    for p in ("vt", "va"):
+        if kind == "cos":
+            s = c
+        elif kind == "gvt":
+            s = mag[p]
+        elif kind == "loss":
+            s = loss[p]
+        elif kind == "combo":
+            s = (_standardize(loss[p], valid) + _standardize(mag[p], valid)) / 2
+        elif kind in ("gmm", "agree", "loss_agree"):
+            parts = []
+            if kind != "agree":
+                parts.append(mixtures[f"loss_{p}"].clean_posterior(-loss[p]).double())
+            if kind != "gmm":
+                if dis[p] is None:
+                    raise ValueError(f"curriculum_score={kind} needs the neighbourhood agreement")
+                post = mixtures[f"agree_{p}"].clean_posterior(dis[p].to(c.device)).double()
+                parts.append(torch.where(torch.isfinite(dis[p].to(c.device)), post, torch.full_like(post, 0.5)))
+            s = sum(parts) / len(parts)
+        else:
+            raise ConfigError(f"harmony.curriculum_score={kind!r} is not one of {list(SCORES)}")
+        out.append(s.to(cos.dtype))
+    return out[0], out[1]
 
 
 class LossMixture:

@@ -45,7 +45,9 @@ from torch import nn
 from harmony import distributed as hd
 from harmony import strategies
 from harmony.config import ConfigError, HarmonyConfig
-from harmony.curriculum import LossMixture, ScoreMemory, curriculum_weights, sample_scores, update_coefficients
+from harmony.agreement import AgreementBank
+from harmony.curriculum import (AGREEMENT_SCORES, LossMixture, ScoreMemory, curriculum_weights, mixture_names,
+                                pair_scores, sample_scores, update_coefficients)
 from harmony.nvtx import nvtx_range
 from harmony.realign import RealignState, realign
 from harmony.recorder import ActivationRecorder
@@ -62,7 +64,8 @@ class HarmonyStats:
     valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
     valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "sketch", "feature",
     "unmeasured" or "plain"; score [B]: what the curriculum ranks by (harmony.curriculum_score; the cosine by
-    default), higher = more trusted.
+    default), higher = more trusted; score_audio [B]: with curriculum_target=pair, the audio pair's score (score is
+    then the caption's).
     """
 
     dots: torch.Tensor
@@ -79,6 +82,7 @@ class HarmonyStats:
     kept: float
     mode: str
     score: Optional[torch.Tensor] = None
+    score_audio: Optional[torch.Tensor] = None
 
 
 class GradientHarmonizer:
@@ -100,6 +104,13 @@ class GradientHarmonizer:
                               "would hold whole unsharded layers; use harmony.mode=ghost (or auto)")
         self.memory = ScoreMemory(self.cfg.memory_decay)
         self.gmm = LossMixture(self.cfg.gmm_window) if self.cfg.curriculum_score == "gmm" else None
+        #: the per-pair and agreement mixtures (curriculum_target=pair, curriculum_score agree / loss_agree)
+        self.mixtures = {name: LossMixture(self.cfg.gmm_window) for name in
+                         mixture_names(self.cfg.curriculum_score, self.cfg.curriculum_target)}
+        if self.gmm is not None:
+            self.mixtures["loss_vt"] = self.gmm
+        self.agreement = AgreementBank(self.cfg.agree_bank, self.cfg.agree_k) \
+            if self.cfg.curriculum_score in AGREEMENT_SCORES else None
         self.realign_state = RealignState(self.cfg)
         self._late: List[Tuple[str, torch.Tensor]] = []
         self._strategies: Dict[str, strategies.Strategy] = {}
@@ -213,7 +224,9 @@ class GradientHarmonizer:
         with nvtx_range("harmonize/coefficients"):
             zero = torch.zeros((), dtype=l_va.dtype, device=dev)
             losses = torch.stack([torch.where(m_va, l_va.detach(), zero), torch.where(m_vt, l_vt.detach(), zero)], 1)
-            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses)
+            emb = (va_inputs[0], va_inputs[1], vt_inputs[0], vt_inputs[1], m_va, m_vt) \
+                if self.agreement is not None else None
+            co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses, emb)
         with nvtx_range("harmonize/update"):
             strategy.apply(s, co)
         return self._stats(dots, co, mean_va, mean_vt, strategy.name)
@@ -237,7 +250,8 @@ class GradientHarmonizer:
     def _stats(dots, co, mean_va, mean_vt, mode: str) -> HarmonyStats:
         return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
                             coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
-                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode, score=co["score"])
+                            loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode, score=co["score"],
+                    score_audio=co.get("score_audio"))
 
     def _losses(self, l_va, l_vt, m_va, m_vt):
         """(L_va, L_vt) to differentiate: this rank's share of each GLOBAL masked mean (one process: the masked
@@ -256,27 +270,38 @@ class GradientHarmonizer:
             out.append(torch.zeros_like(z) if g is None else g)
         return out
 
-    def _coefficients(self, dots, valid, step, total_steps, ids, losses) -> dict:
+    def _coefficients(self, dots, valid, step, total_steps, ids, losses, emb=None) -> dict:
         """Cosines → weights → realignment → (ca, cv), on the global batch under data parallelism.
-        ``losses`` [B, 2]: (ℓ^va, ℓ^vt), 0 where masked, for the curriculum scores other than the cosine."""
+        ``losses`` [B, 2]: (ℓ^va, ℓ^vt), 0 where masked, for the curriculum scores other than the cosine;
+        ``emb``: (z_va_v, z_va_a, z_vt_v, z_vt_t, mask_va, mask_vt) for the agreement scores."""
         cfg = self.cfg
         B = dots.shape[0]
         g_dots, off = self._gather(dots)
         g_valid = self._gather(valid.to(torch.uint8))[0].bool()
         g_ids = self._gather(ids.to(dots.device).long().reshape(-1))[0] if ids is not None else None
         ra = realign(g_dots, g_valid, cfg, self.realign_state)
-        g_score = ra.cos
-        if cfg.curriculum_score != "cos":
+        g_score, g_audio = ra.cos, None
+        per_pair = cfg.curriculum_target == "pair" or cfg.curriculum_score in AGREEMENT_SCORES
+        if cfg.curriculum_score != "cos" or per_pair:
             g_loss = self._gather(losses.to(ra.cos.device, torch.float32))[0]
-            if self.gmm is not None:
-                self.gmm.add(g_loss[:, 1], g_valid)
-                self.gmm.fit()
-            g_score = sample_scores(cfg.curriculum_score, ra.cos, g_dots, g_loss[:, 0], g_loss[:, 1], g_valid,
-                                    cfg.lam, self.gmm)
+            if per_pair:
+                g_score, g_audio = self._pair_scores(ra.cos, g_dots, g_loss, g_valid, g_ids, emb)
+            else:
+                if self.gmm is not None:
+                    self.gmm.add(g_loss[:, 1], g_valid)
+                    self.gmm.fit()
+                g_score = sample_scores(cfg.curriculum_score, ra.cos, g_dots, g_loss[:, 0], g_loss[:, 1], g_valid,
+                                        cfg.lam, self.gmm)
         w = curriculum_weights(g_score, g_valid, step, total_steps, cfg, ids=g_ids, memory=self.memory)
         ones = torch.ones_like(w)
         plain_a = torch.ones_like(ra.alpha)
-        if cfg.curriculum_target == "vt":          # the weights scale only the video–text loss of each sample
+        if cfg.curriculum_target == "pair":       # each pair by its own score: w (caption) on L_vt, w_a on L_va
+            w_a = curriculum_weights(g_audio, g_valid, step, total_steps, cfg)
+            ca = update_coefficients(ra.alpha, ra.beta, w_a, cfg.renormalize)[0]
+            cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)[1]
+            pa = update_coefficients(plain_a, torch.full_like(ra.beta, cfg.lam), w_a, cfg.renormalize)[0]
+            pv = update_coefficients(plain_a, torch.full_like(ra.beta, cfg.lam), w, cfg.renormalize)[1]
+        elif cfg.curriculum_target == "vt":          # the weights scale only the video–text loss of each sample
             ca = update_coefficients(ra.alpha, ra.beta, ones, cfg.renormalize)[0]
             cv = update_coefficients(ra.alpha, ra.beta, w, cfg.renormalize)[1]
             pa = update_coefficients(plain_a, torch.full_like(ra.beta, cfg.lam), ones, cfg.renormalize)[0]
@@ -290,7 +315,29 @@ class GradientHarmonizer:
         n_valid = int(ra.valid[sl].sum())
         kept = float(((w[sl] > 0) & ra.valid[sl]).sum()) / n_valid if n_valid else 1.0
         return dict(cos=ra.cos[sl], alpha=ra.alpha[sl], beta=ra.beta[sl], conflict=ra.conflict[sl], valid=ra.valid[sl],
-                    w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept, score=g_score[sl].float())
+                    w=w[sl], ca=ca[sl], cv=cv[sl], pa=pa[sl], pv=pv[sl], kept=kept, score=g_score[sl].float(),
+                    score_audio=None if g_audio is None else g_audio[sl].float())
+
+    def _pair_scores(self, cos, g_dots, g_loss, g_valid, g_ids, emb):
+        """(caption score, audio score) of the global batch (curriculum.pair_scores), the mixtures refitted and the
+        agreement bank updated first."""
+        cfg = self.cfg
+        agree = None
+        if self.agreement is not None:
+            g_emb = [self._gather(e.detach() if e.dtype == torch.bool else e.detach().float())[0] for e in emb]
+            if g_ids is None:
+                raise ValueError(f"harmony.curriculum_score={cfg.curriculum_score} needs the items' ids (backward's "
+                                 "ids=): a sample must not be its own neighbour")
+            agree = self.agreement.score(g_ids, (g_emb[2], g_emb[3]), (g_emb[0], g_emb[1]), g_emb[5].bool(),
+                                         g_emb[4].bool())
+        values = {"loss_vt": g_loss[:, 1], "loss_va": g_loss[:, 0]}
+        if agree is not None:
+            values.update(agree_vt=-agree[0].to(g_loss.device), agree_va=-agree[1].to(g_loss.device))
+        for name, mix in self.mixtures.items():
+            mix.add(values[name], g_valid)
+            mix.fit()
+        return pair_scores(cfg.curriculum_score, cos, g_dots, g_loss[:, 0], g_loss[:, 1], g_valid, cfg.lam,
+                           self.mixtures, agree)
 
     def _gather(self, x: torch.Tensor):
         """Rows x [b, ...] of every rank the wrapper averages over -> ([Σb, ...], offset of this rank's rows)."""
@@ -329,6 +376,9 @@ class GradientHarmonizer:
         d = {"memory": self.memory.state_dict(), "realign": self.realign_state.state_dict()}
         if self.gmm is not None:
             d["gmm"] = self.gmm.state_dict()
+        d["mixtures"] = {name: mix.state_dict() for name, mix in self.mixtures.items() if mix is not self.gmm}
+        if self.agreement is not None:
+            d["agreement"] = self.agreement.state_dict()
         return d
 
     def load_state_dict(self, d: dict) -> None:
@@ -336,3 +386,8 @@ class GradientHarmonizer:
         self.realign_state.load_state_dict(d["realign"])
         if self.gmm is not None and "gmm" in d:
             self.gmm.load_state_dict(d["gmm"])
+        for name, state in d.get("mixtures", {}).items():
+            if name in self.mixtures:
+                self.mixtures[name].load_state_dict(state)
+        if self.agreement is not None and d.get("agreement") is not None:
+            self.agreement.load_state_dict(d["agreement"])

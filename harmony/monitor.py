@@ -20,11 +20,14 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from harmony import distributed as hd
+from harmony.agreement import AgreementBank
 from harmony.config import Config
 from harmony.contracts import Batch, Forward, HarmonyStats
+from harmony.detectors import detector_report, split_aucs
 from harmony.evaluate import noise_detection_auc
 
 DEFINITIONS = ("path", "own_row", "own_pair")
+_GROUND_TRUTH = ("text_kind", "audio_kind", "hard", "concept")
 
 
 def _finite(metrics: Dict[str, float]) -> Dict[str, float]:
@@ -46,6 +49,9 @@ class NoiseMonitor:
         # one entry per micro-step: the window spans eval.noise_window optimizer steps
         self.recent: deque = deque(maxlen=cfg.eval.noise_window * cfg.train.grad_accum)
         self.item_flags = torch.full((0,), -1, dtype=torch.int8)  # per item: noisy_text + 2·noisy_audio
+        # the cross-modal neighbourhood agreement of each sample (this rank's recent samples as candidates)
+        self.bank = AgreementBank(cfg.harmony.agree_bank, cfg.harmony.agree_k) if cfg.eval.feature_cos else None
+        self.tail_from = cfg.data.concepts // 2 if cfg.data.imbalance > 1.0 else None
 
     # ------------------------------------------------------------------------------------------ hooks
     def feature_scores(self, batch: Batch, fwd: Forward) -> Optional[Dict[str, torch.Tensor]]:
@@ -79,6 +85,9 @@ class NoiseMonitor:
             out[f"feat_cos{sfx}"] = torch.where(ok, cos, nan).float().cpu()
             out[f"feat_gvt{sfx}"] = torch.where(ok, -n_vt * (1 - cos), nan).float().cpu()
             out[f"feat_gva{sfx}"] = torch.where(ok, -n_va * (1 - cos), nan).float().cpu()
+            if definition == "own_pair":  # against a reference: the mean of the other samples' gradients of that loss
+                for name, g, m in (("feat_ref_vt", g_vt, masks[1]), ("feat_ref_va", g_va, masks[0])):
+                    out[name] = _reference_cosine(g, m).float().cpu()
         return out
 
     def on_micro_step(self, batch: Batch, fwd: Forward, stats: Optional[HarmonyStats],
@@ -90,12 +99,16 @@ class NoiseMonitor:
         entry = self._entry(batch, fwd, stats)
         if feature is not None:
             entry.update(feature)
+        if self.bank is not None:
+            entry["agree_vt"], entry["agree_va"] = self.bank.score(batch["index"], fwd.vt_inputs, fwd.va_inputs,
+                                                                   batch["mask_vt"].bool(), batch["mask_va"].bool())
         self.entries.append(entry)
         if "cos" not in entry:
             return
         nt, na = entry["noisy_text"], entry["noisy_audio"]
         self.recent.append({"cos": entry["cos"], "score": entry.get("score", entry["cos"]), "noisy_text": nt,
-                            "noisy_audio": na})
+                            "noisy_audio": na, **{k: entry[k] for k in ("score_audio",) + _GROUND_TRUTH
+                                                  if k in entry}})
         ids = batch["index"].long().cpu()
         if ids.numel():
             need = int(ids.max()) + 1
@@ -110,6 +123,7 @@ class NoiseMonitor:
         """The micro-step's flags, own losses and (with stats) cosine, score and −‖g^k‖(1 − c); NaN where a
         sample has no value."""
         entry = {"noisy_text": batch["noisy_text"].bool().cpu(), "noisy_audio": batch["noisy_audio"].bool().cpu()}
+        entry.update({k: batch[k].cpu() for k in _GROUND_TRUTH if k in batch})
         for key, loss, m in (("loss_va", fwd.l_va, batch["mask_va"]), ("loss_vt", fwd.l_vt, batch["mask_vt"])):
             loss = loss.detach().float()
             entry[key] = torch.where(m.bool(), loss, torch.full_like(loss, float("nan"))).cpu()
@@ -126,6 +140,10 @@ class NoiseMonitor:
             score = stats.score.float()
             ok = stats.valid.bool() & torch.isfinite(score)
             entry["score"] = torch.where(ok, score, torch.full_like(score, float("nan"))).cpu()
+        if stats.score_audio is not None:
+            score = stats.score_audio.float()
+            ok = stats.valid.bool() & torch.isfinite(score)
+            entry["score_audio"] = torch.where(ok, score, torch.full_like(score, float("nan"))).cpu()
         return entry
 
     def on_log(self) -> dict:
@@ -152,10 +170,20 @@ class NoiseMonitor:
         for key, prefix in scores:
             if all(key in e for e in entries):
                 out.update(self._auc(torch.cat([e[key] for e in entries]), nt, na, prefix, conflict=key == "cos"))
+        if all("score_audio" in e for e in entries):  # per pair: the audio pair's own score; a triplet is as suspect
+            st = torch.cat([e["score"] for e in entries])       # as its worse pair
+            sa = torch.cat([e["score_audio"] for e in entries])
+            both = torch.minimum(st, sa)
+            out.pop("noise_auc", None), out.pop("noise_auc_audio", None)
+            out.update(_finite({"noise_auc": noise_detection_auc(both, torch.isfinite(both), nt, na)["noise_auc"],
+                                "noise_auc_audio": noise_detection_auc(sa, torch.isfinite(sa), nt,
+                                                                       na)["noise_auc_audio"]}))
         for key, kind in (("loss_vt", "text"), ("loss_va", "audio")):  # a high own loss flags the sample
             loss = torch.cat([e[key] for e in entries])
             auc = noise_detection_auc(-loss, torch.isfinite(loss), nt, na, prefix="noise_auc_loss")
             out.update(_finite({f"noise_auc_loss_{kind}": auc[f"noise_auc_loss_{kind}"]}))
+        if self.bank is not None:  # every detector side by side, split by noise kind, hardness and concept frequency
+            out.update(_finite(detector_report(_cat(entries), self.tail_from)))
         out.update(_finite(self._memory_auc()))
         return out
 
@@ -183,12 +211,26 @@ class NoiseMonitor:
             score = [w.get("score", c) for w, c in zip(self.recent, cos)]
             local = {"cos": torch.cat(cos), "score": torch.cat(score),
                      **{k: torch.cat([w[k] for w in self.recent]) for k in ("noisy_text", "noisy_audio")}}
+            extra = [k for k in ("score_audio",) + _GROUND_TRUTH if all(k in w for w in self.recent)]
+            local.update({k: torch.cat([w[k] for w in self.recent]) for k in extra})
         parts = [p for p in hd.all_gather_object(local) if p is not None]
         if parts:
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             for key, prefix in (("score", "noise_auc"), ("cos", "noise_auc_cos")):
                 out.update(_finite(noise_detection_auc(cat[key], torch.isfinite(cat[key]), cat["noisy_text"],
                                                        cat["noisy_audio"], prefix=prefix)))
+            if "score_audio" in cat:  # per pair: each pair's own score; a triplet is as suspect as its worse pair
+                st, sa = cat["score"], cat["score_audio"]
+                both = torch.minimum(st, sa)
+                args = (cat["noisy_text"], cat["noisy_audio"])
+                out["noise_auc"] = noise_detection_auc(both, torch.isfinite(both), *args)["noise_auc"]
+                out["noise_auc_text"] = noise_detection_auc(st, torch.isfinite(st), *args)["noise_auc_text"]
+                out["noise_auc_audio"] = noise_detection_auc(sa, torch.isfinite(sa), *args)["noise_auc_audio"]
+                out = _finite(out)
+            if "text_kind" in cat:
+                out.update(_finite(split_aucs(cat["score"], cat, "text", "noise_auc_text", self.tail_from)))
+                audio = cat.get("score_audio", cat["score"])
+                out.update(_finite(split_aucs(audio, cat, "audio", "noise_auc_audio", self.tail_from)))
         out.update(self._memory_auc())
         return out
 
@@ -220,3 +262,23 @@ class NoiseMonitor:
     def load_state_dict(self, d: dict) -> None:
         self.recent.extend(d.get("noise_window", []))
         self.item_flags = d.get("item_flags", self.item_flags)
+
+
+def _cat(entries: List[dict]) -> Dict[str, torch.Tensor]:
+    """The window's entries as one dict of [N] tensors (keys every entry has)."""
+    keys = [k for k in entries[0] if all(k in e for e in entries)]
+    return {k: torch.cat([e[k] for e in entries]) for k in keys}
+
+
+def _reference_cosine(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cos(g_i, mean of the other valid samples' g_j) [b] float64, NaN where g_i is masked or zero (a
+    gradient-against-reference score, after AGRA/RGC: higher = moves the representation as the rest of the batch's
+    loss does). g [b, d] float64, mask [b] bool."""
+    m = mask.to(g.device).bool()
+    gm = torch.where(m[:, None], g, torch.zeros_like(g))
+    n = int(m.sum())
+    ref = (gm.sum(0, keepdim=True) - gm) / max(n - 1, 1)
+    num = (g * ref).sum(1)
+    den = g.norm(dim=1) * ref.norm(dim=1)
+    ok = m & (den > 0) & (n > 1)
+    return torch.where(ok, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan")))

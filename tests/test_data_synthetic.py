@@ -241,3 +241,94 @@ def test_too_many_concepts_is_a_config_error():
         DataConfig(concepts=65).validate()
     with pytest.raises(ValueError, match="concepts"):
         concept_factors(65)
+
+
+# ---- web-like knobs: mixed caption noise, hard-but-clean items, a long tail of concepts
+
+def test_mixed_caption_noise_has_both_kinds_at_their_rates_and_flags():
+    n = 1200
+    ds = SyntheticDataset(cfg(size=n, noise=0.2, noise_bias=0.25, noise_audio=0.1))
+    items = [ds[i] for i in range(n)]
+    kinds = np.array([it["text_kind"] for it in items])
+    for code, rate in ((1, 0.2), (2, 0.25)):
+        got = (kinds == code).mean()
+        print("text kind", code, got)
+        assert abs(got - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+    assert all(it["noisy_text"] == (it["text_kind"] != 0) for it in items)
+    assert all(it["noisy_audio"] == (it["audio_kind"] == 1) for it in items)
+    biased = {}
+    for it in items:
+        if it["text_kind"] == 2:
+            biased.setdefault(it["concept"], set()).add(it["text_concept"])
+        elif it["text_kind"] == 1:
+            assert it["text_concept"] != it["concept"]
+    # the narrator's error is systematic: one wrong concept per concept, the same one noise_kind=bias uses
+    plain_bias = SyntheticDataset(cfg(size=n, noise=0.25, noise_kind="bias"))
+    assert all(len(v) == 1 and c not in v for c, v in biased.items()) and len(biased) == ds.k
+    assert all(next(iter(v)) == (c + plain_bias.bias_text) % ds.k for c, v in biased.items())
+
+
+def test_bias_at_its_own_rate_is_the_bias_kind():
+    a = SyntheticDataset(cfg(noise_bias=0.4))
+    b = SyntheticDataset(cfg(noise=0.4, noise_kind="bias"))
+    for i in range(0, 60, 3):
+        x, y = a[i], b[i]
+        assert torch.equal(x["video"], y["video"]) and torch.equal(x["text"], y["text"])
+        assert x["noisy_text"] == y["noisy_text"] and x["text_kind"] == y["text_kind"]
+
+
+def _sprite_stats(video):
+    """(pixels differing from the median background by > 0.25 in some channel, their mean contrast) of frame 0."""
+    f = video[:, 0].double()
+    bg = f.flatten(1).median(dim=1).values[:, None, None]
+    diff = (f - bg).abs().max(0).values
+    sel = diff > 0.25
+    return int(sel.sum()), float(diff[sel].mean()) if bool(sel.any()) else 0.0
+
+
+def test_hard_items_are_weaker_but_still_show_their_concept():
+    n = 400
+    easy = SyntheticDataset(cfg(size=n))
+    hard = SyntheticDataset(cfg(size=n, hard=0.5))
+    flags = np.array([hard[i]["hard"] for i in range(n)])
+    print("hard fraction", flags.mean())
+    assert abs(flags.mean() - 0.5) < 4 * np.sqrt(0.25 / n)
+    assert not any(SyntheticDataset(cfg(size=n, hard=0.5), "eval")[i]["hard"] for i in range(64))
+    ratios_px, ratios_tone = [], []
+    for i in np.nonzero(flags)[0][:30]:
+        e, h = easy[int(i)], hard[int(i)]
+        assert h["concept"] == e["concept"] and torch.equal(h["text"], e["text"])  # same item, weaker signal
+        ratios_px.append((_sprite_stats(h["video"])[0] + 1) / (_sprite_stats(e["video"])[0] + 1))
+        ratios_tone.append(_tone_energy(hard, h["audio"]).max() / _tone_energy(easy, e["audio"]).max())
+        # still the right tones: the loudest concept band is one of the item's own two
+        shape, colour = hard.describe(h["concept"])
+        assert int(np.argmax(_tone_energy(hard, h["audio"]))) in (shape, hard.n_shapes + colour)
+    print("sprite pixel ratio", np.median(ratios_px), "tone ratio", np.median(ratios_tone))
+    assert np.median(ratios_px) < 0.6 and np.median(ratios_tone) < 0.45
+    for i in np.nonzero(~flags)[0][:10]:  # easy items of the hard set are the easy set's
+        assert torch.equal(hard[int(i)]["video"], easy[int(i)]["video"])
+
+
+def test_long_tail_follows_the_imbalance_and_eval_stays_uniform():
+    from harmony.data.synthetic import concept_frequencies
+    n, k = 4096, 16
+    ds = SyntheticDataset(cfg(size=n, concepts=k, imbalance=16.0, eval_size=256))
+    counts = np.bincount([ds[i]["concept"] for i in range(0, n)], minlength=k)
+    print("counts", counts.tolist())
+    assert counts[0] / counts[-1] == pytest.approx(16.0, rel=0.05)
+    assert np.all(np.diff(counts) <= 0) and counts.sum() == n
+    np.testing.assert_allclose(counts / n, concept_frequencies(k, 16.0), atol=1.0 / n)
+    ev = SyntheticDataset(cfg(size=n, concepts=k, imbalance=16.0, eval_size=256), "eval")
+    assert np.bincount([ev[i]["concept"] for i in range(256)], minlength=k).tolist() == [16] * k
+    np.testing.assert_allclose(concept_frequencies(k, 1.0), np.full(k, 1 / k))
+
+
+def test_web_knob_config_errors():
+    with pytest.raises(ConfigError, match="exceeds 1"):
+        DataConfig(noise=0.7, noise_bias=0.4).validate()
+    with pytest.raises(ConfigError, match="data.hard"):
+        DataConfig(kind="manifest", manifest="m.jsonl", hard=0.2).validate()
+    with pytest.raises(ConfigError, match="data.imbalance"):
+        DataConfig(kind="manifest", manifest="m.jsonl", imbalance=4.0).validate()
+    with pytest.raises(ConfigError):
+        DataConfig(imbalance=0.5).validate()

@@ -493,3 +493,72 @@ def test_unmeasured_loss_curriculum_equals_the_measured_one(score):
                                                                    curriculum="ratio")):
         with pytest.raises(ConfigError, match="measure=false"):
             HarmonyConfig(measure=False, **bad).validate()
+
+
+def test_pair_target_filters_each_pair_by_its_own_score_on_brute_force_gradients():
+    """curriculum_target=pair with the loss score: the caption filter keeps the lowest ℓ^vt, the audio filter the
+    lowest ℓ^va, each on its own; a sample keeps whichever pair is trusted, and .grad = Σ_i w^a_i α_i g^va_i / n_a
+    + w^t_i λ g^vt_i / n_t (n_k = Σ_i w^k_i / B) on the brute-force per-sample gradients."""
+    B, lam = 7, 0.5
+    g_va, g_vt = reference(B)
+    cfg = HarmonyConfig(realign="none", curriculum="ratio", curriculum_score="loss", curriculum_target="pair",
+                        lam=lam, mode="ghost", curriculum_start=0.0, ramp=1.0, rho0=0.5, min_keep=0.0).validate()
+    model, h, st, l_va, l_vt = step_with_losses(cfg, B)
+    m_va, m_vt = MASKS[B]
+    valid = m_va & m_vt
+    k = math.ceil(0.5 * int(valid.sum()))
+
+    def keep_lowest(loss):
+        kept = {i for _, i in sorted((float(loss[i]), i) for i in range(B) if valid[i])[:k]}
+        return torch.tensor([1.0 if (not valid[i] or i in kept) else 0.0 for i in range(B)], dtype=torch.float64)
+
+    w_t, w_a = keep_lowest(l_vt.detach().double()), keep_lowest(l_va.detach().double())
+    print("caption kept", w_t.tolist(), "audio kept", w_a.tolist())
+    assert not torch.equal(w_t, w_a)  # the two pairs are decided apart
+    assert torch.equal(st.weights.cpu().double(), w_t)
+    torch.testing.assert_close(st.coef_va.double(), w_a / (w_a.sum() / B), rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.coef_vt.double(), lam * w_t / (w_t.sum() / B), rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.score.double()[valid], -l_vt.detach().double()[valid], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.score_audio.double()[valid], -l_va.detach().double()[valid], rtol=1e-6, atol=1e-6)
+    check_grads(model, expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt), TOL["grad_fp32_coef"])
+    with pytest.raises(ConfigError, match="curriculum_target=pair"):
+        HarmonyConfig(curriculum="memory", curriculum_target="pair").validate()
+
+
+@pytest.mark.parametrize("score", ["agree", "loss_agree"])
+def test_agreement_scores_fit_their_mixtures_to_the_batch_neighbourhoods(score):
+    """curriculum_score=agree / loss_agree: the mixtures are fitted to −agree^k computed (here, in float64 by brute
+    force) from the batch's own embeddings, each sample's neighbours being the other samples; loss_agree's caption
+    score is the mean of the loss mixture's and the agreement mixture's clean posteriors; measure=false works."""
+    from harmony.agreement import AgreementBank
+    B = 9
+    cfg = HarmonyConfig(realign="none", curriculum="threshold", kappa0=0.5, kappa1=0.5, curriculum_score=score,
+                        curriculum_target="pair", measure=False, curriculum_start=0.0, min_keep=0.0, agree_k=3,
+                        gmm_window=64).validate()
+    model = fresh_model()
+    h = GradientHarmonizer(model, cfg)
+    x = toy_batch(B, seed=SEED + B)
+    m = torch.ones(B, dtype=torch.bool)
+    z_v, z_a, z_vt, z_t = model(*x)
+    st = h.backward(nce(z_v, z_a), mil_nce(z_vt, z_t), va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m,
+                    mask_vt=m, step=0, total_steps=10, ids=torch.arange(B))
+    unit = lambda z: torch.nn.functional.normalize(z.detach().double().reshape(B, -1, z.shape[-1]).mean(1), dim=1)  # noqa
+    for pair, (kz, vz) in (("vt", (z_vt, z_t)), ("va", (z_v, z_a))):
+        key, val = unit(kz), unit(vz)
+        want = []
+        for i in range(B):
+            near = sorted((j for j in range(B) if j != i), key=lambda j: -float(key[i] @ key[j]))[:3]
+            want.append(sum(float(val[i] @ val[j]) for j in near) / 3)
+        torch.testing.assert_close(h.mixtures[f"agree_{pair}"].values, -torch.tensor(want, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+    assert isinstance(h.agreement, AgreementBank) and h.agreement.ids.tolist() == list(range(B))
+    if score == "loss_agree":
+        post_l = h.mixtures["loss_vt"].clean_posterior(mil_nce(z_vt, z_t).detach())
+        post_a = h.mixtures["agree_vt"].clean_posterior(h.mixtures["agree_vt"].values)
+        torch.testing.assert_close(st.score.double(), (post_l.double() + post_a.double()) / 2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(st.weights, (st.score >= 0.5).float())
+    state = h.state_dict()
+    h2 = GradientHarmonizer(fresh_model(), cfg)
+    h2.load_state_dict(state)
+    assert torch.equal(h2.agreement.ids, h.agreement.ids)
+    assert torch.equal(h2.mixtures["agree_va"].values, h.mixtures["agree_va"].values)

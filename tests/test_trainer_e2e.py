@@ -258,3 +258,30 @@ def test_noise_auc_follows_the_runs_detector_score(tmp_path, score):
         assert summary["noise_auc"] == summary["noise_auc_cos"]
     elif score == "loss":
         assert "noise_auc_cos" not in summary and "noise_auc" in summary
+
+
+def test_web_like_data_per_pair_action_and_detector_report(tmp_path):
+    """Web-like data (swapped and biased captions, swapped audio, hard clips, a long tail) with a per-pair loss filter:
+    every detector is reported per window, split by noise kind, hardness and concept frequency; the run's own scores
+    are per pair (noise_auc_text from the caption score, noise_auc_audio from the audio score: here the own losses,
+    so they equal the own-loss detector's AUCs on the same samples), and the summary splits them the same way."""
+    run = tmp_path / "web"
+    summary = main([*SMALL, f"--log.run_dir={run}", "--train.steps=4", "--log.every=4", "--eval.noise_window=4",
+                    "--train.batch_size=32", "--data.size=128", "--data.noise=0.2", "--data.noise_bias=0.2",
+                    "--data.noise_audio=0.3", "--data.hard=0.3", "--data.imbalance=4", "--harmony.realign=none",
+                    "--harmony.mode=feature", "--harmony.upstream=own_pair", "--harmony.curriculum=ratio",
+                    "--harmony.curriculum_score=loss", "--harmony.curriculum_target=pair",
+                    "--harmony.curriculum_start=0", "--harmony.rho0=0.75", "--harmony.min_keep=0", "--log.plots=false",
+                    "--eval.every=0", "--eval.feature_cos=true", "--train.ckpt_every=0"])
+    (row,) = read_jsonl(run / "metrics.jsonl")
+    assert row["noise_auc_text"] == pytest.approx(row["noise_auc_loss_text"], abs=1e-12)
+    assert row["noise_auc_audio"] == pytest.approx(row["noise_auc_loss_audio"], abs=1e-12)
+    for det in ("loss", "lossgmm", "resid", "agree", "comb", "featcos", "featmag", "featref", "cos", "mag"):
+        for split in ("", "_swap", "_hard", "_easy", "_tail", "_head"):
+            assert math.isfinite(row[f"noise_auc_{det}_audio{split}"]), (det, split)
+        for split in ("", "_swap", "_bias", "_hard", "_easy"):
+            assert math.isfinite(row[f"noise_auc_{det}_text{split}"]), (det, split)
+    assert 0 < row["kept"] < 1
+    for split in ("", "_swap", "_bias", "_hard", "_easy", "_tail", "_head"):
+        assert summary[f"noise_auc_text{split}"] == pytest.approx(row[f"noise_auc_loss_text{split}"], abs=1e-12)
+    assert summary["noise_auc_audio_swap"] == pytest.approx(row["noise_auc_loss_audio_swap"], abs=1e-12)

@@ -30,7 +30,8 @@ BAD_KINDS = (
 # Keys stacked into tensors by ``collate`` (dtype), when every item has them.
 _TENSOR_KEYS = {"mask_va": torch.bool, "mask_vt": torch.bool, "index": torch.int64, "concept": torch.int64,
                 "text_concept": torch.int64, "audio_concept": torch.int64,
-                "noisy_text": torch.bool, "noisy_audio": torch.bool}
+                "noisy_text": torch.bool, "noisy_audio": torch.bool,
+                "text_kind": torch.int64, "audio_kind": torch.int64, "hard": torch.bool}
 
 _WARNED: set = set()
 

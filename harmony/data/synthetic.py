@@ -13,7 +13,11 @@ so it is the same in every epoch, process and worker, and its noise flags never 
 Misalignment (train split only) at rate ``noise`` (text) and ``noise_audio`` (audio), of kind ``noise_kind``:
 ``swap`` (another random concept's caption / tones), ``bias`` (a fixed wrong concept per concept: the
 same wrong word for every item of a concept), ``unrelated`` (off-topic talk / background sound with no
-concept tone). The eval split is clean and uses disjoint generator streams.
+concept tone). ``noise_bias`` adds narrator-biased captions at their own rate on top of ``noise`` (web-like
+mixed noise). Training items may also be made hard (``hard``: a smaller, dimmer sprite and quieter concept
+tones, the content still right) and the concepts imbalanced (``imbalance``: a long tail). Every item carries
+its ground truth: ``noisy_text``/``noisy_audio``, ``text_kind``/``audio_kind`` (NOISE_KINDS codes), ``hard``.
+The eval split is clean, easy and uniform, and uses disjoint generator streams.
 """
 from __future__ import annotations
 
@@ -79,6 +83,27 @@ OFF_TOPIC = ("today", "we", "talk", "about", "cooking", "recipe", "music", "weat
 MAX_CONCEPTS = len(SHAPES) * len(COLOURS)
 
 _SPLITS = {"train": 0, "eval": 1}
+#: codes of ``text_kind`` / ``audio_kind``: what a modality of an item carries
+NOISE_KINDS = {"clean": 0, "swap": 1, "bias": 2, "unrelated": 3}
+# Hard items: sprite radius ×0.6, sprite colour 40% of the way from the background to its colour, concept tones ×0.3.
+_HARD_RADIUS, _HARD_CONTRAST, _HARD_TONE = 0.6, 0.4, 0.3
+
+
+def concept_frequencies(k: int, imbalance: float) -> np.ndarray:
+    """Training frequency of each concept [k]: ∝ (rank + 1)^−a with a = ln(imbalance)/ln(k), so that the first
+    concept is ``imbalance`` times as common as the last (uniform at 1). Sums to 1."""
+    a = math.log(imbalance) / math.log(k) if imbalance > 1.0 else 0.0
+    w = np.arange(1, k + 1, dtype=np.float64) ** -a
+    return w / w.sum()
+
+
+def concept_of_items(n: int, k: int, imbalance: float) -> np.ndarray:
+    """The concept of each of n items [n] int64: i % k when uniform; otherwise contiguous runs whose lengths follow
+    ``concept_frequencies`` (item i takes the concept whose cumulative share holds (i + 0.5)/n)."""
+    if imbalance <= 1.0:
+        return np.arange(n, dtype=np.int64) % k
+    cum = np.cumsum(concept_frequencies(k, imbalance))
+    return np.minimum(np.searchsorted(cum, (np.arange(n) + 0.5) / n), k - 1).astype(np.int64)
 
 
 def concept_factors(k: int) -> Tuple[int, int]:
@@ -124,8 +149,12 @@ class SyntheticDataset(Dataset):
         self.k = cfg.concepts
         self.n_shapes, self.n_colours = concept_factors(self.k)
         # The eval split is clean: its items measure retrieval, not robustness.
-        self.noise = cfg.noise if split == "train" else 0.0
-        self.noise_audio = cfg.noise_audio if split == "train" else 0.0
+        train = split == "train"
+        self.noise = cfg.noise if train else 0.0
+        self.noise_audio = cfg.noise_audio if train else 0.0
+        self.noise_bias = cfg.noise_bias if train else 0.0
+        self.hard = cfg.hard if train else 0.0
+        self.concepts_of = concept_of_items(self.n, self.k, cfg.imbalance if train else 1.0)
         self.seed = int(cfg.seed) % (2 ** 63)
         self.samples = int(round(cfg.sample_rate * cfg.audio_seconds))
         sr = cfg.sample_rate
@@ -150,21 +179,30 @@ class SyntheticDataset(Dataset):
         return np.random.Generator(np.random.SFC64(key))
 
     # -- misalignment -------------------------------------------------------------------------------
-    def _corrupt(self, rng: np.random.Generator, concept: int, rate: float, offset: int) -> Tuple[int, bool]:
-        """(concept the modality shows, noisy?) — -1 for unrelated content."""
-        noisy = bool(rng.random() < rate)
+    def _corrupt(self, rng: np.random.Generator, concept: int, rate: float, offset: int,
+                 bias_rate: float = 0.0) -> Tuple[int, str]:
+        """(concept the modality shows, -1 for unrelated content; its NOISE_KINDS name). One uniform draw u:
+        u < rate gives data.noise_kind, rate ≤ u < rate + bias_rate narrator bias."""
+        u = rng.random()
         other = int((concept + rng.integers(1, self.k)) % self.k)  # drawn always: keeps streams aligned
-        if not noisy:
-            return concept, False
-        kind = self.cfg.noise_kind
+        kind = self.cfg.noise_kind if u < rate else "bias" if u < rate + bias_rate else "clean"
+        if kind == "clean":
+            return concept, kind
         if kind == "swap":
-            return other, True
+            return other, kind
         if kind == "bias":
-            return (concept + offset) % self.k, True
-        return -1, True
+            return (concept + offset) % self.k, kind
+        return -1, kind
+
+    def _is_hard(self, index: int) -> bool:
+        """Whether training item ``index`` is hard: its own stream, so the main stream's draws never change."""
+        if self.hard <= 0:
+            return False
+        key = ((self.seed * 2 + _SPLITS[self.split]) * 2 ** 40 + index) ^ (1 << 62)
+        return bool(np.random.Generator(np.random.SFC64(key)).random() < self.hard)
 
     # -- modalities ---------------------------------------------------------------------------------
-    def _video(self, rng: np.random.Generator, concept: int, direction: int) -> np.ndarray:
+    def _video(self, rng: np.random.Generator, concept: int, direction: int, hard: bool = False) -> np.ndarray:
         """Moving sprite on a noisy background: [3, T, H, W] float32 in [0, 1]."""
         T, S = self.cfg.frames, self.cfg.image_size
         shape, colour = self.describe(concept)
@@ -181,7 +219,7 @@ class SyntheticDataset(Dataset):
                 (np.abs(grid[None, :, None] - dpos[:, 1, None, None]) <= dsize)
         video = np.where(dmask[None], np.float32(rng.uniform(0.3, 0.9)), video)
         # Sprite: radius, speed and a start point keeping the whole path inside the frame.
-        radius = S * rng.uniform(0.14, 0.22)
+        radius = S * rng.uniform(0.14, 0.22) * (_HARD_RADIUS if hard else 1.0)
         (dx, dy), _ = DIRECTIONS[direction]
         unit = np.array([dx, dy], dtype=np.float64) / math.hypot(dx, dy)
         travel = unit * S * rng.uniform(0.025, 0.05) * max(T - 1, 0)
@@ -194,6 +232,8 @@ class SyntheticDataset(Dataset):
         ys = (grid[None, :, None] - centres[:, 1, None, None]) / radius
         mask = shape_mask(shape, xs, ys)  # [T, S, S]
         rgb = np.clip(np.array(COLOURS[colour][1]) * rng.uniform(0.8, 1.05), 0.0, 1.0).astype(np.float32)
+        if hard:  # low contrast: most of the way back to the background's level
+            rgb = (level + _HARD_CONTRAST * (rgb - level)).astype(np.float32)
         video = np.where(mask[None], rgb[:, None, None, None], video)
         # Pixel noise from raw bytes: uniform, zero-mean, std ≈ sigma (Gaussian draws cost 10x more here).
         sigma = np.float32(rng.uniform(0.03, 0.08) * math.sqrt(12.0) / 255.0)
@@ -211,7 +251,7 @@ class SyntheticDataset(Dataset):
             f = rng.uniform(0.02, 0.45) * sr
         return float(f)
 
-    def _audio(self, rng: np.random.Generator, concept: int) -> np.ndarray:
+    def _audio(self, rng: np.random.Generator, concept: int, hard: bool = False) -> np.ndarray:
         """Concept tones (or none when concept == -1) + distractor tone + noise: [S] float32 in [-1, 1]."""
         n, sr = self.samples, self.cfg.sample_rate
         idx = np.arange(n, dtype=np.float32)
@@ -227,8 +267,9 @@ class SyntheticDataset(Dataset):
             onset, offset = rng.uniform(0.0, 0.25) * n, rng.uniform(0.75, 1.0) * n
             ramp = np.float32(1.0 / max(1.0, 0.02 * n))
             env = np.clip((idx - np.float32(onset)) * ramp, 0, 1) * np.clip((np.float32(offset) - idx) * ramp, 0, 1)
+            gain = _HARD_TONE if hard else 1.0
             for f in (self.shape_freqs[shape], self.colour_freqs[colour]):
-                out += tone(f * (1.0 + rng.uniform(-0.015, 0.015)), rng.uniform(0.25, 0.4))
+                out += tone(f * (1.0 + rng.uniform(-0.015, 0.015)), rng.uniform(0.25, 0.4) * gain)
             out *= env
         else:
             # Unrelated background: a second distractor tone instead of the concept tones.
@@ -260,19 +301,21 @@ class SyntheticDataset(Dataset):
         """Item ``index`` (the batch-contract dict) and its caption strings (for export)."""
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for a synthetic {self.split} split of {self.n}")
-        concept = index % self.k  # every concept equally often, many items (directions, positions) each
+        concept = int(self.concepts_of[index])  # uniform: i % k; many items (directions, positions) each
         # One generator, fixed draw order: noise flags (a fixed number of draws), video, text, audio. A clean
-        # item's content is therefore the same whatever the noise rates are.
+        # item's content is therefore the same whatever the noise rates are (hardness has its own stream).
         rng = self._rng(index)
-        text_concept, noisy_text = self._corrupt(rng, concept, self.noise, self.bias_text)
-        audio_concept, noisy_audio = self._corrupt(rng, concept, self.noise_audio, self.bias_audio)
+        hard = self._is_hard(index)
+        text_concept, text_kind = self._corrupt(rng, concept, self.noise, self.bias_text, self.noise_bias)
+        audio_concept, audio_kind = self._corrupt(rng, concept, self.noise_audio, self.bias_audio)
+        noisy_text, noisy_audio = text_kind != "clean", audio_kind != "clean"
         direction = int(rng.integers(len(DIRECTIONS)))
         # A swapped caption is another clip's caption: it carries that clip's (random) direction.
         other_direction = int(rng.integers(len(DIRECTIONS)))
-        text_direction = other_direction if (noisy_text and self.cfg.noise_kind == "swap") else direction
-        video = self._video(rng, concept, direction)
+        text_direction = other_direction if text_kind == "swap" else direction
+        video = self._video(rng, concept, direction, hard)
         captions = [self._caption(rng, text_concept, text_direction) for _ in range(self.cfg.candidates)]
-        audio = self._audio(rng, audio_concept)
+        audio = self._audio(rng, audio_concept, hard)
         item = {
             "video": torch.from_numpy(video),
             "audio": torch.from_numpy(audio),
@@ -281,6 +324,7 @@ class SyntheticDataset(Dataset):
             "index": index, "source": "synthetic",
             "concept": concept, "text_concept": text_concept, "audio_concept": audio_concept,
             "noisy_text": noisy_text, "noisy_audio": noisy_audio,
+            "text_kind": NOISE_KINDS[text_kind], "audio_kind": NOISE_KINDS[audio_kind], "hard": hard,
             "bad": zero_counts(),
         }
         return item, captions

@@ -147,6 +147,30 @@ OUTCOME_ARMS = {
                      "harmony.curriculum_score": "loss", "harmony.curriculum_target": "triplet"},
 }
 
+# Web-like regimes (docs/RESULTS.md "Where the loss goes blind"): 4096 items, 2000 steps, default.yaml's model and
+# schedule. Narrator bias (a fixed wrong concept per concept, the loss's blind spot), a web-like mix of swapped and
+# biased captions with swapped audio, hard-but-clean clips with swaps, a long tail of concepts with swaps.
+REGIMES = {"bias-0.4": {"data.noise": 0.0, "data.noise_bias": 0.4, "data.noise_audio": 0.0},
+           "web-mix": {"data.noise": 0.2, "data.noise_kind": "swap", "data.noise_bias": 0.2, "data.noise_audio": 0.2},
+           "hard-swap": {"data.noise": 0.4, "data.noise_kind": "swap", "data.hard": 0.3, "data.noise_audio": 0.0},
+           "tail-swap": {"data.noise": 0.4, "data.noise_kind": "swap", "data.imbalance": 16.0,
+                         "data.noise_audio": 0.0}}
+WEB = {**LONG, "data.size": 4096, "data.noise_bias": 0.0, "data.hard": 0.0, "data.imbalance": 1.0,
+       "eval.feature_cos": False}
+# Per-pair filters from step 500: a suspected caption loses L_vt, a suspected audio track L_va, where a mixture's
+# clean posterior is below 1/2; measured at the pooled feature under own_pair (noise_auc_cos), as the default is.
+_PAIR = {**_LATE, **_FEATURE, "harmony.realign": "none", "harmony.curriculum": "threshold", "harmony.kappa0": 0.5,
+         "harmony.kappa1": 0.5, "harmony.min_keep": 0.0, "harmony.curriculum_target": "pair"}
+WEB_ARMS = {
+    # plain training with every detector measured (the update is plain's): the premise map of each regime
+    "plain": {**MEASURE, **_FEATURE, "eval.feature_cos": True},
+    "oracle": {**METHODS["baseline"], "data.oracle_drop": True},
+    "gmm-pair": {**_PAIR, "harmony.curriculum_score": "gmm"},
+    "agree-pair": {**_PAIR, "harmony.curriculum_score": "agree"},
+    "comb-pair": {**_PAIR, "harmony.curriculum_score": "loss_agree"},
+    "gmm-vt": {**OUTCOME_ARMS["gmm-vt"], **_FEATURE, "harmony.measure": True},
+}
+
 GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("smoke", "tests: tiny model and data, 2 steps; 2 seeds x {baseline, pcgrad} x text noise {0, 0.4}",
           TINY, [Axis("method", presets={"baseline": METHODS["baseline"], "pcgrad": METHODS["realign"]}),
@@ -238,6 +262,10 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
           "likely-clean samples, dropping only the caption loss (vt) or the whole triplet; PCGrad; measured at the "
           "pooled feature under the own_pair definition (about a plain step's cost); controls: long_headroom",
           {**LONG, "data.size": 4096}, [Axis("arm", presets=OUTCOME_ARMS)]),
+    _grid("web", "web-like regimes (narrator bias; swapped + biased captions with swapped audio; hard-but-clean "
+          "clips; a long tail of concepts) x arms: plain training measuring every detector, the oracle, and per-pair "
+          "filters by the loss mixture, the cross-modal agreement or both (combined); 4096 items, 2000 steps",
+          WEB, [Axis("regime", presets=REGIMES), Axis("arm", presets=WEB_ARMS)]),
     _grid("study_grid", "premise (a) on real clips: GRID (configs/grid.yaml, 450 training clips) with 30% of "
           "the training captions, or audio tracks, swapped between clips; measure-only, 300 steps of 32",
           {**MEASURE, "train.steps": 300, "eval.every": 0},
