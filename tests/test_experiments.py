@@ -376,3 +376,40 @@ def test_maps_tables_from_run_files(tmp_path):
     assert "| 2000 | 0.410 ± 0.014 | 0.610 ± 0.014 | +0.200 | yes | 0.205 ± 0.007 | 0.305 ± 0.007 | +0.100 | " \
            "yes |" in text
     assert "| arm=x | 2 | 0.460 ± 0.014 | 0.230 ± 0.007 | 0.500 ± 0.000 | +0.25 | +0.25 | 1.50× |" in text
+
+
+def test_regimes_tables_from_run_files(tmp_path):
+    """regimes: per regime, the detector windows and splits of the plain arm, each arm's share of the oracle's gain,
+    and the lead table's best detector and best arm, from hand-made web-grid run folders, as computed by hand."""
+    from harmony.experiments.regimes import regimes
+
+    def make(arm, seed, concept, rows_of, summary_extra=None):
+        d = tmp_path / "web" / f"regime-bias-0.4_arm-{arm}_seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}, "data": {"seed": seed}}))
+        rows = [{"step": s, **rows_of(s)} for s in range(10, 2001, 10)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (d / "summary.json").write_text(json.dumps({
+            "retrieval": {"v2t": {"concept_acc": concept}, "t2v": {"concept_acc": concept + 0.1}},
+            "probe_acc": 0.5, "samples_per_s": 100.0, **(summary_extra or {})}))
+
+    for seed, off in ((0, 0.0), (1, 0.02)):
+        make("plain", seed, 0.5 + off, lambda s: {"noise_auc_loss_text": 0.6, "noise_auc_loss_text_bias": 0.6,
+                                                   "noise_auc_agree_text": 0.7 if s <= 500 else 0.9,
+                                                   "noise_auc_agree_text_bias": 0.9 + off,
+                                                   "fpr_comb_text_hard": 0.2, "fpr_comb_text_easy": 0.1,
+                                                   "noise_auc_comb_text_bias": 0.8})
+        make("oracle", seed, 0.9 + off, lambda s: {})
+        make("agree-pair", seed, 0.7 + off, lambda s: {}, {"noise_auc_text": 0.85, "noise_auc_audio": 0.5})
+        make("comb-pair", seed, 0.6 + off, lambda s: {})
+    text = regimes(tmp_path / "web", tmp_path / "out").read_text()
+    print(text)
+    # lead: agreement is best on biased captions (0.9, 0.92 over steps 501-2000), then combined; agree-pair's share
+    assert "| bias-0.4 | biased captions | neighbourhood agreement (0.910 ± 0.014) | combined (mixture + agreement) " \
+           "(0.800 ± 0.000) | 0.600 ± 0.000 | agree-pair | +0.50 / +0.50 |" in text
+    assert "| neighbourhood agreement | text | 0.700 ± 0.000 | 0.700 ± 0.000 | 0.900 ± 0.000 | 0.900 ± 0.000 | " \
+           "0.900 ± 0.000 |" in text
+    assert "| agree-pair | 2 | 0.710 ± 0.014 | 0.810 ± 0.014 | 0.500 ± 0.000 | +0.50 | +0.50 | yes / yes | " \
+           "0.850 ± 0.000 / 0.500 ± 0.000 | 100.0 ± 0.0 |" in text
+    assert "| comb-pair | 2 | 0.610 ± 0.014 | 0.710 ± 0.014 | 0.500 ± 0.000 | +0.25 | +0.25 | yes / yes |" in text
+    assert "| combined (mixture + agreement) |" in text and "0.200 ± 0.000 / 0.100 ± 0.000" in text

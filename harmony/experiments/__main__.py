@@ -11,6 +11,7 @@ from harmony.config import ConfigError
 from harmony.experiments.aggregate import aggregate
 from harmony.experiments.grid import GRIDS, expand, get_grid, parse_sets, select
 from harmony.experiments.maps import maps
+from harmony.experiments.regimes import regimes
 from harmony.experiments.report import report
 from harmony.experiments.runner import run_grid, summarize
 
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     mp.add_argument("--outcome-size", type=int, default=4096, help="data.size of the outcome runs' controls")
     mp.add_argument("--out", required=True)
     mp.add_argument("--no-plots", action="store_true")
+    rg = sub.add_parser("regimes", help="detector maps and outcome per regime of the web grid (regimes.md)")
+    rg.add_argument("dir", help="a web grid folder (runs named regime-<R>_arm-<A>_seed-<S>)")
+    rg.add_argument("--out", required=True)
     ls = sub.add_parser("list", help="the named grids, or one grid's runs with their train.py commands")
     ls.add_argument("grid", nargs="?", choices=sorted(GRIDS))
     ls.add_argument("--out", default=None, help="experiment folder the commands write to (default runs/GRID)")
@@ -72,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             path = maps(args.premise, args.headroom, args.outcome, args.out, args.outcome_size,
                         plots=not args.no_plots)
             print(f"-> {path}")
+            return 0
+        if args.cmd == "regimes":
+            print(f"-> {regimes(args.dir, args.out)}")
             return 0
         if args.cmd == "report":
             res = report(args.root, args.out, plots=not args.no_plots)
