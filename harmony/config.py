@@ -102,6 +102,8 @@ class HarmonyConfig:
     agree_bank: int = _f(2048, "curriculum_score=agree, loss_agree: how many recent samples' embeddings are the "
                          "neighbour candidates of the cross-modal agreement", lo=1)
     agree_k: int = _f(32, "curriculum_score=agree, loss_agree: neighbours per sample", lo=1)
+    agree_kernel: float = _f(0.1, "curriculum_score=agree, loss_agree: τ of the agreement kernel exp((cos − 1)/τ) "
+                             "on the neighbours' caption (audio) similarity; 0: their plain mean cosine", lo=0.0)
     curriculum_start: float = _f(0.1, "fraction of training before which no curriculum applies", lo=0.0, hi=1.0)
     ramp: float = _f(0.5, "fraction of training over which the curriculum admits all samples", lo=1e-9)
     kappa0: float = _f(0.0, "threshold/soft curriculum: cosine threshold at the start", lo=-1.0, hi=1.0)

@@ -9,7 +9,8 @@ already has:
 * ``resid``: the two-dimensional view of (ℓ^va, ℓ^vt): −(z(ℓ^k) − ρ·z(ℓ^other)), the part of a pair's
   standardised loss that the other pair's loss does not explain (ρ: their correlation over the window). A hard
   clip raises both losses; a wrong caption raises only ℓ^vt;
-* ``agree``: the cross-modal neighbourhood agreement (harmony.agreement);
+* ``agree``: the cross-modal neighbourhood agreement with the run's kernel (harmony.agreement); ``agreecos``: the
+  same neighbours' plain mean cosine;
 * ``comb``: the combined detector, the mean of the lossgmm posterior and the clean posterior of a mixture fitted to
   the window's disagreements −agree^k (what harmony.curriculum_score=loss_agree acts on);
 * ``featcos`` / ``featmag``: the own-pair gradient cosine at the pooled video feature and −‖g^k‖(1 − c) there;
@@ -93,6 +94,8 @@ def pair_detectors(cat: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Te
         both = torch.isfinite(z) & torch.isfinite(zo)
         rho = float((z[both] * zo[both]).mean()) if int(both.sum()) > 2 else 0.0
         d["resid"] = -(z - rho * zo)
+        if f"agreecos_{k}" in cat:
+            d["agreecos"] = cat[f"agreecos_{k}"].double()
         if f"agree_{k}" in cat:
             agree = cat[f"agree_{k}"].double()
             d["agree"] = agree

@@ -109,7 +109,7 @@ class GradientHarmonizer:
                          mixture_names(self.cfg.curriculum_score, self.cfg.curriculum_target)}
         if self.gmm is not None:
             self.mixtures["loss_vt"] = self.gmm
-        self.agreement = AgreementBank(self.cfg.agree_bank, self.cfg.agree_k) \
+        self.agreement = AgreementBank(self.cfg.agree_bank, self.cfg.agree_k, self.cfg.agree_kernel) \
             if self.cfg.curriculum_score in AGREEMENT_SCORES else None
         self.realign_state = RealignState(self.cfg)
         self._late: List[Tuple[str, torch.Tensor]] = []

@@ -50,7 +50,8 @@ class NoiseMonitor:
         self.recent: deque = deque(maxlen=cfg.eval.noise_window * cfg.train.grad_accum)
         self.item_flags = torch.full((0,), -1, dtype=torch.int8)  # per item: noisy_text + 2·noisy_audio
         # the cross-modal neighbourhood agreement of each sample (this rank's recent samples as candidates)
-        self.bank = AgreementBank(cfg.harmony.agree_bank, cfg.harmony.agree_k) if cfg.eval.feature_cos else None
+        self.bank = AgreementBank(cfg.harmony.agree_bank, cfg.harmony.agree_k, cfg.harmony.agree_kernel) \
+            if cfg.eval.feature_cos else None
         self.tail_from = cfg.data.concepts // 2 if cfg.data.imbalance > 1.0 else None
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -100,8 +101,11 @@ class NoiseMonitor:
         if feature is not None:
             entry.update(feature)
         if self.bank is not None:
-            entry["agree_vt"], entry["agree_va"] = self.bank.score(batch["index"], fwd.vt_inputs, fwd.va_inputs,
-                                                                   batch["mask_vt"].bool(), batch["mask_va"].bool())
+            # the run's kernel (what curriculum_score=agree acts on) and the plain mean cosine, same neighbours
+            (entry["agree_vt"], entry["agree_va"], entry["agreecos_vt"],
+             entry["agreecos_va"]) = self.bank.score(batch["index"], fwd.vt_inputs, fwd.va_inputs,
+                                                     batch["mask_vt"].bool(), batch["mask_va"].bool(),
+                                                     kernels=(self.bank.kernel, 0.0))
         self.entries.append(entry)
         if "cos" not in entry:
             return

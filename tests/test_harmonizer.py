@@ -534,7 +534,7 @@ def test_agreement_scores_fit_their_mixtures_to_the_batch_neighbourhoods(score):
     B = 9
     cfg = HarmonyConfig(realign="none", curriculum="threshold", kappa0=0.5, kappa1=0.5, curriculum_score=score,
                         curriculum_target="pair", measure=False, curriculum_start=0.0, min_keep=0.0, agree_k=3,
-                        gmm_window=64).validate()
+                        agree_kernel=0.2, gmm_window=64).validate()
     model = fresh_model()
     h = GradientHarmonizer(model, cfg)
     x = toy_batch(B, seed=SEED + B)
@@ -548,7 +548,7 @@ def test_agreement_scores_fit_their_mixtures_to_the_batch_neighbourhoods(score):
         want = []
         for i in range(B):
             near = sorted((j for j in range(B) if j != i), key=lambda j: -float(key[i] @ key[j]))[:3]
-            want.append(sum(float(val[i] @ val[j]) for j in near) / 3)
+            want.append(sum(math.exp((float(val[i] @ val[j]) - 1) / 0.2) for j in near) / 3)
         torch.testing.assert_close(h.mixtures[f"agree_{pair}"].values, -torch.tensor(want, dtype=torch.float64),
                                    rtol=0, atol=1e-5)
     assert isinstance(h.agreement, AgreementBank) and h.agreement.ids.tolist() == list(range(B))

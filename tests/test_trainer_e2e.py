@@ -276,7 +276,7 @@ def test_web_like_data_per_pair_action_and_detector_report(tmp_path):
     (row,) = read_jsonl(run / "metrics.jsonl")
     assert row["noise_auc_text"] == pytest.approx(row["noise_auc_loss_text"], abs=1e-12)
     assert row["noise_auc_audio"] == pytest.approx(row["noise_auc_loss_audio"], abs=1e-12)
-    for det in ("loss", "lossgmm", "resid", "agree", "comb", "featcos", "featmag", "featref", "cos", "mag"):
+    for det in ("loss", "lossgmm", "resid", "agree", "agreecos", "comb", "featcos", "featmag", "featref", "cos", "mag"):
         for split in ("", "_swap", "_hard", "_easy", "_tail", "_head"):
             assert math.isfinite(row[f"noise_auc_{det}_audio{split}"]), (det, split)
         for split in ("", "_swap", "_bias", "_hard", "_easy"):

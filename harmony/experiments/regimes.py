@@ -24,7 +24,8 @@ from harmony.experiments.maps import WINDOWS, _window_mean
 
 _NAME = re.compile(r"regime-(?P<regime>.+)_arm-(?P<arm>.+)_seed-(?P<seed>\d+)$")
 DETECTORS = [("own loss", "loss"), ("loss mixture (NCR)", "lossgmm"), ("2-D loss residual", "resid"),
-             ("neighbourhood agreement", "agree"), ("combined (mixture + agreement)", "comb"),
+             ("neighbourhood agreement", "agree"), ("agreement, plain cosine", "agreecos"),
+             ("combined (mixture + agreement)", "comb"),
              ("cos own_pair (feature)", "featcos"), ("‖g‖(1−c) own_pair (feature)", "featmag"),
              ("gradient vs reference (feature)", "featref")]
 SPLITS = [("swap", "_swap"), ("bias", "_bias"), ("vs hard clean", "_hard"), ("vs easy clean", "_easy"),
