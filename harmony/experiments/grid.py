@@ -169,6 +169,10 @@ WEB_ARMS = {
     "agree-pair": {**_PAIR, "harmony.curriculum_score": "agree"},
     "comb-pair": {**_PAIR, "harmony.curriculum_score": "loss_agree"},
     "gmm-vt": {**OUTCOME_ARMS["gmm-vt"], **_FEATURE, "harmony.measure": True},
+    # the same filters from step 100 (5% of training): the detectors are informative from the first windows, and
+    # the oracle is ahead of plain training from the first evaluation on in the mixed regime
+    "gmm-pair-early": {**_PAIR, "harmony.curriculum_score": "gmm", "harmony.curriculum_start": 0.05},
+    "comb-pair-early": {**_PAIR, "harmony.curriculum_score": "loss_agree", "harmony.curriculum_start": 0.05},
 }
 
 GRIDS: Dict[str, Grid] = {g.name: g for g in [
