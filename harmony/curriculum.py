@@ -261,8 +261,9 @@ class LossMixture:
     probability that a sample is clean. The window is state (``state_dict``), so a resumed run refits the
     same mixture."""
 
-    def __init__(self, window: int = 4096, iters: int = 10, min_var: float = 1e-4):
+    def __init__(self, window: int = 4096, iters: int = 10, min_var: float = 1e-4, min_weight: float = 0.01):
         self.window, self.iters, self.min_var = int(window), int(iters), float(min_var)
+        self.min_weight = float(min_weight)
         self.values = torch.zeros(0, dtype=torch.float64)
         self.params: Optional[Tensor] = None      # [3, 2]: weights, means, variances
 
@@ -272,16 +273,27 @@ class LossMixture:
         self.values = torch.cat([self.values, v])[-self.window:]
 
     def fit(self) -> Optional[Tensor]:
+        """Refit by EM, warm-started from the last fit. A warm start can collapse (one component left with almost
+        no weight, e.g. on a spike of early losses that later leave the window), and EM never revives an empty
+        component: then the fit starts again cold, from the window's quartiles."""
         x = self.values
         if x.numel() < 4 or float(x.max() - x.min()) <= 0:
             self.params = None
             return None
-        if self.params is None:
-            lo, hi = torch.quantile(x, 0.25), torch.quantile(x, 0.75)
-            var = x.var().clamp(min=self.min_var)
-            self.params = torch.stack([torch.tensor([0.5, 0.5], dtype=torch.float64), torch.stack([lo, hi]),
-                                       torch.stack([var, var])])
-        w, mu, var = self.params.clone()
+        params = self._em(x, self.params if self.params is not None else self._cold(x))
+        if float(params[0].min()) < self.min_weight:
+            params = self._em(x, self._cold(x))
+        self.params = params
+        return self.params
+
+    def _cold(self, x: Tensor) -> Tensor:
+        lo, hi = torch.quantile(x, 0.25), torch.quantile(x, 0.75)
+        var = x.var().clamp(min=self.min_var)
+        return torch.stack([torch.tensor([0.5, 0.5], dtype=torch.float64), torch.stack([lo, hi]),
+                            torch.stack([var, var])])
+
+    def _em(self, x: Tensor, start: Tensor) -> Tensor:
+        w, mu, var = start.clone()
         for _ in range(self.iters):
             logp = torch.log(w.clamp(min=1e-12)) - 0.5 * (torch.log(2 * math.pi * var)
                                                           + (x[:, None] - mu) ** 2 / var)
@@ -290,8 +302,7 @@ class LossMixture:
             w = nk / nk.sum()
             mu = (r * x[:, None]).sum(0) / nk
             var = ((r * (x[:, None] - mu) ** 2).sum(0) / nk).clamp(min=self.min_var)
-        self.params = torch.stack([w, mu, var])
-        return self.params
+        return torch.stack([w, mu, var])
 
     def clean_posterior(self, losses: Tensor) -> Tensor:
         """p(low-loss component | ℓ) for losses [N] with the current fit (0.5 everywhere without one)."""

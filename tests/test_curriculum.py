@@ -401,3 +401,27 @@ def test_loss_mixture_recovers_two_components_and_orders_the_posterior():
     again.load_state_dict(gm.state_dict())
     assert torch.equal(again.clean_posterior(x[:10]), gm.clean_posterior(x[:10]))
     assert torch.equal(LossMixture().clean_posterior(x[:3]), torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_loss_mixture_revives_a_collapsed_warm_start_and_drops_the_planted_noise():
+    """A warm start that has collapsed (one component with ~0 weight on a spike of losses that left the window, as a
+    run seen in training did) is refitted cold, and the refit's clean posterior drops the planted noisy losses."""
+    from harmony.curriculum import LossMixture
+    from harmony.evaluate import roc_auc
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.rand(4096, generator=g) < 0.4
+    x = torch.where(noisy, 4.5 + 0.8 * torch.randn(4096, generator=g), 3.2 + 0.4 * torch.randn(4096, generator=g))
+    m = LossMixture(window=4096)
+    m.add(x, torch.ones_like(noisy))
+    m.params = torch.tensor([[1e-12, 1.0], [5.0, 3.6], [1e-4, 0.7]], dtype=torch.float64)  # the collapsed state
+    stuck = LossMixture(window=4096, min_weight=0.0)         # without the guard EM keeps the empty component
+    stuck.add(x, torch.ones_like(noisy))
+    stuck.params = m.params.clone()
+    stuck.fit()
+    post = m.clean_posterior(x) if m.fit() is not None else None
+    auc = roc_auc(-post.double(), noisy)
+    print("weights", m.params[0].tolist(), "AUC", auc, "stuck weights", stuck.params[0].tolist())
+    assert float(m.params[0].min()) > 0.2 and auc > 0.9
+    assert float(stuck.params[0].min()) < 1e-6 and (stuck.clean_posterior(x) > 0.5).all()
+    dropped = post < 0.5
+    assert float(dropped[noisy].double().mean()) > 0.7 and float(dropped[~noisy].double().mean()) < 0.15
