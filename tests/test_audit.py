@@ -293,7 +293,7 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tiny_run, tmp_path):
     assert _audit(["--run", tiny_run, "--out", one, "--batch-size", 8]).returncode == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "harmony.audit", "--run", str(tiny_run), "--out", str(two), "--batch-size", "8"],
+                           "-m", "harmony.audit", "--run-dir", str(tiny_run), "--out", str(two), "--batch-size", "8"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0

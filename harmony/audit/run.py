@@ -24,7 +24,7 @@ from harmony.data.batch import add_counts, zero_counts
 from harmony.metrics import Progress, write_json
 
 USAGE = ("usage: python -m harmony.audit --run RUN_DIR --out OUT_DIR [--top N] [--reference N] [--batch-size N] "
-         "[--section.key=value ...]")
+         "[--section.key=value ...] (under torchrun write --run-dir: torchrun's own parser claims --run)")
 _OPTIONS = {"run": str, "out": str, "top": int, "reference": int, "batch-size": int}
 _DEFAULTS = {"top": 12, "reference": 4096, "batch-size": 64}
 _EMB = ("z_va_v", "z_va_a", "z_vt_v", "z_vt_t")
@@ -44,6 +44,7 @@ def parse_argv(argv: Sequence[str]) -> Tuple[dict, List[Tuple[str, str]]]:
                 raise AuditError(f"--{name} needs a value; {USAGE}")
             value, i = argv[i + 1], i + 1
         i += 1
+        name = "run" if name == "run-dir" else name
         if name in _OPTIONS:
             try:
                 opts[name] = _OPTIONS[name](value)
