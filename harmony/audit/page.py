@@ -32,6 +32,7 @@ tr.suspect td { font-size: 0.9em; }
 .bad { color: #a00; font-weight: bold; }
 .ok { color: #070; }
 img { display: block; }
+td.caption { min-width: 14em; max-width: 22em; }
 """
 
 
@@ -201,5 +202,6 @@ def _table(rows, pair, have_media) -> str:
                                 for p in PAIRS) + f"</span>{truth}")
         best = "(its own caption)" if r.get("best_caption_is_own") else _e(r.get("best_caption"))
         body.append(f"<tr class='suspect'><td>{n}</td><td>{_e(r['id'])}{where}</td><td>{frames}</td>"
-                    f"<td>{_e(r.get('caption'))}</td><td>{audio}</td><td>{scores}</td><td>{best}</td></tr>")
+                    f"<td class='caption'>{_e(r.get('caption'))}</td><td>{audio}</td><td>{scores}</td>"
+                    f"<td class='caption'>{best}</td></tr>")
     return head + "\n".join(body) + "</table>"
