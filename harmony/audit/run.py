@@ -18,7 +18,7 @@ import torch
 from harmony import distributed as hd
 from harmony.audit import records
 from harmony.audit.scoring import PAIRS, pair_scores, select_reference
-from harmony.audit.source import (AuditError, describe, load_config, load_model, open_dataset, rank_batches,
+from harmony.audit.source import (AuditError, load_config, load_model, open_dataset, rank_batches,
                                   verified_checkpoint)
 from harmony.data.batch import add_counts, zero_counts
 from harmony.metrics import Progress, write_json
@@ -81,7 +81,7 @@ def embed_share(model, cfg, dataset, batch_size: int, env, progress_every: float
             for req in batch["requested"][~keep].tolist():
                 unscored.append((req, "no usable video: the data layer substituted the next clip"))
             if keep.any():
-                _embed_batch(model, batch, keep, env.device, rows, infos, dataset)
+                _embed_batch(model, batch, keep, env.device, rows, infos)
         if env.is_main and total and (time.perf_counter() - last > progress_every or n == total):
             last = time.perf_counter()
             print(f"audit: embedding {progress.line(n, {'items': n * batch_size * env.world_size})}", flush=True)
@@ -96,7 +96,7 @@ def _share_batches(dataset, batch_size: int, env) -> Optional[int]:
         return None
 
 
-def _embed_batch(model, batch, keep, device, rows, infos, dataset) -> None:
+def _embed_batch(model, batch, keep, device, rows, infos) -> None:
     out = model(batch["video"][keep].to(device), batch["audio"][keep].to(device), batch["text"][keep].to(device))
     for k in _EMB:
         rows[k].append(getattr(out, k).float().cpu())
@@ -104,8 +104,7 @@ def _embed_batch(model, batch, keep, device, rows, infos, dataset) -> None:
     rows["index"].append(index)
     rows["valid_va"].append(batch["mask_va"][keep].bool()[:, None])
     rows["valid_vt"].append(batch["mask_vt"][keep].bool()[:, None] & out.cand_mask.cpu().bool())
-    for k, idx in zip(keep.nonzero().flatten().tolist(), index.tolist()):
-        infos.append(describe(dataset, idx, {"source": batch["source"][k]}))
+    infos += [batch["info"][k] for k in keep.nonzero().flatten().tolist()]
 
 
 # ----------------------------------------------------------------------------------------------- scoring

@@ -94,13 +94,15 @@ def open_dataset(cfg: Config):
         raise AuditError(f"data.{cfg.data.kind} {where}: cannot read it ({text})") from None
 
 
-def describe(dataset, index: int, item: Optional[dict] = None) -> dict:
+def describe(dataset, index: int, item: Optional[dict] = None, captions: Optional[List[str]] = None) -> dict:
     """What a person needs to see item ``index``: id, caption (the first candidate), and for real clips path
-    and source; with ground truth, noisy_text / noisy_audio. ``item``: the decoded item when at hand."""
+    and source; with ground truth, noisy_text / noisy_audio. ``item`` (and for synthetic data ``captions``):
+    the item when at hand, so it is not generated again."""
     if isinstance(dataset, SyntheticDataset):
-        full, captions = dataset.generate(index)
+        if item is None or captions is None:
+            item, captions = dataset.generate(index)
         return {"id": index, "caption": captions[0] if captions else "", "source": "synthetic",
-                "noisy_text": bool(full["noisy_text"]), "noisy_audio": bool(full["noisy_audio"])}
+                "noisy_text": bool(item["noisy_text"]), "noisy_audio": bool(item["noisy_audio"])}
     if isinstance(dataset, ManifestDataset):
         rec = dataset.records[index]
         info = {"id": rec.name, "path": str(rec.video), "source": rec.source, "caption": _record_caption(rec)}
@@ -135,17 +137,23 @@ class _Requested(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
+        captions = None
         try:
-            item = self.dataset[int(index)]
+            if isinstance(self.dataset, SyntheticDataset):
+                item, captions = self.dataset.generate(int(index))
+            else:
+                item = self.dataset[int(index)]
         except RuntimeError as exc:  # a run of clips without video: nothing to substitute
             return {"requested": int(index), "failed": str(exc).splitlines()[0]}
         item["requested"] = int(index)
+        item["info"] = describe(self.dataset, item["index"], item, captions)
         return item
 
 
 def _collate(items: List[dict]) -> dict:
     ok = [it for it in items if "failed" not in it]
     batch = collate(ok) if ok else {"index": torch.zeros(0, dtype=torch.long), "bad": {}}
+    batch["info"] = [it["info"] for it in ok]
     batch["requested"] = torch.tensor([it["requested"] for it in ok], dtype=torch.long)
     batch["failed"] = [(it["requested"], it["failed"]) for it in items if "failed" in it]
     return batch
@@ -159,6 +167,8 @@ def rank_batches(cfg: Config, dataset, batch_size: int, rank: int, world: int) -
         stream = ShardStream(dataset.split, cfg.data, batch_size, rank, world, cfg.train.seed, 0, False, False)
         for batch in DataLoader(stream, batch_size=None, num_workers=cfg.data.workers, collate_fn=lambda b: b):
             batch["requested"] = batch["index"].clone()
+            batch["info"] = [describe(dataset, i, {"source": src}) for i, src in zip(batch["index"].tolist(),
+                                                                                     batch["source"])]
             batch["failed"] = []
             yield batch
         return
