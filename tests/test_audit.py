@@ -310,6 +310,30 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tiny_run, tmp_path):
                 assert a[key] == b[key], key
 
 
+@pytest.mark.slow
+def test_other_sources_by_data_overrides(tiny_run, tmp_path):
+    """The synthetic run audits exported clips as a manifest (with injected caption noise: ground truth) and as
+    shards (no captions, no ground truth); the run's own noise rates do not carry over to another source."""
+    from harmony.data.export import main as export
+
+    export(["--out", str(tmp_path / "exp"), "--n", "24", "--shards", "4"])
+    man = tmp_path / "man"
+    proc = _audit(["--run", tiny_run, "--out", man, "--top", 3, "--data.kind=manifest",
+                   f"--data.manifest={tmp_path / 'exp' / 'manifest.jsonl'}", "--data.noise=0.3"])
+    print(proc.stdout, proc.stderr)
+    rows = [json.loads(x) for x in (man / "audit.jsonl").read_text().splitlines()]
+    assert len(rows) == 22 and all(r["path"].endswith(".mp4") and r["caption"] for r in rows)
+    assert sum(r["noisy_text"] for r in rows) == round(0.3 * 22) and not any(r["noisy_audio"] for r in rows)
+    shards = tmp_path / "shards"
+    proc = _audit(["--run", tiny_run, "--out", shards, "--top", 3, "--data.kind=shards",
+                   f"--data.shards={tmp_path / 'exp' / 'shards' / '*.tar'}"])
+    print(proc.stdout, proc.stderr)
+    rows = [json.loads(x) for x in (shards / "audit.jsonl").read_text().splitlines()]
+    assert len(rows) == 22 and "noisy_text" not in rows[0] and rows[0]["loss_text"] is not None
+    page, images = _page_images(shards)
+    assert page.count("<tr class='suspect'>") == 2 * 3 and all((shards / s).is_file() for s in images)
+
+
 # ------------------------------------------------------------------------------------------------- GRID
 
 @pytest.mark.slow

@@ -80,9 +80,8 @@ def ground_truth_report(rows: Sequence[dict]) -> dict:
         n_noisy = int(flag.sum())
         out[f"auc_{pair}"] = roc_auc(score, flag)
         out[f"misaligned_{pair}"] = n_noisy
-        out[f"precision_at_{pair}"] = {str(k): float(flag[order[:k]].double().mean()) if k else float("nan")
-                                       for k in sorted({min(k, len(scored)) for k in PRECISION_AT} | {n_noisy})
-                                       if k > 0}
+        ks = sorted({min(k, len(scored)) for k in PRECISION_AT} | {n_noisy}) if n_noisy else []
+        out[f"precision_at_{pair}"] = {str(k): float(flag[order[:k]].double().mean()) for k in ks if k > 0}
     truth = [_truth(r) for r in rows]
     bad = [(r, t) for r, t in zip(rows, truth) if t != "none"]
     flagged = [(r, t) for r, t in bad if r["suspect"] != "none"]
@@ -103,7 +102,7 @@ def report_lines(report: dict) -> List[str]:
     """The ground-truth report as short lines (stdout and the page)."""
     lines = []
     for pair in PAIRS:
-        pk = ", ".join(f"P@{k} {v:.3f}" for k, v in report[f"precision_at_{pair}"].items())
+        pk = ", ".join(f"P@{k} {v:.3f}" for k, v in report[f"precision_at_{pair}"].items()) or "no precision"
         lines.append(f"{pair}: AUC {report[f'auc_{pair}']:.4f} over {report['items']} items "
                      f"({report[f'misaligned_{pair}']} misaligned); {pk}")
     lines.append(f"suspect pair named correctly: {report['pair_correct_flagged']:.3f} of the "

@@ -72,8 +72,9 @@ def embed_share(model, cfg, dataset, batch_size: int, env, progress_every: float
     infos, bad, unscored = [], zero_counts(), []
     total = _share_batches(dataset, batch_size, env)
     progress = Progress(total or 0, enabled=False)
-    last = time.perf_counter()
+    last, embedded = time.perf_counter(), 0
     for n, batch in enumerate(rank_batches(cfg, dataset, batch_size, env.rank, env.world_size), 1):
+        embedded += int(batch["index"].numel())
         add_counts(bad, batch["bad"])
         unscored += batch["failed"]
         if batch["index"].numel():
@@ -84,7 +85,7 @@ def embed_share(model, cfg, dataset, batch_size: int, env, progress_every: float
                 _embed_batch(model, batch, keep, env.device, rows, infos)
         if env.is_main and total and (time.perf_counter() - last > progress_every or n == total):
             last = time.perf_counter()
-            print(f"audit: embedding {progress.line(n, {'items': n * batch_size * env.world_size})}", flush=True)
+            print(f"audit: embedding batch {progress.line(n, {'items on rank 0': embedded})}", flush=True)
     emb = {k: torch.cat(v) if v else torch.zeros(0) for k, v in rows.items()}
     return emb, infos, bad, unscored
 

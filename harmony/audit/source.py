@@ -41,11 +41,21 @@ def load_config(run_dir: Path, overrides: Sequence[Tuple[str, str]]) -> Config:
     try:
         cfg = Config()
         apply_mapping(cfg, yaml.safe_load(path.read_text()) or {}, origin=str(path))
+        trained_on = _source(cfg)
         for dotted, value in overrides:
             set_value(cfg, dotted, value)
+        if _source(cfg) != trained_on and cfg.data.kind != "synthetic":
+            # as train.py does for real data: the run's injected noise does not carry over to another source
+            for key in ("noise", "noise_audio"):
+                if f"data.{key}" not in dict(overrides):
+                    setattr(cfg.data, key, 0.0)
         return cfg.validate()
     except (ConfigError, yaml.YAMLError) as exc:
         raise AuditError(f"{path}: {exc}") from None
+
+
+def _source(cfg: Config) -> tuple:
+    return cfg.data.kind, cfg.data.manifest, cfg.data.shards
 
 
 def verified_checkpoint(run_dir: Path) -> Path:
