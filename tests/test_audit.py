@@ -334,6 +334,26 @@ def test_other_sources_by_data_overrides(tiny_run, tmp_path):
     assert page.count("<tr class='suspect'>") == 2 * 3 and all((shards / s).is_file() for s in images)
 
 
+@pytest.mark.slow
+def test_a_sharded_fsdp_checkpoint_loads_into_the_plain_model(tmp_path):
+    from harmony.model import VATT
+    from harmony.trainer import main
+
+    run = tmp_path / "fsdp"
+    main([*SMALL, "--train.steps=2", "--log.plots=false", "--log.progress=false", "--train.parallel=fsdp",
+          f"--log.run_dir={run}"])
+    cfg = load_config(run, [])
+    found = verified_checkpoint(run)
+    assert (found / "dcp").is_dir()
+    torch.manual_seed(cfg.train.seed)                      # the run's initial weights, before the load
+    model = load_model(cfg, found)
+    torch.manual_seed(cfg.train.seed)
+    fresh = VATT(cfg.model, cfg.data)
+    moved = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert moved > 1e-4                                    # the trained weights, not the initial ones
+    assert _audit(["--run", run, "--out", tmp_path / "out", "--top", 2]).returncode == 0
+
+
 # ------------------------------------------------------------------------------------------------- GRID
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -82,7 +83,9 @@ def load_model(cfg: Config, checkpoint: Path) -> torch.nn.Module:
             import torch.distributed.checkpoint as dcp
 
             state = {"model": model.state_dict()}
-            dcp.load(state, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
             model.load_state_dict(state["model"])
         else:
             model.load_state_dict(ckpt.load(checkpoint / "state.pt")["model"])
