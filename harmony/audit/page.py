@@ -32,7 +32,8 @@ tr.suspect td { font-size: 0.9em; }
 .bad { color: #a00; font-weight: bold; }
 .ok { color: #070; }
 img { display: block; }
-td.caption { min-width: 14em; max-width: 22em; }
+td.caption { min-width: 12em; max-width: 20em; }
+.scores { font-family: monospace; font-size: 0.85em; min-width: 22em; }
 """
 
 
@@ -65,7 +66,7 @@ def _frames_png(video: np.ndarray, path: Path) -> None:
     """video [3, T, H, W] in [0, 1] -> the T frames side by side."""
     frames = np.clip(video.transpose(1, 2, 3, 0), 0, 1)                  # [T, H, W, 3]
     strip = np.concatenate(list(frames), axis=1)
-    scale = max(1, 96 // frames.shape[1])
+    scale = max(1, 64 // frames.shape[1])                               # about 64 px a frame
     plt.imsave(path, np.kron(strip, np.ones((scale, scale, 1))))
 
 
@@ -196,12 +197,12 @@ def _table(rows, pair, have_media) -> str:
             truth = (f"<br>truth: caption {'<b>swapped</b>' if r['noisy_text'] else 'ok'}, "
                      f"audio {'<b>swapped</b>' if r['noisy_audio'] else 'ok'}")
         where = f"<br><small>{_e(r.get('path') or '')}</small>" if r.get("path") else ""
-        scores = (f"<span class='num'>suspect: <b>{_e(r['suspect'])}</b><br>"
+        scores = (f"suspect: <b>{_e(r['suspect'])}</b><br>"
                   + "<br>".join(f"{_TITLE[p]}: loss {_fmt(r[f'loss_{p}'])}, rank {_fmt(r[f'rank_{p}'])}, "
                                 f"z {_fmt(r[f'suspect_{p}'], 2)}, p {_fmt(r[f'p_misaligned_{p}'], 2)}"
-                                for p in PAIRS) + f"</span>{truth}")
+                                for p in PAIRS) + truth)
         best = "(its own caption)" if r.get("best_caption_is_own") else _e(r.get("best_caption"))
         body.append(f"<tr class='suspect'><td>{n}</td><td>{_e(r['id'])}{where}</td><td>{frames}</td>"
-                    f"<td class='caption'>{_e(r.get('caption'))}</td><td>{audio}</td><td>{scores}</td>"
+                    f"<td class='caption'>{_e(r.get('caption'))}</td><td>{audio}</td><td class='scores'>{scores}</td>"
                     f"<td class='caption'>{best}</td></tr>")
     return head + "\n".join(body) + "</table>"
