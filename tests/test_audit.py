@@ -28,8 +28,8 @@ from helpers import REPO, SMALL, grid_dir
 
 # A few-steps run of the real model on 64 small synthetic clips (30% swapped captions, 20% swapped audio).
 TINY_STEPS = ["--train.steps=4", "--log.plots=false", "--log.progress=false"]
-# fp32 embeddings of one clip differ by ~1e-6 between batch shapes (GEMM blocking); a loss by ~2e-5 nats.
-FP32_LOSS_ATOL = 1e-4
+# fp32 embeddings of one clip differ by ~1e-6 between batch shapes (GEMM blocking); a loss by ~3e-6 nats here.
+FP32_LOSS_ATOL = 2e-5
 
 
 # ----------------------------------------------------------------------------------------- brute force
