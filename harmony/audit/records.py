@@ -3,7 +3,6 @@ and written to an output folder that appears whole or not at all (docs/AUDIT.md 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -35,17 +34,15 @@ def merge_rows(rows: List[dict]) -> Optional[List[dict]]:
 def finish_rows(rows: List[dict]) -> Dict[str, Optional[Split]]:
     """Fit the split of each pair to every item's loss and add suspect_<pair>, p_misaligned_<pair>, suspect and
     best_caption to the rows (in place). -> {pair: split}."""
-    splits = {}
+    splits, posts = {}, {}
     for pair in PAIRS:
         loss = torch.tensor([_num(r[f"loss_{pair}"]) for r in rows], dtype=torch.float64)
         splits[pair] = fit_split(loss)
-        sus = suspicion(loss, splits[pair]).tolist()
-        post = misaligned_posterior(loss, splits[pair])
-        for r, s, p in zip(rows, sus, post.tolist()):
+        posts[pair] = misaligned_posterior(loss, splits[pair])
+        for r, s, p in zip(rows, suspicion(loss, splits[pair]).tolist(), posts[pair].tolist()):
             r[f"suspect_{pair}"] = _json_float(s)
             r[f"p_misaligned_{pair}"] = _json_float(p)
-        splits[f"_post_{pair}"] = post
-    names = suspect_pair(splits.pop("_post_text"), splits.pop("_post_audio"))
+    names = suspect_pair(posts["text"], posts["audio"])
     caption_of = {int(r["index"]): r.get("caption") for r in rows}
     for r, name in zip(rows, names):
         r["suspect"] = name
@@ -138,5 +135,3 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_summary(path: Path, summary: dict) -> None:
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
