@@ -324,6 +324,33 @@ def test_other_sources_by_data_overrides(tiny_run, tmp_path):
     rows = [json.loads(x) for x in (man / "audit.jsonl").read_text().splitlines()]
     assert len(rows) == 22 and all(r["path"].endswith(".mp4") and r["caption"] for r in rows)
     assert sum(r["noisy_text"] for r in rows) == round(0.3 * 22) and not any(r["noisy_audio"] for r in rows)
+    # bad media: a clip that is not there and a line that is not JSON are counted, listed, and not scored
+    bad = tmp_path / "exp" / "bad.jsonl"                   # beside the clips: manifest paths are relative
+    good = (tmp_path / "exp" / "manifest.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(good[:5] + ['{"path": "items/gone.mp4", "text": "a lost clip", "id": "gone"}',
+                                         "{not json"] + good[5:10]) + "\n")
+    out = tmp_path / "badman"
+    proc = _audit(["--run", tiny_run, "--out", out, "--top", 3, "--data.kind=manifest", f"--data.manifest={bad}",
+                   f"--data.eval_manifest={tmp_path / 'exp' / 'manifest.jsonl'}"])  # every line of bad.jsonl trains
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 0 and "missing_file 1" in proc.stdout and "bad_line 1" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bad_media"] == {"missing_file": 1, "bad_line": 1}
+    assert summary["bad_media_names"]["missing_file"] == ["gone"]
+    assert len(summary["unscored"]) == 1
+    rows = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    assert "gone" not in [r["id"] for r in rows] and len(rows) == summary["items"] == 10
+    page = (out / "index.html").read_text()
+    assert "missing_file" in page and "bad_line" in page and "gone" in page
+    # a manifest whose clips are all elsewhere: nothing to score is an error, not a crash
+    lost = tmp_path / "lost.jsonl"
+    lost.write_text(bad.read_text())
+    out = tmp_path / "lost"
+    proc = _audit(["--run", tiny_run, "--out", out, "--data.kind=manifest", f"--data.manifest={lost}"])
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not out.exists()
+    assert proc.stderr.strip().splitlines()[-1] == "audit: error: no item of the data could be scored (see the " \
+        "bad-media warnings above)"
     shards = tmp_path / "shards"
     proc = _audit(["--run", tiny_run, "--out", shards, "--top", 3, "--data.kind=shards",
                    f"--data.shards={tmp_path / 'exp' / 'shards' / '*.tar'}"])

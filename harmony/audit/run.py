@@ -86,8 +86,18 @@ def embed_share(model, cfg, dataset, batch_size: int, env, progress_every: float
         if env.is_main and total and (time.perf_counter() - last > progress_every or n == total):
             last = time.perf_counter()
             print(f"audit: embedding batch {progress.line(n, {'items on rank 0': embedded})}", flush=True)
-    emb = {k: torch.cat(v) if v else torch.zeros(0) for k, v in rows.items()}
-    return emb, infos, bad, unscored
+    return _stack(rows, model, cfg), infos, bad, unscored
+
+
+def _stack(rows: Dict[str, list], model, cfg) -> Dict[str, torch.Tensor]:
+    """Concatenate the batches' rows; a rank with no item gets empty tensors of the right shapes (its share
+    still takes part in the collectives)."""
+    d_va, d_vt, cands = model.dims["d_va"], model.dims["d_vt"], cfg.data.candidates
+    empty = {"z_va_v": (d_va,), "z_va_a": (d_va,), "z_vt_v": (d_vt,), "z_vt_t": (cands, d_vt), "index": (),
+             "valid_va": (1,), "valid_vt": (cands,)}
+    dtypes = {"index": torch.long, "valid_va": torch.bool, "valid_vt": torch.bool}
+    return {k: torch.cat(v) if v else torch.zeros((0,) + empty[k], dtype=dtypes.get(k, torch.float32))
+            for k, v in rows.items()}
 
 
 def _share_batches(dataset, batch_size: int, env) -> Optional[int]:
@@ -114,6 +124,8 @@ def reference_of(emb: dict, size: int, seed: int) -> dict:
     """The reference items' embeddings on every rank (sorted by index): the indices come from every rank,
     the reference is drawn from their union, and each rank contributes the reference rows it holds."""
     all_ids = hd.all_gather_rows(emb["index"])
+    if all_ids.numel() == 0:  # every rank knows: all stop with the same error
+        raise AuditError("no item of the data could be scored (see the bad-media warnings above)")
     ref_ids = select_reference(all_ids, size, seed)
     mine = torch.isin(emb["index"], ref_ids)
     packed = {k: hd.all_gather_rows(v[mine]) for k, v in emb.items()}
