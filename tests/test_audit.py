@@ -115,6 +115,11 @@ def test_split_posterior_and_suspect_rule():
     assert suspect_pair(torch.tensor([0.9, 0.1, 0.9, 0.1, float("nan")]),
                         torch.tensor([0.1, 0.9, 0.9, 0.1, 0.2])) == ["text", "audio", "both", "none", "none"]
     assert fit_split(torch.ones(10)) is None
+    # a split whose aligned component is not clearly below chance flags nothing (the ranking stays)
+    assert split.informative and fit_split(losses, chance=1.5) is not None
+    dull = fit_split(losses, chance=1.5)
+    assert not dull.informative and bool(misaligned_posterior(x, dull).isnan().all())
+    assert torch.equal(suspicion(x, dull), sus)
 
 
 # ------------------------------------------------------------------------------------- a tiny real run

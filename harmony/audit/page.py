@@ -33,6 +33,7 @@ tr.suspect td { font-size: 0.9em; }
 .ok { color: #070; }
 img { display: block; }
 td.caption { min-width: 12em; max-width: 20em; }
+td.item { max-width: 11em; word-break: break-all; }
 .scores { font-family: monospace; font-size: 0.85em; min-width: 22em; }
 """
 
@@ -66,7 +67,8 @@ def _frames_png(video: np.ndarray, path: Path) -> None:
     """video [3, T, H, W] in [0, 1] -> the T frames side by side."""
     frames = np.clip(video.transpose(1, 2, 3, 0), 0, 1)                  # [T, H, W, 3]
     strip = np.concatenate(list(frames), axis=1)
-    scale = max(1, 64 // frames.shape[1])                               # about 64 px a frame
+    width = frames.shape[0] * frames.shape[2]
+    scale = max(1, min(64 // frames.shape[2], 320 // max(width, 1)))    # up to 64 px a frame, 320 px a strip
     plt.imsave(path, np.kron(strip, np.ones((scale, scale, 1))))
 
 
@@ -108,6 +110,10 @@ def _histogram_png(rows: Sequence[dict], pair: str, split: Optional[Split], path
             cut = _crossing(split)
             if cut is not None:
                 ax.axvline(cut, color="k", ls="--", lw=1, label=f"split {cut:.2f}")
+            if math.isfinite(split.chance):
+                ax.axvline(split.chance, color="#888", ls=":", lw=1, label=f"chance {split.chance:.2f}")
+            if not split.informative:
+                ax.set_title("aligned component not below chance: nothing flagged", fontsize=8)
         ax.legend(fontsize=7)
     ax.set_xlabel(f"{_TITLE[pair]} loss against the reference (nats)")
     ax.set_ylabel("items")
@@ -161,7 +167,7 @@ def _truth_html(report: Optional[dict]) -> List[str]:
            "<th>precision@k</th></tr>"]
     for pair in PAIRS:
         pk = ", ".join(f"P@{k} = {v:.3f}" for k, v in report[f"precision_at_{pair}"].items())
-        out.append(f"<tr><td>{_TITLE[pair]}</td><td class='num'>{report[f'auc_{pair}']:.4f}</td>"
+        out.append(f"<tr><td>{_TITLE[pair]}</td><td class='num'>{records.fmt(report[f'auc_{pair}'], 4)}</td>"
                    f"<td class='num'>{report[f'misaligned_{pair}']}</td><td class='num'>{pk}</td></tr>")
     out.append("</table>")
     out.append(f"<p>{_e(records.report_lines(report)[-1])}</p>")
@@ -202,7 +208,7 @@ def _table(rows, pair, have_media) -> str:
                                 f"z {_fmt(r[f'suspect_{p}'], 2)}, p {_fmt(r[f'p_misaligned_{p}'], 2)}"
                                 for p in PAIRS) + truth)
         best = "(its own caption)" if r.get("best_caption_is_own") else _e(r.get("best_caption"))
-        body.append(f"<tr class='suspect'><td>{n}</td><td>{_e(r['id'])}{where}</td><td>{frames}</td>"
+        body.append(f"<tr class='suspect'><td>{n}</td><td class='item'>{_e(r['id'])}{where}</td><td>{frames}</td>"
                     f"<td class='caption'>{_e(r.get('caption'))}</td><td>{audio}</td><td class='scores'>{scores}</td>"
                     f"<td class='caption'>{best}</td></tr>")
     return head + "\n".join(body) + "</table>"

@@ -31,13 +31,13 @@ def merge_rows(rows: List[dict]) -> Optional[List[dict]]:
     return [merged[k] for k in sorted(merged)]
 
 
-def finish_rows(rows: List[dict]) -> Dict[str, Optional[Split]]:
+def finish_rows(rows: List[dict], chance: Dict[str, float]) -> Dict[str, Optional[Split]]:
     """Fit the split of each pair to every item's loss and add suspect_<pair>, p_misaligned_<pair>, suspect and
-    best_caption to the rows (in place). -> {pair: split}."""
+    best_caption to the rows (in place). ``chance``: {pair: chance_loss}. -> {pair: split}."""
     splits, posts = {}, {}
     for pair in PAIRS:
         loss = torch.tensor([_num(r[f"loss_{pair}"]) for r in rows], dtype=torch.float64)
-        splits[pair] = fit_split(loss)
+        splits[pair] = fit_split(loss, chance[pair])
         posts[pair] = misaligned_posterior(loss, splits[pair])
         for r, s, p in zip(rows, suspicion(loss, splits[pair]).tolist(), posts[pair].tolist()):
             r[f"suspect_{pair}"] = _json_float(s)
@@ -95,15 +95,21 @@ def _truth(row: dict) -> str:
     return "both" if t and a else "text" if t else "audio" if a else "none"
 
 
+def fmt(x, digits: int = 3) -> str:
+    """A number for people: "n/a" for None or NaN (a report read back from JSON holds null for NaN)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
 def report_lines(report: dict) -> List[str]:
     """The ground-truth report as short lines (stdout and the page)."""
     lines = []
     for pair in PAIRS:
         pk = ", ".join(f"P@{k} {v:.3f}" for k, v in report[f"precision_at_{pair}"].items()) or "no precision"
-        lines.append(f"{pair}: AUC {report[f'auc_{pair}']:.4f} over {report['items']} items "
+        lines.append(f"{pair}: AUC {fmt(report[f'auc_{pair}'], 4)} over {report['items']} items "
                      f"({report[f'misaligned_{pair}']} misaligned); {pk}")
-    lines.append(f"suspect pair named correctly: {report['pair_correct_flagged']:.3f} of the "
-                 f"{report['flagged_misaligned']} flagged misaligned items, {report['pair_correct_all']:.3f} of all "
+    flagged = (f"{fmt(report['pair_correct_flagged'])} of the {report['flagged_misaligned']} flagged misaligned items"
+               if report["flagged_misaligned"] else "no misaligned item flagged")
+    lines.append(f"suspect pair named correctly: {flagged}, {fmt(report['pair_correct_all'])} of all "
                  f"{report['misaligned']} misaligned; {report['false_flags']} clean items flagged")
     return lines
 

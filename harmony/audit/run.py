@@ -17,7 +17,7 @@ import torch
 
 from harmony import distributed as hd
 from harmony.audit import records
-from harmony.audit.scoring import PAIRS, pair_scores, select_reference
+from harmony.audit.scoring import PAIRS, chance_loss, pair_scores, select_reference
 from harmony.audit.source import (AuditError, load_config, load_model, open_dataset, rank_batches,
                                   verified_checkpoint)
 from harmony.data.batch import add_counts, zero_counts
@@ -182,7 +182,8 @@ def audit(opts: dict, overrides: List[Tuple[str, str]]) -> Optional[dict]:
     for counts, failed in bad_parts:
         add_counts(bad, counts)
         unscored += failed
-    splits = records.finish_rows(rows)
+    m = int(ref["index"].numel())
+    splits = records.finish_rows(rows, {"text": chance_loss(m, cfg.data.candidates), "audio": chance_loss(m)})
     report = records.ground_truth_report(rows) if records.has_ground_truth(rows) else None
     summary = {"run": str(opts["run"]), "checkpoint": str(checkpoint), "items": len(rows),
                "reference_items": int(ref["index"].numel()), "world_size": env.world_size,

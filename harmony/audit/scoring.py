@@ -123,14 +123,29 @@ class Split:
     weight: tuple     # (aligned, misaligned) mixing weights
     mean: tuple
     var: tuple
+    chance: float = math.inf    # the loss of a pair the model cannot tell from random (log of the term count)
 
-    def as_dict(self) -> Dict[str, list]:
-        return {"weight": list(self.weight), "mean": list(self.mean), "var": list(self.var)}
+    @property
+    def informative(self) -> bool:
+        """Whether the aligned component sits clearly below chance (mean + 2 sd < chance). When it does not,
+        the model does not tell this pair's aligned items from random ones and the two components only
+        describe the shape of noise around chance: no item is flagged on such a split."""
+        return self.mean[0] + 2 * math.sqrt(self.var[0]) < self.chance
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"weight": list(self.weight), "mean": list(self.mean), "var": list(self.var), "chance": self.chance,
+                "informative": self.informative}
 
 
-def fit_split(losses: Tensor) -> Optional[Split]:
+def chance_loss(reference_items: int, candidates: int = 1) -> float:
+    """The score of a pair whose logits all tie: log of the number of terms in ``all_i`` (module doc), the
+    reference's 2·|R|·L plus the item's own."""
+    return math.log(2 * max(reference_items, 1) * candidates)
+
+
+def fit_split(losses: Tensor, chance: float = math.inf) -> Optional[Split]:
     """Fit the split to the finite losses [N] (harmony.curriculum.LossMixture run to convergence on all of
-    them); None when there are fewer than 4 distinct-enough values."""
+    them); None when there are fewer than 4 distinct-enough values. ``chance``: see Split.informative."""
     x = losses.double().reshape(-1)
     x = x[torch.isfinite(x)]
     mix = LossMixture(window=max(1, x.numel()), iters=SPLIT_ITERS)
@@ -140,16 +155,16 @@ def fit_split(losses: Tensor) -> Optional[Split]:
         return None
     w, mu, var = (params[k].tolist() for k in range(3))
     lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
-    return Split((w[lo], w[hi]), (mu[lo], mu[hi]), (var[lo], var[hi]))
+    return Split((w[lo], w[hi]), (mu[lo], mu[hi]), (var[lo], var[hi]), float(chance))
 
 
 def misaligned_posterior(losses: Tensor, split: Optional[Split]) -> Tensor:
     """p(misaligned component | loss) [N] float64, made non-decreasing in the loss: with unequal variances the
     raw posterior turns back up far below the aligned mean (or down far above the misaligned one), so the loss
     is clamped to [aligned mean, misaligned mean], between which the posterior is monotone. NaN stays NaN;
-    NaN everywhere without a split."""
+    NaN everywhere without a split or with one that is not informative."""
     x = losses.double().reshape(-1)
-    if split is None:
+    if split is None or not split.informative:
         return torch.full_like(x, float("nan"))
     w, mu, var = (torch.tensor(v, dtype=torch.float64) for v in (split.weight, split.mean, split.var))
     xc = x.clamp(min=split.mean[0], max=split.mean[1])
