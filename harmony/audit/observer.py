@@ -17,6 +17,7 @@ scores against a fixed reference instead and names the pair.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,16 +28,23 @@ from harmony.audit.source import describe
 from harmony.data.loader import build_dataset
 
 
-def memory_rows(memory, score_kind: str, dataset=None) -> List[dict]:
-    """One row per item the memory has seen, sorted by index (fields: module doc and docs/AUDIT.md)."""
-    if memory is None or memory.num_items == 0:
+def memory_rows(memory, score_kind: str, dataset=None, num_items: Optional[int] = None) -> List[dict]:
+    """One row per item the memory has seen, sorted by index (fields: module doc and docs/AUDIT.md). Only the
+    memory's ``scores(ids) -> (score, seen)`` is required (as the noise monitor uses it); ``count`` (how many
+    observations), when the memory has it, fills ``memory_seen``. ``num_items``: the ids to ask about
+    (default: the memory's own size)."""
+    n = num_items if num_items is not None else int(getattr(memory, "num_items", 0))
+    if memory is None or n == 0:
         return []
-    ids = torch.nonzero(memory.count > 0).flatten()
-    score, _ = memory.scores(ids)
+    ids = torch.arange(n)
+    score, seen = memory.scores(ids)
+    ids, score = ids[seen], score[seen].double()
+    count = getattr(memory, "count", None)
     rows = []
-    for idx, s, seen in zip(ids.tolist(), score.double().tolist(), memory.count[ids].tolist()):
+    for idx, s in zip(ids.tolist(), score.tolist()):
         row = {"index": idx, **(describe(dataset, idx) if dataset is not None else {"id": idx})}
-        row.update(memory_score=round(s, 6), memory_seen=int(seen), suspect_any=round(-s, 6))
+        times = int(count[idx]) if count is not None and idx < count.numel() else None
+        row.update(memory_score=round(s, 6), memory_seen=times, suspect_any=round(-s, 6))
         if score_kind == "gmm":
             row.update(suspect_text=round(1.0 - s, 6), suspect_audio=None, suspect="text" if s < 0.5 else "none")
         else:
@@ -49,14 +57,22 @@ def write_suspects(run_dir: Path, cfg, harmonizer) -> Optional[Path]:
     """Write RUN_DIR/suspects.jsonl from the harmonizer's score memory (rank 0 only; the memory is the same on
     every rank); None when there is no memory or it saw no item."""
     memory = getattr(harmonizer, "memory", None)
-    if memory is None or not bool((memory.count > 0).any()):
+    if memory is None or not hasattr(memory, "scores"):
         return None
     try:
         dataset = build_dataset(cfg.data, "train")
-    except (OSError, ValueError, RuntimeError):
-        dataset = None  # the rows keep their ids and scores without captions
-    path = Path(run_dir) / "suspects.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    write_jsonl(tmp, memory_rows(memory, cfg.harmony.curriculum_score, dataset))
-    tmp.replace(path)
-    return path
+        num_items = len(dataset)
+    except (OSError, ValueError, RuntimeError, TypeError):
+        dataset, num_items = None, None  # the rows keep their ids and scores without captions
+    try:
+        rows = memory_rows(memory, cfg.harmony.curriculum_score, dataset, num_items)
+        if not rows:
+            return None
+        path = Path(run_dir) / "suspects.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        write_jsonl(tmp, rows)
+        tmp.replace(path)
+        return path
+    except Exception as exc:  # the run is over and its summary written: a list it cannot make is not worth a crash
+        print(f"suspects.jsonl not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
