@@ -224,6 +224,15 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """Every rank's ``obj`` in rank order on rank ``dst`` (None on the others); one process: [obj]."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather equal-sized blocks [m, ...] from every rank -> [world·m, ...] in rank order, differentiable.
 

@@ -30,6 +30,7 @@ import torch
 
 from harmony import checkpoint as ckpt
 from harmony import distributed as hd
+from harmony.audit.observer import write_suspects
 from harmony.cli import config_to_dict, format_help, parse_args
 from harmony.config import Config, ConfigError
 from harmony.contracts import Batch, Forward, HarmonyStats, Parts, batch_to, default_parts, oracle_drop
@@ -341,6 +342,7 @@ class Trainer:
         summary["wall_s"] = time.perf_counter() - clock.start
         if self.env.is_main:
             write_json(self.run_dir / "summary.json", summary)
+            write_suspects(self.run_dir, self.cfg, self.harmonizer)  # the score memory's suspects.jsonl
             if self.cfg.log.plots:
                 from harmony.plots import make_plots  # matplotlib only when plotting
                 make_plots(self.run_dir, summary)
