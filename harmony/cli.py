@@ -205,8 +205,10 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     return cfg, name
 
 
-# Injected misalignment belongs to the synthetic benchmark (configs/default.yaml sets it for that kind).
-_NOISE_KEYS = ("data.noise", "data.noise_audio")
+# Injected misalignment belongs to the synthetic benchmark (configs/default.yaml sets it for that kind), and so do
+# its hard items and its concept imbalance: their values on real data unless the user set them.
+_REAL_DATA_VALUES = {"data.noise": 0.0, "data.noise_audio": 0.0, "data.noise_bias": 0.0, "data.hard": 0.0,
+                     "data.imbalance": 1.0}
 
 
 def _is_benchmark_config(path: str) -> bool:
@@ -228,9 +230,9 @@ def _real_data_defaults(cfg: Config, user_set: Dict[str, str]) -> None:
     the synthetic benchmark's config do not carry over to a user's clips."""
     if cfg.data.kind == "synthetic":
         return
-    for dotted in _NOISE_KEYS:
+    for dotted, value in _REAL_DATA_VALUES.items():
         if dotted not in user_set:
-            setattr(cfg.data, dotted.split(".", 1)[1], 0.0)
+            setattr(cfg.data, dotted.split(".", 1)[1], value)
 
 
 def _resolve_data_paths(cfg: Config, user_set: Dict[str, str]) -> None:

@@ -286,10 +286,12 @@ def test_grid_config_finds_its_manifest_from_any_directory(tmp_path, monkeypatch
 
 def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
     synthetic, _ = parse_args([])
-    assert (synthetic.data.noise, synthetic.data.noise_audio) == (0.4, 0.0)  # the benchmark keeps its noise
+    d = synthetic.data  # the benchmark keeps its noise
+    assert (d.noise, d.noise_bias, d.noise_audio, d.hard, d.imbalance) == (0.2, 0.2, 0.2, 0.0, 1.0)
     for kind in (["--data.kind=manifest", "--data.manifest=m.jsonl"], ["--data.kind=shards", "--data.shards=s.tar"]):
         cfg, _ = parse_args(kind)
-        assert (cfg.data.noise, cfg.data.noise_audio) == (0.0, 0.0), kind
+        d = cfg.data
+        assert (d.noise, d.noise_bias, d.noise_audio, d.hard, d.imbalance) == (0.0, 0.0, 0.0, 0.0, 1.0), kind
     cfg, _ = parse_args(["--data.kind=manifest", "--data.manifest=m.jsonl", "--data.noise=0.2"])
     assert (cfg.data.noise, cfg.data.noise_audio) == (0.2, 0.0)
     own = tmp_path / "own.yaml"
