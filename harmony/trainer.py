@@ -66,7 +66,7 @@ class Trainer:
     def __init__(self, cfg: Config, config_name: str = "default", parts: Optional[Parts] = None):
         self.cfg = cfg.validate()
         self.parts = parts or default_parts()
-        self.env = hd.init_distributed(cfg.train.device, cfg.train.parallel)
+        self.env = hd.init_distributed(cfg.train.device, cfg.train.parallel, cfg.train.dist_timeout_s)
         self._owns_group = self.env.backend != ""
         self._lock = None
         try:

@@ -1,8 +1,10 @@
 """Faults and bad input as a user meets them, with real processes, real signals and real damaged files:
-SIGTERM/SIGINT (one process and torchrun with two gloo ranks), corrupt checkpoints, a shared run folder,
-a changed train.steps on resume, user-input errors before any run folder exists, real-data noise defaults."""
+SIGTERM/SIGINT (one process and torchrun with two gloo ranks), a rank SIGKILLed or frozen under torchrun
+--max-restarts, corrupt checkpoints, a shared run folder, a changed train.steps on resume, user-input errors
+before any run folder exists, real-data noise defaults."""
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from harmony import checkpoint as ckpt
+from harmony import distributed as hd
 from harmony.cli import parse_args
 from harmony.metrics import read_jsonl
 from harmony.trainer import main
@@ -115,6 +119,143 @@ def test_a_second_signal_aborts_at_once(tmp_path):
     rc, _, err = _finish(proc)
     assert rc in (-signal.SIGINT, -signal.SIGTERM) and "aborting now, without a checkpoint" in err
     assert ckpt.step_dirs(run / "checkpoints") == []
+
+
+# ------------------------------------------------------------------------------- elastic restarts (torchrun)
+
+def _workers(agent: subprocess.Popen) -> dict:
+    """{rank: pid} of the worker processes torchrun's agent runs now (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != agent.pid:  # the parent pid
+                continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        ranks = [kv[5:] for kv in env if kv.startswith(b"RANK=")]
+        if ranks:
+            found[int(ranks[0])] = int(stat.parent.name)
+    return found
+
+
+def _launch_elastic(run: Path, steps: int, *extra: str) -> subprocess.Popen:
+    """torchrun --max-restarts=1 with two gloo ranks, resuming from the run folder's checkpoints."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(REPO / "train.py"), f"--log.run_dir={run}", f"--train.steps={steps}", "--train.parallel=ddp",
+           "--harmony.mode=ghost", "--train.resume=auto", *FAST, *extra]
+    return subprocess.Popen(cmd, cwd=run.parent, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish_or_kill(agent: subprocess.Popen, timeout: float) -> tuple:
+    """(returncode, output, hung): a job still running after ``timeout`` s is a hang; its processes are killed."""
+    try:
+        out, _ = agent.communicate(timeout=timeout)
+        return agent.returncode, out, False
+    except subprocess.TimeoutExpired:
+        for pid in _workers(agent).values():  # torchrun starts each worker in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        agent.kill()
+        out, _ = agent.communicate()
+        return agent.returncode, out, True
+
+
+ELASTIC_STEPS, ELASTIC_EVERY = 30, 5
+
+
+@pytest.fixture(scope="module")
+def elastic_reference(tmp_path_factory):
+    """An uninterrupted two-rank run: the metrics and final weights every restarted run must end with."""
+    run = tmp_path_factory.mktemp("elastic") / "reference"
+    rc, out, hung = _finish_or_kill(_launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}"), 240)
+    assert rc == 0 and not hung, out[-3000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("trial", range(3))
+def test_a_rank_killed_under_torchrun_restarts_and_resumes_exactly(tmp_path, elastic_reference, trial):
+    """SIGKILL to a random rank at a random step: torchrun restarts both ranks, they meet again (not in the dead
+    peer's leftovers in the agent's store) and resume from the newest checkpoint; the run ends as if never cut.
+    The choice is drawn from a seed printed on failure (set HARMONY_FAULT_SEED to replay it)."""
+    seed = int(os.environ.get("HARMONY_FAULT_SEED", random.randrange(10**6))) + trial
+    rng = random.Random(seed)
+    victim, at = rng.randrange(2), rng.randint(2, ELASTIC_STEPS - 4)
+    run = tmp_path / "run"
+    agent = _launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}", "--train.dist_timeout_s=60")
+    _wait_rows(run, at, agent)
+    pid = _workers(agent)[victim]
+    os.kill(pid, signal.SIGKILL)
+    had_checkpoint = bool(ckpt.step_dirs(run / "checkpoints"))
+    rc, out, hung = _finish_or_kill(agent, 240)
+    what = f"seed {seed}: rank {victim} killed after {at} logged steps"
+    print(what, out[-4000:])
+    assert not hung, f"{what}: the restarted job hung"
+    assert rc == 0, f"{what}: rc {rc}"
+    assert f"(pid: {pid})" in out and "exitcode: -9" in out  # the kill happened and torchrun restarted the group
+    assert "Connection refused" not in out and "connectFullMesh" not in out
+    assert ("resumed from " in out) == had_checkpoint, what
+    assert _losses(run) == _losses(elastic_reference), what
+    a, b = _final_model(elastic_reference, ELASTIC_STEPS), _final_model(run, ELASTIC_STEPS)
+    assert all(torch.equal(a[n], b[n]) for n in a), what
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_frozen_rank_times_out_and_the_job_restarts(tmp_path, elastic_reference):
+    """SIGSTOP to one rank (a node that stops answering: its sockets stay open, so no peer sees an error): the
+    other rank's collective gives up after train.dist_timeout_s, torchrun restarts the group, and the run ends
+    as if never cut."""
+    run = tmp_path / "run"
+    agent = _launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}", "--train.dist_timeout_s=5")
+    _wait_rows(run, ELASTIC_EVERY + 2, agent)
+    frozen = _workers(agent)[1]
+    os.kill(frozen, signal.SIGSTOP)
+    start = time.time()
+    rc, out, hung = _finish_or_kill(agent, 240)
+    print(out[-4000:])
+    assert not hung and rc == 0, f"rc {rc}, hung {hung}"
+    assert "resumed from " in out and _losses(run) == _losses(elastic_reference)
+    print(f"frozen rank to finished run: {time.time() - start:.0f} s")
+
+
+def test_each_round_meets_in_a_fresh_namespace_of_the_shared_store():
+    """Two rounds of two ranks on one long-lived store (as torchrun's agent keeps it): the second round agrees
+    on a new namespace although the first round's keys, its ranks' hellos included, are still there, and
+    whichever rank comes first."""
+    from datetime import timedelta
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    timeout = timedelta(seconds=20)
+
+    def meet(late_rank: int) -> list:
+        import threading
+
+        got = [None, None]
+
+        def worker(rank):
+            if rank == late_rank:
+                time.sleep(0.3)
+            client = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timeout)
+            got[rank] = hd._fresh_namespace(client, rank, 2, timeout)
+
+        threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return got
+
+    first = meet(late_rank=0)
+    first[0].set("rank_1", "the address of a rank that is gone")
+    assert first[1].get("rank_1") == b"the address of a rank that is gone"  # both ranks share the namespace
+    second = meet(late_rank=1)  # rank 1's stale hello from the first round is in the store: rank 0 answers it too
+    assert not second[0].check(["rank_1"]) and not second[1].check(["rank_1"])
+    second[1].set("rank_1", "new")
+    assert second[0].get("rank_1") == b"new" and first[0].get("rank_1") != b"new"
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
