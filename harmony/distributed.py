@@ -273,6 +273,12 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
+def first_message(msg: str) -> str:
+    """The first non-empty ``msg`` over ranks, in rank order ('' when every rank passes ''): one rank's
+    failure becomes every rank's decision (e.g. a checkpoint write). Collective; identity in one process."""
+    return next((m for m in all_gather_object(msg) if m), "")
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather equal-sized blocks [m, ...] from every rank -> [world·m, ...] in rank order, differentiable.
 

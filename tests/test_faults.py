@@ -41,7 +41,7 @@ def _launch(run: Path, steps: int, *extra: str, torchrun: bool = False) -> subpr
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple:
     out, err = proc.communicate(timeout=timeout)
-    print(out[-2000:], err[-3000:])
+    print((out or "")[-2000:], (err or "")[-3000:])
     return proc.returncode, out, err
 
 
@@ -141,25 +141,43 @@ def _workers(agent: subprocess.Popen) -> dict:
 
 
 def _launch_elastic(run: Path, steps: int, *extra: str) -> subprocess.Popen:
-    """torchrun --max-restarts=1 with two gloo ranks, resuming from the run folder's checkpoints."""
+    """torchrun --max-restarts=1 with two gloo ranks, resuming from the run folder's checkpoints; its output (both
+    streams) goes to ``<run>.log`` (``_log``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            str(REPO / "train.py"), f"--log.run_dir={run}", f"--train.steps={steps}", "--train.parallel=ddp",
            "--harmony.mode=ghost", "--train.resume=auto", *FAST, *extra]
-    return subprocess.Popen(cmd, cwd=run.parent, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    with open(_log(run), "w") as log:
+        return subprocess.Popen(cmd, cwd=run.parent, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish_or_kill(agent: subprocess.Popen, timeout: float) -> tuple:
+def _log(run: Path) -> Path:
+    return run.with_name(run.name + ".log")
+
+
+def _finish_or_kill(agent: subprocess.Popen, run: Path, timeout: float) -> tuple:
     """(returncode, output, hung): a job still running after ``timeout`` s is a hang; its processes are killed."""
     try:
-        out, _ = agent.communicate(timeout=timeout)
-        return agent.returncode, out, False
+        agent.wait(timeout=timeout)
+        hung = False
     except subprocess.TimeoutExpired:
         for pid in _workers(agent).values():  # torchrun starts each worker in a session of its own
             os.kill(pid, signal.SIGKILL)
         agent.kill()
-        out, _ = agent.communicate()
-        return agent.returncode, out, True
+        agent.wait()
+        hung = True
+    return agent.returncode, _log(run).read_text(), hung
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    """Until the file ``path`` holds a line with ``text`` -> that line."""
+    end = time.time() + timeout
+    while time.time() < end:
+        lines = [ln for ln in path.read_text().splitlines() if text in ln] if path.is_file() else []
+        if lines:
+            return lines[0]
+        assert proc.poll() is None, path.read_text()[-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"no line with {text!r} in {path}")
 
 
 ELASTIC_STEPS, ELASTIC_EVERY = 30, 5
@@ -169,7 +187,8 @@ ELASTIC_STEPS, ELASTIC_EVERY = 30, 5
 def elastic_reference(tmp_path_factory):
     """An uninterrupted two-rank run: the metrics and final weights every restarted run must end with."""
     run = tmp_path_factory.mktemp("elastic") / "reference"
-    rc, out, hung = _finish_or_kill(_launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}"), 240)
+    agent = _launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}")
+    rc, out, hung = _finish_or_kill(agent, run, 240)
     assert rc == 0 and not hung, out[-3000:]
     return run
 
@@ -190,7 +209,7 @@ def test_a_rank_killed_under_torchrun_restarts_and_resumes_exactly(tmp_path, ela
     pid = _workers(agent)[victim]
     os.kill(pid, signal.SIGKILL)
     had_checkpoint = bool(ckpt.step_dirs(run / "checkpoints"))
-    rc, out, hung = _finish_or_kill(agent, 240)
+    rc, out, hung = _finish_or_kill(agent, run, 240)
     what = f"seed {seed}: rank {victim} killed after {at} logged steps"
     print(what, out[-4000:])
     assert not hung, f"{what}: the restarted job hung"
@@ -215,7 +234,7 @@ def test_a_frozen_rank_times_out_and_the_job_restarts(tmp_path, elastic_referenc
     frozen = _workers(agent)[1]
     os.kill(frozen, signal.SIGSTOP)
     start = time.time()
-    rc, out, hung = _finish_or_kill(agent, 240)
+    rc, out, hung = _finish_or_kill(agent, run, 240)
     print(out[-4000:])
     assert not hung and rc == 0, f"rc {rc}, hung {hung}"
     assert "resumed from " in out and _losses(run) == _losses(elastic_reference)
@@ -334,6 +353,137 @@ def test_more_steps_on_resume_follow_a_new_schedule(four_checkpoints, tmp_path, 
     assert [r["step"] for r in rows] == list(range(1, 9))
     lrs = [r["lr"] for r in rows[4:]]
     assert all(lr > 0 for lr in lrs[:-1]) and lrs == sorted(lrs, reverse=True)  # decaying, not stuck at 0
+
+
+# ------------------------------------------------------------------------------ failed checkpoint writes
+
+FILE_LIMIT = 1 << 20  # bytes: far more than metrics.jsonl grows to here, far less than one state.pt (~50 MB)
+
+
+def _file_limit(soft: int):
+    """preexec_fn: a file-size limit in the child, as a full disk or a quota would stop its writes; SIGXFSZ
+    ignored, so a write past it fails with EFBIG instead of killing the process."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return apply
+
+
+def _set_file_limit(pid: int, soft: int) -> None:
+    """Lower or lift the file-size limit of a running process (its soft limit; the hard one stays)."""
+    import resource
+
+    hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _folder_digest(folder: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_costs_no_training_and_the_next_one_retries(tmp_path):
+    """A run writes its first checkpoint, then its disk "fills" (a file-size limit below one checkpoint): the
+    next save fails in one line, its partial folder is removed, the older checkpoint stays as it was and reads
+    back, training goes on; once there is room again, the next save succeeds and the run ends normally."""
+    import resource
+
+    run, steps, every = tmp_path / "run", 16, 4
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"--log.run_dir={run}",
+                                 f"--train.steps={steps}", f"--train.ckpt_every={every}", "--train.keep_last=5",
+                                 *FAST], cwd=tmp_path, env=ENV, stdout=out, stderr=err, text=True)
+    first = run / "checkpoints" / f"step_{every:08d}"
+    end = time.time() + 120
+    while not first.is_dir() and time.time() < end and proc.poll() is None:
+        time.sleep(0.02)
+    _set_file_limit(proc.pid, FILE_LIMIT)
+    before = _folder_digest(first)
+    line = _wait_for(tmp_path / "err", "not written", proc)
+    _set_file_limit(proc.pid, resource.RLIM_INFINITY)
+    rc, _, _ = _finish(proc)
+    err = (tmp_path / "err").read_text()
+    print(err[-3000:])
+    assert rc == 0 and "Traceback" not in err
+    k = int(line.split("checkpoint of step ")[1].split()[0])
+    assert every < k < steps and k % every == 0
+    tmp = run / "checkpoints" / f".tmp-step_{k:08d}"
+    assert line.startswith(f"checkpoint of step {k} not written: {tmp / 'state.pt'}: [Errno 27] File too large (")
+    assert " free on that disk); training goes on, the checkpoint of step " in line
+    assert line.endswith(f"the checkpoint of step {k + every} tries again")
+    assert err.count("not written") == 1  # the limit was lifted before the next save
+    saved = ckpt.step_dirs(run / "checkpoints")
+    assert [ckpt.step_of(d) for d in saved] == [s for s in range(every, steps + 1, every) if s != k]
+    assert _folder_digest(first) == before
+    ckpt.verify_checkpoint(first)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no partial folder
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_a_failed_final_checkpoint_ends_the_run_with_its_message_after_the_summary(tmp_path):
+    run, steps = tmp_path / "run", 4
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"--log.run_dir={run}", f"--train.steps={steps}",
+                             "--train.ckpt_every=2", *FAST], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_file_limit(FILE_LIMIT))
+    rc, out, err = _finish(proc)
+    lines = err.strip().splitlines()
+    tmp = run / "checkpoints" / ".tmp-step_00000002"
+    assert rc == 1 and "Traceback" not in err
+    assert [ln for ln in lines if "not written" in ln][0].startswith(
+        f"checkpoint of step 2 not written: {tmp / 'state.pt'}: [Errno 27] File too large (")
+    assert lines[-1].startswith(f"checkpoint of step {steps} not written: ")
+    assert lines[-1].endswith("it was the final checkpoint, so the run ends with status 1 (metrics.jsonl and "
+                              "summary.json are written; the newest checkpoint is none)")
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, steps + 1))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["checkpoint_error"] in lines[-1]
+    assert list((run / "checkpoints").iterdir()) == []  # no checkpoint, no partial folder
+    assert "summary: steps=4" in out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_checkpoint_write_failing_on_one_rank_is_every_ranks_decision(tmp_path, elastic_reference, parallel):
+    """Only rank 1's file-size limit is lowered, below what it writes of a checkpoint (its rank file; under
+    FSDP its shard): the save fails on every rank (rank 0 says so in one line naming rank 1's file and removes
+    the partial folder), no rank hangs or restarts, and once the limit is lifted the next save succeeds; the DDP
+    run ends as an undisturbed one."""
+    import resource
+
+    run = tmp_path / "run"
+    agent = _launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}", "--train.dist_timeout_s=60",
+                            f"--train.parallel={parallel}")
+    first = run / "checkpoints" / f"step_{ELASTIC_EVERY:08d}"
+    end = time.time() + 120
+    while not first.is_dir() and time.time() < end and agent.poll() is None:
+        time.sleep(0.02)
+    rank1 = _workers(agent)[1]
+    _set_file_limit(rank1, 1000)  # a rank file is ~40 kB; rank 1 writes no other file
+    line = _wait_for(_log(run), "not written", agent)
+    _set_file_limit(rank1, resource.RLIM_INFINITY)
+    rc, out, hung = _finish_or_kill(agent, run, 240)
+    print(out[-4000:])
+    assert rc == 0 and not hung
+    k = int(line.split("checkpoint of step ")[1].split()[0])
+    tmp = run / "checkpoints" / f".tmp-step_{k:08d}"
+    failed = f"{tmp / 'rank_00001.pt'}: [Errno 27] File too large (" if parallel == "ddp" else \
+        f"{tmp / 'dcp'}: [Errno 27] File too large on rank 1 ("
+    assert f"checkpoint of step {k} not written: {failed}" in line
+    assert out.count("not written") == 1 and "resumed from" not in out and "Traceback" not in out
+    assert k not in [ckpt.step_of(d) for d in ckpt.step_dirs(run / "checkpoints")]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    if parallel == "fsdp":  # sharded: not bit-equal to the DDP reference
+        assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, ELASTIC_STEPS + 1))
+        return
+    assert _losses(run) == _losses(elastic_reference)
+    a, b = _final_model(elastic_reference, ELASTIC_STEPS), _final_model(run, ELASTIC_STEPS)
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 # ------------------------------------------------------------------------------------------ run folder
