@@ -110,6 +110,27 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_with_loader_workers(tmp_path, sig, code):
+    """A terminal's Ctrl-C reaches every process of the foreground group, the DataLoader workers too: the
+    run still finishes its step, writes its checkpoint and exits with 128 + the signal, and nothing prints a
+    traceback or a KeyboardInterrupt (the workers ignore both signals and end with the loader)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"--log.run_dir={run}", "--train.steps=200",
+                             "--train.ckpt_every=0", "--data.workers=2", *FAST], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_rows(run, 3, proc)
+    os.killpg(proc.pid, sig)  # the trainer and both workers, as a terminal does
+    rc, _, err = _finish(proc)
+    name = signal.Signals(sig).name
+    assert rc == code, rc
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Error" not in err
+    saved = ckpt.step_dirs(run / "checkpoints")
+    assert len(saved) == 1 and f"on {name}: checkpoint written to {saved[0]}" in err
+    ckpt.verify_checkpoint(saved[0])
+
+
+@pytest.mark.slow
 def test_a_second_signal_aborts_at_once(tmp_path):
     run = tmp_path / "run"
     proc = _launch(run, 200, "--train.ckpt_every=0")
