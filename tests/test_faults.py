@@ -612,6 +612,19 @@ def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
 
 # ------------------------------------------------------------------------------------------- bad data
 
+def test_a_bad_data_warning_is_one_line(tmp_path):
+    code = ("from harmony.data.batch import note_bad, zero_counts\n"
+            "c = zero_counts()\n"
+            "note_bad(c, 'truncated', 'clip.mp4 ends inside its own structure', 'clip.mp4')\n"
+            "note_bad(c, 'truncated', 'again', 'other.mp4')\n")
+    (tmp_path / "reader.py").write_text(code)  # a file: a warnings.warn would echo its source line
+    proc = subprocess.run([sys.executable, "reader.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert proc.stderr == ("harmony.data: truncated: clip.mp4 ends inside its own structure (further 'truncated' "
+                           "cases are counted, not warned)\n")
+
+
 @pytest.mark.slow
 def test_bad_data_report_counts_items_and_draws_and_names_them(tmp_path):
     """A manifest of real GRID clips with a non-JSON line, a missing clip and a cut-short mp4: every kind is
@@ -643,6 +656,8 @@ def test_bad_data_report_counts_items_and_draws_and_names_them(tmp_path):
     assert proc.returncode == 0
     for kind in ("bad_line", "truncated", "missing_file"):
         assert proc.stderr.count(f"harmony.data: {kind}:") == 1, kind
+    warned = [ln for ln in proc.stderr.splitlines() if "harmony.data:" in ln]
+    assert all(ln.startswith("harmony.data: ") for ln in warned) and "note_bad(" not in proc.stderr  # one line each
     assert "injecting noise" not in proc.stdout
     rows = read_jsonl(run / "metrics.jsonl")
     assert rows[0]["bad"]["bad_line"] == 1 and sum(r["bad"]["bad_line"] for r in rows) == 1
