@@ -21,6 +21,7 @@ store (``_fresh_namespace``). Multi-node is torchrun's own (``--nnodes``,
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 import uuid
@@ -135,7 +136,12 @@ def init_distributed(device_pref: str = "auto", parallel: str = "none", timeout_
 
 
 def shutdown() -> None:
+    """Destroy the default process group, and with it its threads, now: the objects that held it are collected
+    first (reference cycles too), so that destroying it drops its last reference. A group left alive until the
+    interpreter exits ends its gloo threads during finalization, which can abort the process (SIGABRT,
+    'terminate called without an active exception')."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

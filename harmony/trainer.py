@@ -387,10 +387,16 @@ class Trainer:
                               f"summary in {self.run_dir / 'summary.json'}")
 
     def close(self) -> None:
+        """Release the run folder's lock and the process group this trainer created. What holds the group (the
+        wrapped model, optimizer, harmonizer, ...) is dropped first, so that its threads end here rather than
+        during the interpreter's exit, where gloo's threads abort the process ('terminate called without an
+        active exception'). The trainer is not usable afterwards."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
         if self._owns_group:
+            for name in ("model", "raw_model", "params", "optimizer", "scheduler", "harmonizer", "sampler", "monitor"):
+                self.__dict__.pop(name, None)
             hd.shutdown()
 
 

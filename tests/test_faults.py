@@ -98,6 +98,42 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, torchrun):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+_AFTER_MAIN = """import os, sys
+from harmony.trainer import main
+try:
+    main(sys.argv[1:])
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+tasks = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']} exit {code}: gloo threads left {sorted(t for t in tasks if 'gloo' in t)}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stop", ["finished", "sigterm"])
+def test_the_process_group_and_its_threads_are_gone_when_main_returns(tmp_path, stop):
+    """When main() returns (a finished run, or a stop on SIGTERM), the process group is destroyed for real: no
+    gloo thread is left to end during the interpreter's exit, where one aborted a rank now and then (SIGABRT,
+    'terminate called without an active exception'; seen at the end of a 2-rank run). The objects holding the
+    group (the DDP model, ...) used to keep it, and its threads, alive past destroy_process_group."""
+    (tmp_path / "after_main.py").write_text(_AFTER_MAIN)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "after_main.py",
+           f"--log.run_dir={run}", "--train.steps=200" if stop == "sigterm" else "--train.steps=4",
+           "--train.ckpt_every=0", "--train.parallel=ddp", "--harmony.mode=ghost", *FAST]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stop == "sigterm":
+        _wait_rows(run, 3, proc)
+        proc.send_signal(signal.SIGTERM)
+    _, out, err = _finish(proc)
+    code = 143 if stop == "sigterm" else 0
+    for rank in range(2):
+        assert f"rank {rank} exit {code}: gloo threads left []" in out
+    assert "terminate called" not in err
+
+
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     run = tmp_path / "run"
