@@ -223,11 +223,13 @@ class CheckpointWriteError(Exception):
 
 
 def _size(n: float) -> str:
+    """Bytes for a person: 0 B, 812.0 KiB, 70.0 GiB."""
+    unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    return ""
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _write_failure(exc: BaseException, folder: Path) -> str:
@@ -297,9 +299,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     try:
         if sharded:
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
             from torch.distributed.checkpoint.api import CheckpointException
+            from torch.distributed.checkpoint.state_dict import get_state_dict
 
             msd, osd = get_state_dict(model, optimizer)
             try:
