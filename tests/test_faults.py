@@ -271,9 +271,10 @@ def test_a_rank_killed_under_torchrun_restarts_and_resumes_exactly(tmp_path, ela
     print(what, out[-4000:])
     assert not hung, f"{what}: the restarted job hung"
     assert rc == 0, f"{what}: rc {rc}"
-    assert f"(pid: {pid})" in out and "exitcode: -9" in out  # the kill happened and torchrun restarted the group
+    assert "failed (exitcode: " in out  # torchrun saw the group fail (it logs the first failure it finds)
     assert "Connection refused" not in out and "connectFullMesh" not in out
-    assert ("resumed from " in out) == had_checkpoint, what
+    if had_checkpoint:  # (a save finishing on the survivor just after the kill can be resumed from, too)
+        assert "resumed from " in out, what
     assert _losses(run) == _losses(elastic_reference), what
     a, b = _final_model(elastic_reference, ELASTIC_STEPS), _final_model(run, ELASTIC_STEPS)
     assert all(torch.equal(a[n], b[n]) for n in a), what
@@ -284,9 +285,10 @@ def test_a_rank_killed_under_torchrun_restarts_and_resumes_exactly(tmp_path, ela
 def test_a_frozen_rank_times_out_and_the_job_restarts(tmp_path, elastic_reference):
     """SIGSTOP to one rank (a node that stops answering: its sockets stay open, so no peer sees an error): the
     other rank's collective gives up after train.dist_timeout_s, torchrun restarts the group, and the run ends
-    as if never cut."""
+    as if never cut. (20 s: short, yet longer than two restarted ranks' start-up skew on a loaded machine, which
+    the same timeout bounds in the rendezvous.)"""
     run = tmp_path / "run"
-    agent = _launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}", "--train.dist_timeout_s=5")
+    agent = _launch_elastic(run, ELASTIC_STEPS, f"--train.ckpt_every={ELASTIC_EVERY}", "--train.dist_timeout_s=20")
     _wait_rows(run, ELASTIC_EVERY + 2, agent)
     frozen = _workers(agent)[1]
     os.kill(frozen, signal.SIGSTOP)
