@@ -14,6 +14,10 @@ Everything is written under ``.tmp-step_...`` first (each file itself through a 
 ``os.replace``), and the folder is renamed into place only when every rank is done, so a folder named
 ``step_*`` is always complete. Files are read with ``torch.load(weights_only=True)``: only tensors and
 plain Python containers are stored.
+
+A write that fails (a full disk, a quota, a file-size limit) on any rank fails the save on every rank
+alike: the partial ``.tmp-step_...`` folder is removed, older checkpoints are untouched, and
+:class:`CheckpointWriteError` says in one line which file, the OS error and the free space there.
 """
 from __future__ import annotations
 
@@ -34,15 +38,45 @@ from harmony import distributed as hd
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class _Sink:
+    """A file for torch.save that keeps the OSError of a failed write: torch.save reports it only as a
+    RuntimeError of its own ("unexpected pos ...")."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: readers never see half a file."""
+    """torch.save to a temp file in the same folder, fsync, then os.replace: readers never see half a file.
+
+    A failed write raises its OSError with ``filename`` set to ``path`` (the temp file is removed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            sink = _Sink(fh)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def load(path: Path, device: Optional[torch.device] = None) -> Any:
@@ -184,6 +218,55 @@ def set_aside(ckpt: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ save / load
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written on some rank (raised on every rank); the message is one line."""
+
+
+def _size(n: float) -> str:
+    """Bytes for a person: 0 B, 812.0 KiB, 70.0 GiB."""
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def _write_failure(exc: BaseException, folder: Path) -> str:
+    """One line for a failed write: the file, the OS error, the free space on its disk where it can be read."""
+    oserr, rank = exc, ""
+    while oserr is not None and not isinstance(oserr, OSError):  # DCP wraps the writers' errors
+        failures = sorted((getattr(oserr, "failures", None) or {}).items())  # DCP: {rank: (exception, traceback)}
+        if failures:
+            rank = f" on rank {failures[0][0]}"
+        inner = [e[0] if isinstance(e, tuple) else e for _, e in failures]
+        oserr = inner[0] if inner else (oserr.__cause__ or oserr.__context__)
+    if oserr is None:
+        return f"{folder}: {type(exc).__name__}: {exc}".splitlines()[0]
+    where = Path(oserr.filename) if getattr(oserr, "filename", None) else folder
+    what = f"[Errno {oserr.errno}] {oserr.strerror}{rank}" if oserr.errno else f"{oserr}{rank}"
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f" ({_size(shutil.disk_usage(probe).free)} free on that disk)"
+    except OSError:
+        free = ""
+    return f"{where}: {what}{free}"
+
+
+def _agree(error: str, cleanup: Path) -> None:
+    """Every rank learns whether any rank failed (one collective); on a failure rank 0 removes ``cleanup`` and
+    every rank raises CheckpointWriteError with the first failing rank's line."""
+    error = hd.first_message(error)
+    if not error:
+        return
+    if hd.get_rank() == 0:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    hd.barrier()
+    raise CheckpointWriteError(error)
+
+
 def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer):
     return hd.unwrap(model).state_dict(), optimizer.state_dict()
 
@@ -194,42 +277,60 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     """Write the checkpoint of ``step`` (collective: every rank calls it) and prune to ``keep_last``.
 
     ``rank_extra``: this rank's own plain state (trainer counters, noise window), stored in its rank file.
-    Returns the final folder.
+    Returns the final folder. A write that fails on any rank raises CheckpointWriteError on every rank, after
+    the partial folder is removed; the checkpoints already there are left as they were.
     """
     env_rank, world = hd.get_rank(), hd.get_world_size()
     root = Path(ckpt_root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
+    error = ""
     if env_rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run killed while saving
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    hd.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a run killed while saving
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            error = _write_failure(exc, tmp)
+    _agree(error, tmp)
 
     sharded = hd.is_fsdp(model)
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    try:
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.api import CheckpointException
+            from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    elif env_rank == 0:
-        msd, osd = _model_optim_state(model, optimizer)
-        atomic_torch_save({"model": msd, "optim": osd}, tmp / "state.pt")
+            msd, osd = get_state_dict(model, optimizer)
+            try:
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+            except CheckpointException as exc:  # every rank's writer errors, raised on every rank
+                error = _write_failure(exc, tmp / "dcp")
+        elif env_rank == 0:
+            msd, osd = _model_optim_state(model, optimizer)
+            atomic_torch_save({"model": msd, "optim": osd}, tmp / "state.pt")
 
-    per_rank = {"rng": rng_state(), "harmonizer": harmonizer.state_dict() if harmonizer is not None else None,
-                "extra": rank_extra or {}}
-    atomic_torch_save(per_rank, tmp / f"rank_{env_rank:05d}.pt")
+        per_rank = {"rng": rng_state(), "harmonizer": harmonizer.state_dict() if harmonizer is not None else None,
+                    "extra": rank_extra or {}}
+        if not error:
+            atomic_torch_save(per_rank, tmp / f"rank_{env_rank:05d}.pt")
+        if env_rank == 0 and not error:
+            meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "config": config, "world_size": world, "sharded": sharded}
+            atomic_torch_save(meta, tmp / "meta.pt")
+    except OSError as exc:
+        error = _write_failure(exc, tmp)
+    _agree(error, tmp)
     if env_rank == 0:
-        meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "config": config, "world_size": world, "sharded": sharded}
-        atomic_torch_save(meta, tmp / "meta.pt")
-    hd.barrier()
+        try:
+            if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            error = _write_failure(exc, final)
+    _agree(error, tmp)
     if env_rank == 0:
-        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in step_dirs(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     hd.barrier()

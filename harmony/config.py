@@ -290,6 +290,9 @@ class TrainConfig:
     ckpt_every: int = _f(100, "save a checkpoint every this many steps (0: only at the end)", lo=0)
     keep_last: int = _f(3, "checkpoints kept in run_dir/checkpoints (older ones are deleted)", lo=1)
     max_bad_steps: int = _f(20, "abort after this many CONSECUTIVE skipped (non-finite) steps (0: never)", lo=0)
+    dist_timeout_s: float = _f(600.0, "seconds the process group's rendezvous and every collective wait for a peer "
+                               "before the run fails (a dead or frozen rank: torchrun --max-restarts can restart)",
+                               lo=1.0)
 
     def validate(self) -> "TrainConfig":
         validate_section(self, "train")

@@ -9,7 +9,10 @@ of FSDP2 (``unsharded_through_backward``).
 
 Launch with ``torchrun [--nproc_per_node N] train.py ...``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT come from torchrun's environment; without them the run is one process and every helper here
-degrades to the identity. gloo on the CPU, NCCL on CUDA. Multi-node is torchrun's own (``--nnodes``,
+degrades to the identity. gloo on the CPU, NCCL on CUDA. Every collective, and the rendezvous itself, gives
+up after ``train.dist_timeout_s`` (a peer that died or froze ends the run with an error torchrun can restart,
+never a wait without end). A group restarted by torchrun meets in a namespace of its own in the agent's
+store (``_fresh_namespace``). Multi-node is torchrun's own (``--nnodes``,
 ``--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT``), e.g. under SLURM::
 
     srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-id=$SLURM_JOB_ID \\
@@ -18,8 +21,12 @@ degrades to the identity. gloo on the CPU, NCCL on CUDA. Multi-node is torchrun'
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -64,9 +71,47 @@ def _free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_pref: str = "auto", parallel: str = "none") -> DistEnv:
+def _fresh_namespace(store: dist.Store, rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The part of ``store`` that only this group of workers uses: a prefix named by a token rank 0 draws now.
+
+    torchrun's agent hosts one store for the whole job (TORCHELASTIC_USE_AGENT_STORE=True) and hands every
+    restarted group the same one, while ``init_process_group`` writes its keys (gloo: each rank's address)
+    under the same names in every round. A restarted rank could then read a dead peer's address from the
+    previous round and fail ("connectFullMesh ... Connection refused") or wait on it (a hang in
+    ``_new_process_group_helper``). The restart count cannot name the round: each agent counts its own.
+
+    So rank 0 draws a token, and every other rank asks for it with a nonce of its own (``hello/<rank>``) and
+    waits for the answer under a key holding that nonce, which no earlier round can have written; rank 0
+    answers whatever nonce it reads (a stale one too: nobody waits for that answer) until each rank has
+    acknowledged under the new token. Every wait ends after ``timeout``."""
+    nonce = uuid.uuid4().hex
+    if rank != 0:
+        store.set(f"harmony/hello/{rank}", nonce)
+        token = store.get(f"harmony/answer/{rank}/{nonce}").decode()  # waits up to the store's timeout
+        store.set(f"harmony/ack/{token}/{rank}", "1")
+        return dist.PrefixStore(f"harmony/{token}", store)
+    token, answered, pending = nonce, {}, set(range(1, world))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"harmony/ack/{token}/{r}"]):
+                pending.discard(r)
+            elif store.check([f"harmony/hello/{r}"]):
+                asked = store.get(f"harmony/hello/{r}").decode()
+                if answered.get(r) != asked:
+                    store.set(f"harmony/answer/{r}/{asked}", token)
+                    answered[r] = asked
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0: ranks {sorted(pending)} did not join the process group within "
+                               f"{timeout.total_seconds():g} s (train.dist_timeout_s)")
+        time.sleep(0.01 if pending else 0)
+    return dist.PrefixStore(f"harmony/{token}", store)
+
+
+def init_distributed(device_pref: str = "auto", parallel: str = "none", timeout_s: float = 600.0) -> DistEnv:
     """Read torchrun's env and create the default process group when WORLD_SIZE > 1 (gloo CPU, NCCL CUDA).
 
+    ``timeout_s``: how long the rendezvous and every collective wait for a peer before they raise.
     FSDP2 needs a process group even in one process: with parallel='fsdp' and no torchrun env, a
     one-rank group on a free local port is created, so the sharded code path runs on a single device too."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,17 +121,27 @@ def init_distributed(device_pref: str = "auto", parallel: str = "none") -> DistE
     backend = ""
     if (world > 1 or parallel == "fsdp") and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         if "MASTER_ADDR" not in os.environ:  # one process started without torchrun
             kwargs["init_method"] = f"tcp://127.0.0.1:{_free_local_port()}"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the agent's store, shared by every round
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                                  is_master=False, timeout=timeout)
+            kwargs["store"] = _fresh_namespace(agent, rank, world, timeout)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     elif dist.is_initialized():
         backend = dist.get_backend()
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
 def shutdown() -> None:
+    """Destroy the default process group, and with it its threads, now: the objects that held it are collected
+    first (reference cycles too), so that destroying it drops its last reference. A group left alive until the
+    interpreter exits ends its gloo threads during finalization, which can abort the process (SIGABRT,
+    'terminate called without an active exception')."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -231,6 +286,12 @@ def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def first_message(msg: str) -> str:
+    """The first non-empty ``msg`` over ranks, in rank order ('' when every rank passes ''): one rank's
+    failure becomes every rank's decision (e.g. a checkpoint write). Collective; identity in one process."""
+    return next((m for m in all_gather_object(msg) if m), "")
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -55,6 +55,10 @@ class TrainingStopped(RuntimeError):
     """The run stopped before train.steps for a reason of its own (train.max_bad_steps); summary.json says why."""
 
 
+class FinalCheckpointFailed(RuntimeError):
+    """Every step ran, metrics.jsonl and summary.json are written, but the final checkpoint could not be."""
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -67,7 +71,7 @@ class Trainer:
     def __init__(self, cfg: Config, config_name: str = "default", parts: Optional[Parts] = None):
         self.cfg = cfg.validate()
         self.parts = parts or default_parts()
-        self.env = hd.init_distributed(cfg.train.device, cfg.train.parallel)
+        self.env = hd.init_distributed(cfg.train.device, cfg.train.parallel, cfg.train.dist_timeout_s)
         self._owns_group = self.env.backend != ""
         self._lock = None
         try:
@@ -112,6 +116,7 @@ class Trainer:
         self.sampler = memory_sampler(cfg, self.harmonizer, env.rank, env.world_size, lambda: self.step)
         self.step = self.skipped_total = self.consecutive_bad = 0  # with the ledger and monitor: checkpointed
         self._stop_reason = ""  # set when train.max_bad_steps consecutive steps were skipped
+        self._save_error = ""  # why the latest checkpoint could not be written ('' once one is)
         self.bad = BadLedger()
         self.monitor = NoiseMonitor(cfg, self.harmonizer.memory if self.harmonizer is not None else None)
 
@@ -243,13 +248,26 @@ class Trainer:
             return evaluate(self.model, self._eval_loader(), self.env.device, self.cfg.eval.size,
                             self.cfg.eval.probe, self.cfg.eval.probe_ridge, self.cfg.train.precision)
 
-    def save(self) -> Path:
-        """A checkpoint of this step; each rank's own state (counters, bad-input ledger, noise monitor) in its file."""
+    def save(self) -> Optional[Path]:
+        """A checkpoint of this step; each rank's own state (counters, bad-input ledger, noise monitor) in its file.
+        None when a write failed on some rank: one line says why, training goes on and the next save retries
+        (the final save's failure ends the run after its summary, see ``fit``)."""
         rank_state = {"skipped_total": self.skipped_total, "consecutive_bad": self.consecutive_bad,
                       **self.bad.state_dict(), **self.monitor.state_dict()}
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                    self.scheduler, config_to_dict(self.cfg), self.harmonizer, rank_state,
-                                    self.cfg.train.keep_last)
+        try:
+            saved = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                         self.scheduler, config_to_dict(self.cfg), self.harmonizer, rank_state,
+                                         self.cfg.train.keep_last)
+        except ckpt.CheckpointWriteError as exc:
+            t = self.cfg.train
+            self._save_error = f"checkpoint of step {self.step} not written: {exc}"
+            if self.env.is_main and self.step < t.steps:
+                after = min((self.step // t.ckpt_every + 1) * t.ckpt_every, t.steps) if t.ckpt_every else t.steps
+                print(f"{self._save_error}; training goes on, the checkpoint of step {after} tries again",
+                      file=sys.stderr, flush=True)
+            return None
+        self._save_error = ""
+        return saved
 
     # --------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -282,7 +300,13 @@ class Trainer:
             writer.close()
         if preempt.signum and env.world_size == 1:  # a signal after the last step's check: the final checkpoint
             signal.raise_signal(preempt.signum)     # is written, so end now as that signal would have
-        return self._finish(eval_writer, clock)
+        summary = self._finish(eval_writer, clock)
+        if self._save_error:  # the final save failed: the metrics and summary are written, the weights are not
+            newest = ckpt.latest_checkpoint(self.run_dir)
+            raise FinalCheckpointFailed(f"{self._save_error}; it was the final checkpoint, so the run ends with "
+                                        f"status 1 (metrics.jsonl and summary.json are written; the newest "
+                                        f"checkpoint is {newest or 'none'})")
+        return summary
 
     def _batches(self, window: MetricsWindow) -> Iterator[Batch]:
         """The training batches from the current step; bad manifest lines met while indexing go into ``window``
@@ -319,9 +343,10 @@ class Trainer:
         if signum:
             saved = saved or self.save()
             if self.env.is_main:
-                print(f"stopped at step {self.step} on {signal.Signals(signum).name}: checkpoint written to "
-                      f"{saved}; continue with --train.resume=auto --log.run_dir={self.run_dir}", file=sys.stderr,
-                      flush=True)
+                where = f"checkpoint written to {saved}" if saved else \
+                    f"NO checkpoint written (the newest is {ckpt.latest_checkpoint(self.run_dir) or 'none'})"
+                print(f"stopped at step {self.step} on {signal.Signals(signum).name}: {where}; continue with "
+                      f"--train.resume=auto --log.run_dir={self.run_dir}", file=sys.stderr, flush=True)
             raise Interrupted(signum, self.step, saved)
 
     def _summary(self, clock: Throughput) -> dict:
@@ -339,6 +364,8 @@ class Trainer:
             summary.update(result)
         eval_writer.close()
         summary.update(self.monitor.summary())
+        if self._save_error:
+            summary["checkpoint_error"] = self._save_error
         summary["wall_s"] = time.perf_counter() - clock.start
         if self.env.is_main:
             write_json(self.run_dir / "summary.json", summary)
@@ -362,10 +389,16 @@ class Trainer:
                               f"summary in {self.run_dir / 'summary.json'}")
 
     def close(self) -> None:
+        """Release the run folder's lock and the process group this trainer created. What holds the group (the
+        wrapped model, optimizer, harmonizer, ...) is dropped first, so that its threads end here rather than
+        during the interpreter's exit, where gloo's threads abort the process ('terminate called without an
+        active exception'). The trainer is not usable afterwards."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
         if self._owns_group:
+            for name in ("model", "raw_model", "params", "optimizer", "scheduler", "harmonizer", "sampler", "monitor"):
+                self.__dict__.pop(name, None)
             hd.shutdown()
 
 
@@ -395,7 +428,8 @@ def main(argv: Optional[List[str]] = None, parts: Optional[Parts] = None) -> Opt
         raise SystemExit(2)
     except Interrupted as exc:  # SIGTERM / SIGINT: checkpoint written, message printed by rank 0
         raise SystemExit(exc.exit_code)
-    except TrainingStopped as exc:
+    except (TrainingStopped, FinalCheckpointFailed) as exc:
         if os.environ.get("RANK", "0") == "0":  # the process group is already torn down here
-            print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+            print(f"training stopped: {exc}" if isinstance(exc, TrainingStopped) else str(exc), file=sys.stderr,
+                  flush=True)
         raise SystemExit(1)

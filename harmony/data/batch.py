@@ -7,7 +7,7 @@ counts travel with the data out of DataLoader worker processes). ``collate`` sta
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Dict, List, Mapping
 
 import torch
@@ -34,6 +34,9 @@ _TENSOR_KEYS = {"mask_va": torch.bool, "mask_vt": torch.bool, "index": torch.int
                 "text_kind": torch.int64, "audio_kind": torch.int64, "hard": torch.bool}
 
 _WARNED: set = set()
+# one line per warning: with no logging configured, Python prints a warning's message alone on stderr
+# (warnings.warn would add its file:line and echo the calling source line under it)
+_LOG = logging.getLogger("harmony.data")
 
 
 class BadCounts(dict):
@@ -63,7 +66,7 @@ def add_counts(into: Dict[str, int], other: Mapping[str, int]) -> Dict[str, int]
 
 def note_bad(counts: Dict[str, int], kind: str, detail: str, name: str = "") -> None:
     """Count one bad input of ``kind`` (``name``: which clip or manifest line) and warn the first time this
-    process meets that kind (one warning, on stderr)."""
+    process meets that kind (one line on stderr, through the ``harmony.data`` logger)."""
     if kind not in BAD_KINDS:
         raise KeyError(f"unknown bad-input kind {kind!r}; known: {BAD_KINDS}")
     counts[kind] = counts.get(kind, 0) + 1
@@ -72,7 +75,7 @@ def note_bad(counts: Dict[str, int], kind: str, detail: str, name: str = "") -> 
     if kind not in _WARNED:
         _WARNED.add(kind)
         msg = f"harmony.data: {kind}: {detail} (further '{kind}' cases are counted, not warned)"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        _LOG.warning(msg)
 
 
 def reset_warnings() -> None:

@@ -8,6 +8,7 @@ processes arrive too, plus what was met when the manifest or shards were indexed
 """
 from __future__ import annotations
 
+import signal
 from typing import Callable, Dict, Iterator, Optional
 
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -45,6 +46,15 @@ def build_dataset(cfg, split: str = "train") -> Dataset:
 def _identity(batch):
     """collate_fn of the shard loader: workers already collate."""
     return batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: SIGINT and SIGTERM are the trainer's to handle (it finishes its step, saves and stops,
+    and the loader then ends its workers). A terminal's Ctrl-C or a kill of the process group reaches the
+    workers too; left to the default, a worker would die (SIGTERM: the trainer's next batch fails) or print a
+    KeyboardInterrupt. A worker whose trainer is gone still ends: the loader's watchdog sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Loader:
@@ -101,7 +111,8 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
         return EpochBatchSampler(len(dataset), batch_size, rank, world_size, seed, start, drop_last, shuffle=train)
 
     def make(start: int) -> Iterator[dict]:
-        loader = DataLoader(dataset, batch_sampler=batches(start), num_workers=cfg.workers, collate_fn=collate)
+        loader = DataLoader(dataset, batch_sampler=batches(start), num_workers=cfg.workers, collate_fn=collate,
+                            worker_init_fn=_ignore_stop_signals)
         with nvtx_range("data/loader"):
             yield from loader
 
@@ -117,7 +128,8 @@ def _shard_loader(dataset: ShardStream, cfg, batch_size, rank, world_size, seed,
         return ShardStream(dataset.split, cfg, batch_size, rank, world_size, seed, start, drop_last, train)
 
     def make(start: int) -> Iterator[dict]:
-        yield from DataLoader(stream(start), batch_size=None, num_workers=cfg.workers, collate_fn=_identity)
+        yield from DataLoader(stream(start), batch_size=None, num_workers=cfg.workers, collate_fn=_identity,
+                              worker_init_fn=_ignore_stop_signals)
 
     checked = stream(start_step)  # checks shards per worker now, not at the first batch
     length = None if train else max(0, len(checked) - start_step)
