@@ -207,7 +207,7 @@ def parse_args(argv: Optional[Sequence[str]] = None,
 
 # Injected misalignment belongs to the synthetic benchmark (configs/default.yaml sets it for that kind), and so do
 # its hard items and its concept imbalance: their values on real data unless the user set them.
-_REAL_DATA_VALUES = {"data.noise": 0.0, "data.noise_audio": 0.0, "data.noise_bias": 0.0, "data.hard": 0.0,
+REAL_DATA_VALUES = {"data.noise": 0.0, "data.noise_audio": 0.0, "data.noise_bias": 0.0, "data.hard": 0.0,
                      "data.imbalance": 1.0}
 
 
@@ -230,7 +230,7 @@ def _real_data_defaults(cfg: Config, user_set: Dict[str, str]) -> None:
     the synthetic benchmark's config do not carry over to a user's clips."""
     if cfg.data.kind == "synthetic":
         return
-    for dotted, value in _REAL_DATA_VALUES.items():
+    for dotted, value in REAL_DATA_VALUES.items():
         if dotted not in user_set:
             setattr(cfg.data, dotted.split(".", 1)[1], value)
 

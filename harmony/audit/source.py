@@ -15,7 +15,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from harmony import checkpoint as ckpt
-from harmony.cli import apply_mapping, set_value
+from harmony.cli import REAL_DATA_VALUES, apply_mapping, set_value
 from harmony.config import Config, ConfigError
 from harmony.data.align import AlignError, read_grid_align
 from harmony.data.batch import collate
@@ -47,9 +47,9 @@ def load_config(run_dir: Path, overrides: Sequence[Tuple[str, str]]) -> Config:
             set_value(cfg, dotted, value)
         if _source(cfg) != trained_on and cfg.data.kind != "synthetic":
             # as train.py does for real data: the run's injected noise does not carry over to another source
-            for key in ("noise", "noise_audio"):
-                if f"data.{key}" not in dict(overrides):
-                    setattr(cfg.data, key, 0.0)
+            for dotted, value in REAL_DATA_VALUES.items():
+                if dotted not in dict(overrides):
+                    setattr(cfg.data, dotted.split(".", 1)[1], value)
         return cfg.validate()
     except (ConfigError, yaml.YAMLError) as exc:
         raise AuditError(f"{path}: {exc}") from None
