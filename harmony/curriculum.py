@@ -169,7 +169,7 @@ SCORES = ("cos", "loss", "gvt", "gmm", "combo", "agree", "loss_agree")
 AGREEMENT_SCORES = ("agree", "loss_agree")
 
 
-def _standardize(x: Tensor, valid: Tensor) -> Tensor:
+def standardize(x: Tensor, valid: Tensor) -> Tensor:
     """(x − mean) / std over the valid entries (std 1 when fewer than two or all equal). float64."""
     x = x.double()
     v = x[valid & torch.isfinite(x)]
@@ -177,6 +177,12 @@ def _standardize(x: Tensor, valid: Tensor) -> Tensor:
         return x - (v.mean() if v.numel() else 0.0)
     sd = v.std()
     return (x - v.mean()) / torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
+def magnitude_score(dots: Tensor, cos: Tensor, pair: str) -> Tensor:
+    """−‖g^k_i‖·(1 − c_i) [N] float64 for pair k = "vt" or "va", from the dots [N, 3] (⟨g^va, g^vt⟩, ‖g^va‖²,
+    ‖g^vt‖²) and the cosines [N]: a large gradient of that loss that does not agree with the other one."""
+    return -dots[:, 2 if pair == "vt" else 1].double().clamp(min=0).sqrt() * (1 - cos.double())
 
 
 def sample_scores(kind: str, cos: Tensor, dots: Tensor, l_va: Tensor, l_vt: Tensor, valid: Tensor, lam: float,
@@ -191,14 +197,14 @@ def sample_scores(kind: str, cos: Tensor, dots: Tensor, l_va: Tensor, l_vt: Tens
     """
     if kind == "cos":
         return cos
-    gvt = -dots[:, 2].double().clamp(min=0).sqrt() * (1 - cos.double())
+    gvt = magnitude_score(dots, cos, "vt")
     loss = -(l_va.double() + lam * l_vt.double())
     if kind == "gvt":
         out = gvt
     elif kind == "loss":
         out = loss
     elif kind == "combo":
-        out = (_standardize(loss, valid) + _standardize(gvt, valid)) / 2
+        out = (standardize(loss, valid) + standardize(gvt, valid)) / 2
     elif kind == "gmm":
         if gmm is None:
             raise ValueError("curriculum_score=gmm needs a LossMixture")
@@ -225,24 +231,22 @@ def pair_scores(kind: str, cos: Tensor, dots: Tensor, l_va: Tensor, l_vt: Tensor
     loss_agree: the mean of the gmm and agree posteriors of each pair; combo: the mean of the batch-standardized
     loss and magnitude-aware scores of each pair."""
     c = cos.double()
-    mag = {"vt": -dots[:, 2].double().clamp(min=0).sqrt() * (1 - c), "va": -dots[:, 1].double().clamp(min=0).sqrt()
-           * (1 - c)}
-    loss = {"vt": -l_vt.double(), "va": -l_va.double()}
+    loss = {"vt": l_vt.double(), "va": l_va.double()}
     dis = {"vt": None if agree is None else -agree[0], "va": None if agree is None else -agree[1]}
     out = []
     for p in ("vt", "va"):
         if kind == "cos":
             s = c
         elif kind == "gvt":
-            s = mag[p]
+            s = magnitude_score(dots, cos, p)
         elif kind == "loss":
-            s = loss[p]
+            s = -loss[p]
         elif kind == "combo":
-            s = (_standardize(loss[p], valid) + _standardize(mag[p], valid)) / 2
+            s = (standardize(-loss[p], valid) + standardize(magnitude_score(dots, cos, p), valid)) / 2
         elif kind in ("gmm", "agree", "loss_agree"):
             parts = []
             if kind != "agree":
-                parts.append(mixtures[f"loss_{p}"].clean_posterior(-loss[p]).double())
+                parts.append(mixtures[f"loss_{p}"].clean_posterior(loss[p]).double())
             if kind != "gmm":
                 if dis[p] is None:
                     raise ValueError(f"curriculum_score={kind} needs the neighbourhood agreement")

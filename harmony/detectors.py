@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import torch
 
-from harmony.curriculum import LossMixture
+from harmony.curriculum import LossMixture, standardize
 from harmony.evaluate import roc_auc
 
 KINDS = {"swap": 1, "bias": 2, "unrelated": 3}
@@ -65,14 +65,6 @@ def split_aucs(score: torch.Tensor, cat: Dict[str, torch.Tensor], pair: str, pre
     return out
 
 
-def _z(x: torch.Tensor) -> torch.Tensor:
-    v = x[torch.isfinite(x)]
-    if v.numel() < 2:
-        return x - (v.mean() if v.numel() else 0.0)
-    sd = v.std()
-    return (x - v.mean()) / (sd if float(sd) > 0 else 1.0)
-
-
 def _posterior(values: torch.Tensor) -> torch.Tensor:
     """Clean posterior of a two-Gaussian mixture fitted to ``values`` (lower = cleaner) [N]; NaN stays NaN."""
     mix = LossMixture(window=max(8, values.numel()))
@@ -90,7 +82,7 @@ def pair_detectors(cat: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Te
         loss, loss_o = cat[f"loss_{k}"].double(), cat[f"loss_{other}"].double()
         d["loss"] = -loss
         d["lossgmm"] = _posterior(loss)
-        z, zo = _z(loss), _z(loss_o)
+        z, zo = standardize(loss, torch.isfinite(loss)), standardize(loss_o, torch.isfinite(loss_o))
         both = torch.isfinite(z) & torch.isfinite(zo)
         rho = float((z[both] * zo[both]).mean()) if int(both.sum()) > 2 else 0.0
         d["resid"] = -(z - rho * zo)

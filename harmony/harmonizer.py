@@ -251,7 +251,7 @@ class GradientHarmonizer:
         return HarmonyStats(dots=dots.detach(), cos=co["cos"], weights=co["w"], alpha=co["alpha"], beta=co["beta"],
                             coef_va=co["ca"], coef_vt=co["cv"], valid=co["valid"], conflict=co["conflict"],
                             loss_va=mean_va, loss_vt=mean_vt, kept=co["kept"], mode=mode, score=co["score"],
-                    score_audio=co.get("score_audio"))
+                            score_audio=co["score_audio"])
 
     def _losses(self, l_va, l_vt, m_va, m_vt):
         """(L_va, L_vt) to differentiate: this rank's share of each GLOBAL masked mean (one process: the masked
@@ -324,10 +324,10 @@ class GradientHarmonizer:
         cfg = self.cfg
         agree = None
         if self.agreement is not None:
-            g_emb = [self._gather(e.detach() if e.dtype == torch.bool else e.detach().float())[0] for e in emb]
             if g_ids is None:
                 raise ValueError(f"harmony.curriculum_score={cfg.curriculum_score} needs the items' ids (backward's "
                                  "ids=): a sample must not be its own neighbour")
+            g_emb = [self._gather(e.detach() if e.dtype == torch.bool else e.detach().float())[0] for e in emb]
             agree = self.agreement.score(g_ids, (g_emb[2], g_emb[3]), (g_emb[0], g_emb[1]), g_emb[5].bool(),
                                          g_emb[4].bool())
         values = {"loss_vt": g_loss[:, 1], "loss_va": g_loss[:, 0]}

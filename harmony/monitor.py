@@ -140,14 +140,12 @@ class NoiseMonitor:
         dots = stats.dots.float()   # the magnitude-aware scores −‖g^k_i‖·(1 − c_i) from the harmonizer's dots
         for key, col in (("gva", 1), ("gvt", 2)):
             entry[key] = torch.where(valid, -dots[:, col].clamp(min=0).sqrt() * (1 - cos), nan).cpu()
-        if stats.score is not None:  # the run's detector (harmony.curriculum_score); NaN where it has no value
-            score = stats.score.float()
-            ok = stats.valid.bool() & torch.isfinite(score)
-            entry["score"] = torch.where(ok, score, torch.full_like(score, float("nan"))).cpu()
-        if stats.score_audio is not None:
-            score = stats.score_audio.float()
-            ok = stats.valid.bool() & torch.isfinite(score)
-            entry["score_audio"] = torch.where(ok, score, torch.full_like(score, float("nan"))).cpu()
+        # the run's detector (harmony.curriculum_score; per pair: score_audio too); NaN where it has no value
+        for key, score in (("score", stats.score), ("score_audio", stats.score_audio)):
+            if score is not None:
+                score = score.float()
+                ok = stats.valid.bool() & torch.isfinite(score)
+                entry[key] = torch.where(ok, score, torch.full_like(score, float("nan"))).cpu()
         return entry
 
     def on_log(self) -> dict:
@@ -174,14 +172,10 @@ class NoiseMonitor:
         for key, prefix in scores:
             if all(key in e for e in entries):
                 out.update(self._auc(torch.cat([e[key] for e in entries]), nt, na, prefix, conflict=key == "cos"))
-        if all("score_audio" in e for e in entries):  # per pair: the audio pair's own score; a triplet is as suspect
-            st = torch.cat([e["score"] for e in entries])       # as its worse pair
-            sa = torch.cat([e["score_audio"] for e in entries])
-            both = torch.minimum(st, sa)
+        if all("score_audio" in e for e in entries):
             out.pop("noise_auc", None), out.pop("noise_auc_audio", None)
-            out.update(_finite({"noise_auc": noise_detection_auc(both, torch.isfinite(both), nt, na)["noise_auc"],
-                                "noise_auc_audio": noise_detection_auc(sa, torch.isfinite(sa), nt,
-                                                                       na)["noise_auc_audio"]}))
+            out.update(_pair_aucs(torch.cat([e["score"] for e in entries]),
+                                  torch.cat([e["score_audio"] for e in entries]), nt, na))
         for key, kind in (("loss_vt", "text"), ("loss_va", "audio")):  # a high own loss flags the sample
             loss = torch.cat([e[key] for e in entries])
             auc = noise_detection_auc(-loss, torch.isfinite(loss), nt, na, prefix="noise_auc_loss")
@@ -223,14 +217,10 @@ class NoiseMonitor:
             for key, prefix in (("score", "noise_auc"), ("cos", "noise_auc_cos")):
                 out.update(_finite(noise_detection_auc(cat[key], torch.isfinite(cat[key]), cat["noisy_text"],
                                                        cat["noisy_audio"], prefix=prefix)))
-            if "score_audio" in cat:  # per pair: each pair's own score; a triplet is as suspect as its worse pair
-                st, sa = cat["score"], cat["score_audio"]
-                both = torch.minimum(st, sa)
-                args = (cat["noisy_text"], cat["noisy_audio"])
-                out["noise_auc"] = noise_detection_auc(both, torch.isfinite(both), *args)["noise_auc"]
-                out["noise_auc_text"] = noise_detection_auc(st, torch.isfinite(st), *args)["noise_auc_text"]
-                out["noise_auc_audio"] = noise_detection_auc(sa, torch.isfinite(sa), *args)["noise_auc_audio"]
-                out = _finite(out)
+            if "score_audio" in cat:
+                for key in ("noise_auc", "noise_auc_text", "noise_auc_audio"):
+                    out.pop(key, None)
+                out.update(_pair_aucs(cat["score"], cat["score_audio"], cat["noisy_text"], cat["noisy_audio"]))
             if "text_kind" in cat:
                 out.update(_finite(split_aucs(cat["score"], cat, "text", "noise_auc_text", self.tail_from)))
                 audio = cat.get("score_audio", cat["score"])
@@ -286,3 +276,12 @@ def _reference_cosine(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     den = g.norm(dim=1) * ref.norm(dim=1)
     ok = m & (den > 0) & (n > 1)
     return torch.where(ok, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan")))
+
+
+def _pair_aucs(st: torch.Tensor, sa: torch.Tensor, nt: torch.Tensor, na: torch.Tensor) -> Dict[str, float]:
+    """noise_auc(_text/_audio) of a per-pair detector (curriculum_target=pair): each pair's flags by its own score
+    (caption score st, audio score sa [N]), and a triplet as suspect as its worse pair (min of the two)."""
+    both = torch.minimum(st, sa)
+    return _finite({"noise_auc": noise_detection_auc(both, torch.isfinite(both), nt, na)["noise_auc"],
+                    "noise_auc_text": noise_detection_auc(st, torch.isfinite(st), nt, na)["noise_auc_text"],
+                    "noise_auc_audio": noise_detection_auc(sa, torch.isfinite(sa), nt, na)["noise_auc_audio"]})
