@@ -89,8 +89,10 @@ def retrieval_ranks(sim: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 
 
 def retrieval_metrics(sim: torch.Tensor, q_labels: Optional[torch.Tensor] = None,
-                      g_labels: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """r1, r5, r10 (fractions), medr, and concept_acc when labels [Nq] / [Ng] are given. sim [Nq, Ng]."""
+                      g_labels: Optional[torch.Tensor] = None, tail_from: Optional[int] = None) -> Dict[str, float]:
+    """r1, r5, r10 (fractions), medr, and concept_acc when labels [Nq] / [Ng] are given. sim [Nq, Ng].
+    With ``tail_from`` also concept_acc_head / concept_acc_tail: over the queries whose concept is below / at
+    least ``tail_from`` (the common and the rare concepts of a long-tailed training set)."""
     ranks = retrieval_ranks(sim).double()
     if ranks.numel() == 0:
         return {}
@@ -100,7 +102,12 @@ def retrieval_metrics(sim: torch.Tensor, q_labels: Optional[torch.Tensor] = None
     out["medr"] = float(sr[n // 2]) if n % 2 else float((sr[n // 2 - 1] + sr[n // 2]) / 2)
     if q_labels is not None and g_labels is not None:
         top1 = sim.argmax(dim=1)
-        out["concept_acc"] = (g_labels[top1] == q_labels).double().mean().item()
+        hit = (g_labels[top1] == q_labels).double()
+        out["concept_acc"] = hit.mean().item()
+        if tail_from is not None:
+            tail = q_labels >= tail_from
+            for name, rows in (("head", ~tail), ("tail", tail)):
+                out[f"concept_acc_{name}"] = hit[rows].mean().item() if rows.any() else float("nan")
     return out
 
 
@@ -121,8 +128,9 @@ def _labelled(emb: Dict[str, torch.Tensor]) -> bool:
     return "concept" in emb and bool((emb["concept"] >= 0).any())
 
 
-def retrieval_report(emb: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
-    """The four directions from gathered embeddings (keys as in the model output plus masks and labels)."""
+def retrieval_report(emb: Dict[str, torch.Tensor], tail_from: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """The four directions from gathered embeddings (keys as in the model output plus masks and labels);
+    ``tail_from`` as in ``retrieval_metrics``."""
     concept = emb.get("concept") if _labelled(emb) else None
     t_concept = emb.get("text_concept", concept) if concept is not None else None
     a_concept = emb.get("audio_concept", concept) if concept is not None else None
@@ -131,14 +139,14 @@ def retrieval_report(emb: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]
     if mvt.any():
         s = video_text_similarity(emb["z_vt_v"][mvt], emb["z_vt_t"][mvt])
         lab = (lambda x: None if x is None else x[mvt])
-        out["v2t"] = retrieval_metrics(s, lab(concept), lab(t_concept))
-        out["t2v"] = retrieval_metrics(s.T, lab(t_concept), lab(concept))
+        out["v2t"] = retrieval_metrics(s, lab(concept), lab(t_concept), tail_from)
+        out["t2v"] = retrieval_metrics(s.T, lab(t_concept), lab(concept), tail_from)
     mva = emb["mask_va"].bool()
     if mva.any():
         s = _normalize(emb["z_va_v"][mva]) @ _normalize(emb["z_va_a"][mva]).T
         lab = (lambda x: None if x is None else x[mva])
-        out["v2a"] = retrieval_metrics(s, lab(concept), lab(a_concept))
-        out["a2v"] = retrieval_metrics(s.T, lab(a_concept), lab(concept))
+        out["v2a"] = retrieval_metrics(s, lab(concept), lab(a_concept), tail_from)
+        out["a2v"] = retrieval_metrics(s.T, lab(a_concept), lab(concept), tail_from)
     return out
 
 
@@ -215,11 +223,13 @@ def embed_eval_set(model, batches: Iterable[dict], device: torch.device, max_ite
 
 
 def evaluate(model, batches: Iterable[dict], device: torch.device, max_items: int = 0,
-             probe: bool = True, ridge: float = 1.0, precision: str = "fp32") -> Dict:
+             probe: bool = True, ridge: float = 1.0, precision: str = "fp32",
+             tail_from: Optional[int] = None) -> Dict:
     """Retrieval in the four directions (+ concept_acc) and linear-probe accuracies on one eval pass.
 
-    Returns {"retrieval": {dir: {r1, r5, r10, medr[, concept_acc]}}, "probe_acc"[, "probe_acc_audio",
-    "probe_acc_text"], "eval_items"}; identical on every rank. Restores the model's train/eval mode.
+    Returns {"retrieval": {dir: {r1, r5, r10, medr[, concept_acc[, concept_acc_head, concept_acc_tail]]}},
+    "probe_acc"[, "probe_acc_audio", "probe_acc_text"], "eval_items"}; identical on every rank. Restores the
+    model's train/eval mode. ``tail_from``: split the concept accuracy into common and rare concepts.
     """
     was_training = model.training
     model.eval()
@@ -231,7 +241,7 @@ def evaluate(model, batches: Iterable[dict], device: torch.device, max_items: in
     if not emb:
         return {"eval_items": 0}
     with nvtx_range("eval/metrics"):
-        result = {"retrieval": retrieval_report(emb), "eval_items": int(emb["index"].numel())}
+        result = {"retrieval": retrieval_report(emb, tail_from), "eval_items": int(emb["index"].numel())}
         if probe and _labelled(emb):
             result["probe_acc"] = linear_probe(emb["feat_v"], emb["concept"], ridge)
             result["probe_acc_audio"] = linear_probe(emb["feat_a"], emb.get("audio_concept", emb["concept"]), ridge)

@@ -23,6 +23,7 @@ from harmony import distributed as hd
 from harmony.agreement import AgreementBank
 from harmony.config import Config
 from harmony.contracts import Batch, Forward, HarmonyStats
+from harmony.data.synthetic import tail_concepts_from
 from harmony.detectors import detector_report, split_aucs
 from harmony.evaluate import noise_detection_auc
 
@@ -52,7 +53,7 @@ class NoiseMonitor:
         # the cross-modal neighbourhood agreement of each sample (this rank's recent samples as candidates)
         self.bank = AgreementBank(cfg.harmony.agree_bank, cfg.harmony.agree_k, cfg.harmony.agree_kernel) \
             if cfg.eval.feature_cos else None
-        self.tail_from = cfg.data.concepts // 2 if cfg.data.imbalance > 1.0 else None
+        self.tail_from = tail_concepts_from(cfg.data.concepts, cfg.data.imbalance)
 
     # ------------------------------------------------------------------------------------------ hooks
     def feature_scores(self, batch: Batch, fwd: Forward) -> Optional[Dict[str, torch.Tensor]]:

@@ -35,6 +35,7 @@ from harmony.cli import config_to_dict, format_help, parse_args
 from harmony.config import Config, ConfigError
 from harmony.contracts import Batch, Forward, HarmonyStats, Parts, batch_to, default_parts, oracle_drop
 from harmony.curriculum import memory_sampler
+from harmony.data.synthetic import tail_concepts_from
 from harmony.evaluate import evaluate
 from harmony.metrics import MetricsWriter, Progress, write_json
 from harmony.monitor import NoiseMonitor
@@ -246,7 +247,8 @@ class Trainer:
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             return evaluate(self.model, self._eval_loader(), self.env.device, self.cfg.eval.size,
-                            self.cfg.eval.probe, self.cfg.eval.probe_ridge, self.cfg.train.precision)
+                            self.cfg.eval.probe, self.cfg.eval.probe_ridge, self.cfg.train.precision,
+                            tail_concepts_from(self.cfg.data.concepts, self.cfg.data.imbalance))
 
     def save(self) -> Optional[Path]:
         """A checkpoint of this step; each rank's own state (counters, bad-input ledger, noise monitor) in its file.

@@ -77,7 +77,25 @@ def test_retrieval_hand_made_matrix():
     labels = torch.tensor([0, 1, 1, 0])
     # top-1 items: 0, 0, 1 (first of the tie at columns 1, 2), 0 -> concepts 0, 0, 1, 0 vs queries 0, 1, 1, 0
     m = retrieval_metrics(sim, labels, labels)
-    assert m["concept_acc"] == 0.75
+    assert m["concept_acc"] == 0.75 and "concept_acc_tail" not in m
+    # split at concept 1: head = queries 0 and 3 (both right), tail = queries 1 (wrong) and 2 (right)
+    m = retrieval_metrics(sim, labels, labels, tail_from=1)
+    assert m["concept_acc_head"] == 1.0 and m["concept_acc_tail"] == 0.5 and m["concept_acc"] == 0.75
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_concept_accuracy_split_against_loops(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, k = 37, 6
+    sim = torch.randn(n, n, generator=g, dtype=torch.float64)
+    q, gl = torch.randint(0, k, (n,), generator=g), torch.randint(0, k, (n,), generator=g)
+    m = retrieval_metrics(sim, q, gl, tail_from=4)
+    hits = {"head": [], "tail": []}
+    for i in range(n):
+        best = max(range(n), key=lambda j: (float(sim[i, j]), -j))  # first index on ties
+        hits["tail" if int(q[i]) >= 4 else "head"].append(int(gl[best]) == int(q[i]))
+    for part in ("head", "tail"):
+        assert m[f"concept_acc_{part}"] == pytest.approx(sum(hits[part]) / len(hits[part]), abs=1e-12)
 
 
 def test_retrieval_constant_similarity_is_chance_not_perfect():

@@ -383,14 +383,14 @@ def test_regimes_tables_from_run_files(tmp_path):
     and the lead table's best detector and best arm, from hand-made web-grid run folders, as computed by hand."""
     from harmony.experiments.regimes import regimes
 
-    def make(arm, seed, concept, rows_of, summary_extra=None):
+    def make(arm, seed, concept, rows_of, summary_extra=None, split=None):
         d = tmp_path / "web" / f"regime-bias-0.4_arm-{arm}_seed-{seed}"
         d.mkdir(parents=True)
         (d / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}, "data": {"seed": seed}}))
         rows = [{"step": s, **rows_of(s)} for s in range(10, 2001, 10)]
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         (d / "summary.json").write_text(json.dumps({
-            "retrieval": {"v2t": {"concept_acc": concept}, "t2v": {"concept_acc": concept + 0.1}},
+            "retrieval": {"v2t": {"concept_acc": concept, **(split or {})}, "t2v": {"concept_acc": concept + 0.1}},
             "probe_acc": 0.5, "samples_per_s": 100.0, **(summary_extra or {})}))
 
     for seed, off in ((0, 0.0), (1, 0.02)):
@@ -399,7 +399,7 @@ def test_regimes_tables_from_run_files(tmp_path):
                                                    "noise_auc_agree_text_bias": 0.9 + off,
                                                    "fpr_comb_text_hard": 0.2, "fpr_comb_text_easy": 0.1,
                                                    "noise_auc_comb_text_bias": 0.8})
-        make("oracle", seed, 0.9 + off, lambda s: {})
+        make("oracle", seed, 0.9 + off, lambda s: {}, split={"concept_acc_head": 0.95, "concept_acc_tail": 0.8 + off})
         make("agree-pair", seed, 0.7 + off, lambda s: {}, {"noise_auc_text": 0.85, "noise_auc_audio": 0.5})
         make("comb-pair", seed, 0.6 + off, lambda s: {})
     text = regimes(tmp_path / "web", tmp_path / "out").read_text()
@@ -413,3 +413,6 @@ def test_regimes_tables_from_run_files(tmp_path):
            "0.850 ± 0.000 / 0.500 ± 0.000 | 100.0 ± 0.0 |" in text
     assert "| comb-pair | 2 | 0.610 ± 0.014 | 0.710 ± 0.014 | 0.500 ± 0.000 | +0.25 | +0.25 | yes / yes |" in text
     assert "| combined (mixture + agreement) |" in text and "0.200 ± 0.000 / 0.100 ± 0.000" in text
+    # the head / tail split: only the oracle's runs carry it (v2t), the other cells are empty
+    assert "| oracle | 2 | 0.950 ± 0.000 | 0.810 ± 0.014 | – | – |" in text
+    assert "| plain | 2 | – | – | – | – |" in text

@@ -22,7 +22,7 @@ The eval split is clean, easy and uniform, and uses disjoint generator streams.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -95,6 +95,12 @@ def concept_frequencies(k: int, imbalance: float) -> np.ndarray:
     a = math.log(imbalance) / math.log(k) if imbalance > 1.0 else 0.0
     w = np.arange(1, k + 1, dtype=np.float64) ** -a
     return w / w.sum()
+
+
+def tail_concepts_from(k: int, imbalance: float) -> Optional[int]:
+    """The first tail concept under a long tail (concepts ``tail_from..k-1``, the rarer half), or None when the
+    concepts are uniform. Detector splits and the held-out accuracy per frequency use the same halves."""
+    return k // 2 if imbalance > 1.0 else None
 
 
 def concept_of_items(n: int, k: int, imbalance: float) -> np.ndarray:

@@ -180,6 +180,8 @@ WEB_ARMS = {
     # the oracle is ahead of plain training from the first evaluation on in the mixed regime
     "gmm-pair-early": {**_PAIR, "harmony.curriculum_score": "gmm", "harmony.curriculum_start": 0.05},
     "comb-pair-early": {**_PAIR, "harmony.curriculum_score": "loss_agree", "harmony.curriculum_start": 0.05},
+    # per-sample PCGrad at the pooled feature (the cheap tier), no filter
+    "pcgrad": {**_FEATURE, "harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "none"},
 }
 
 GRIDS: Dict[str, Grid] = {g.name: g for g in [

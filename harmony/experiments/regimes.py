@@ -31,7 +31,8 @@ DETECTORS = [("own loss", "loss"), ("loss mixture (NCR)", "lossgmm"), ("2-D loss
 SPLITS = [("swap", "_swap"), ("bias", "_bias"), ("vs hard clean", "_hard"), ("vs easy clean", "_easy"),
           ("tail concepts", "_tail"), ("head concepts", "_head")]
 LATE = (500, 2000)
-ARM_ORDER = ["plain", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair"]
+ARM_ORDER = ["plain", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair", "gmm-pair-early", "comb-pair-early",
+             "pcgrad"]
 
 
 def _by_regime(exp_dir: Path) -> Dict[str, Dict[str, List[RunRecord]]]:
@@ -48,12 +49,25 @@ def _late(runs: Sequence[RunRecord], key: str) -> Tuple[Optional[float], Optiona
     return mean_std([v for v in (_window_mean(r.rows, key, *LATE) for r in runs) if v is not None])
 
 
-def _concept(r: RunRecord, d: str) -> Optional[float]:
-    return (r.summary or {}).get("retrieval", {}).get(d, {}).get("concept_acc")
+def _concept(r: RunRecord, d: str, key: str = "concept_acc") -> Optional[float]:
+    return (r.summary or {}).get("retrieval", {}).get(d, {}).get(key)
 
 
-def _final(runs: Sequence[RunRecord], d: str):
-    return mean_std([v for v in (_concept(r, d) for r in runs) if v is not None])
+def _final(runs: Sequence[RunRecord], d: str, key: str = "concept_acc"):
+    return mean_std([v for v in (_concept(r, d, key) for r in runs) if v is not None])
+
+
+def _head_tail(arms: Dict[str, List[RunRecord]], order: Sequence[str]) -> List[str]:
+    """Concept accuracy on the common and on the rare concepts (runs with a long tail), one row per arm."""
+    if not any(_concept(r, "v2t", "concept_acc_tail") is not None for runs in arms.values() for r in runs):
+        return []
+    lines = ["Concept accuracy split by the training frequency of the query's concept (head: the common half of "
+             "the concepts, tail: the rare half; the evaluation split is uniform):", "",
+             "| arm | n | v2t head | v2t tail | t2v head | t2v tail |", "|---|---|---|---|---|---|"]
+    for arm in order:
+        cells = [_fmt(*_final(arms[arm], d, f"concept_acc_{p}")) for d in ("v2t", "t2v") for p in ("head", "tail")]
+        lines.append(f"| {arm} | {len(arms[arm])} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _summary(runs: Sequence[RunRecord], key: str):
@@ -123,7 +137,8 @@ def outcome(regime: str, arms: Dict[str, List[RunRecord]]) -> Tuple[List[str], O
     base = [p[0] for p in plain]
     orc = [_final(arms["oracle"], d)[0] for d in ("v2t", "t2v")]
     best = None
-    for arm in [a for a in ARM_ORDER if a in arms] + sorted(set(arms) - set(ARM_ORDER)):
+    order = [a for a in ARM_ORDER if a in arms] + sorted(set(arms) - set(ARM_ORDER))
+    for arm in order:
         runs = arms[arm]
         fin = [_final(runs, d) for d in ("v2t", "t2v")]
         shares = [(f[0] - b) / (o - b) if f[0] is not None and abs(o - b) > 1e-9 else None
@@ -138,7 +153,7 @@ def outcome(regime: str, arms: Dict[str, List[RunRecord]]) -> Tuple[List[str], O
         if arm not in ("plain", "oracle") and None not in shares:
             if best is None or sum(shares) > best[1] + best[2]:
                 best = (arm, shares[0], shares[1])
-    return lines + [""], best
+    return lines + [""] + _head_tail(arms, order), best
 
 
 def regimes(exp_dir: Path, out: Path) -> Path:
