@@ -57,7 +57,7 @@ def row(kind, source, n, workers, wall_ms, cpu_ms=None, per_s=None):
 
 
 def bench_synthetic(n):
-    cfg = DataConfig(size=max(n, 64))
+    cfg = DataConfig.clips(size=max(n, 64), frames=8)  # the shape the published rows name: 8 frames, no noise
     ds = SyntheticDataset(cfg)
     rows = [row("synthetic item", "synthetic 8x32x32, 8 kHz 1 s", n, 0, *per_item(lambda i: ds[i], list(range(n))))]
     batches = [list(range(b * 32, b * 32 + 32)) for b in range(max(1, n // 32))]
@@ -78,7 +78,7 @@ def bench_grid(n, workers_list):
         wall, cpu = per_item(lambda p: decode_clip(p, 8, 8.0, 32, 8000, 1.0), paths)
         rows.append(row("decode clip (1 worker)", name, len(paths), 1, wall, cpu))
     for workers in workers_list:
-        cfg = DataConfig(kind="manifest", manifest=str(g / "manifest.jsonl"), workers=workers)
+        cfg = DataConfig.clips(kind="manifest", manifest=str(g / "manifest.jsonl"), workers=workers)
         loader = build_loader(cfg, "train", 16, seed=0)
         it = iter(loader)
         next(it)  # start-up (worker processes) not timed

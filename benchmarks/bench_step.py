@@ -205,7 +205,7 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--rules", default="",
                     help="extra ghost/shared variants with these realignment rules (e.g. project_va,gradvac)")
     ap.add_argument("--sketch-dim", type=int, default=16, help="sketch mode: k of the k×k per-layer sketches")
-    ap.add_argument("--frames", type=int, default=0, help="video frames per clip (0: the data default)")
+    ap.add_argument("--frames", type=int, default=0, help="video frames per clip (0: 8)")
     ap.add_argument("--image-size", type=int, default=0, help="video frame size (0: the data default)")
     ap.add_argument("--no-floor", action="store_true", help="skip the counted-FLOP floor column")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
@@ -216,7 +216,7 @@ def main(argv=None) -> List[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    mcfg, dcfg = ModelConfig(size=args.size), DataConfig()
+    mcfg, dcfg = ModelConfig(size=args.size, video_patch=[2, 8, 8]), DataConfig(frames=8)  # the published shapes
     if args.frames:
         dcfg.frames = args.frames
     if args.image_size:

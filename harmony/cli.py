@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from harmony.config import REAL_DATA_VALUES as DATA_REAL_VALUES
 from harmony.config import Config, ConfigError
 
 _TRUE = ("true", "yes", "on", "1")
@@ -205,10 +206,9 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     return cfg, name
 
 
-# Injected misalignment belongs to the synthetic benchmark (configs/default.yaml sets it for that kind), and so do
-# its hard items and its concept imbalance: their values on real data unless the user set them.
-REAL_DATA_VALUES = {"data.noise": 0.0, "data.noise_audio": 0.0, "data.noise_bias": 0.0, "data.hard": 0.0,
-                     "data.imbalance": 1.0}
+# Injected misalignment belongs to the synthetic benchmark (the defaults set it for that kind), and so do its hard
+# items and its concept imbalance: their values on real data unless the user set them.
+REAL_DATA_VALUES = {f"data.{k}": v for k, v in DATA_REAL_VALUES.items()}
 
 
 def _is_benchmark_config(path: str) -> bool:
@@ -282,8 +282,8 @@ def dump_yaml(cfg: Config) -> str:
 def format_help() -> str:
     """One line per field: --section.key (type, default): help [choices]."""
     lines = ["usage: train.py [--config FILE.yaml] [--section.key=value ...]",
-             f"(no --config: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}; the defaults below are the "
-             "built-in ones that a config file overrides)", ""]
+             f"(no --config: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}, which holds the defaults "
+             "below; a config file of your own starts from them)", ""]
     cfg = Config()
     for section, obj in _sections(cfg).items():
         lines.append(f"[{section}] {type(obj).__doc__.strip().splitlines()[0]}")

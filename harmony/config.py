@@ -1,6 +1,8 @@
 """Typed configuration: one dataclass per section of the CLI (docs/DESIGN.md "Command line and outputs").
 
-Every field has a default and a docstring-like ``help``; fields with a closed set of values carry
+Every field's default is the default job's (configs/default.yaml repeats them, and a test keeps the two equal: no
+file, that file and a YAML of your own that sets nothing run the same job). Every field has a docstring-like
+``help``; fields with a closed set of values carry
 ``choices`` in their metadata, and ``validate()`` checks them before any work is done, raising an
 error that names the field and the allowed values. Each section is the single place its fields
 live: the model reads ``ModelConfig``, the data code ``DataConfig``, the harmonizer
@@ -53,11 +55,11 @@ def validate_section(obj, section: str) -> None:
 class HarmonyConfig:
     """Per-sample gradient harmonization (docs/HARMONIZER.md, docs/METHOD.md)."""
 
-    realign: str = _f("pcgrad", "realignment rule on conflicting samples (docs/METHOD.md: Realignment rules)",
+    realign: str = _f("none", "realignment rule on conflicting samples (docs/METHOD.md: Realignment rules)",
                       choices=("none", "pcgrad", "project_va", "project_vt", "gradvac"))
-    curriculum: str = _f("none", "per-sample weighting schedule (docs/METHOD.md: Curriculum)",
+    curriculum: str = _f("threshold", "per-sample weighting schedule (docs/METHOD.md: Curriculum)",
                          choices=("none", "threshold", "ratio", "soft", "memory"))
-    mode: str = _f("auto", "how per-sample dots are computed: exact over the scope's parameters (ghost, "
+    mode: str = _f("feature", "how per-sample dots are computed: exact over the scope's parameters (ghost, "
                    "materialize; auto picks between them by memory_budget_mb) or the cheaper tiers: sketch (unbiased "
                    "estimates from sketch_dim x sketch_dim projections of each Linear's per-sample gradient), "
                    "feature (at the shared representation the model returns, e.g. VATT's pooled video feature)",
@@ -67,7 +69,7 @@ class HarmonyConfig:
                           choices=("gaussian", "sign"))
     sketch_seed: int = _f(0, "sketch mode: projections are drawn per step and layer from (this seed, step, layer)",
                           lo=0)
-    upstream: str = _f("path", "which gradient is sample i's MEASURED gradient (cosine, norms, memory, curriculum "
+    upstream: str = _f("own_pair", "which gradient is sample i's MEASURED gradient (cosine, norms, memory, curriculum "
                        "score): path (∂L_k/∂z_i, incl. i's role as a negative in other rows), own_row (i's own loss "
                        "row through its own embeddings) or own_pair (its positive-pair logits only); the update is "
                        "always built from the path gradients (docs/METHOD.md)",
@@ -82,7 +84,7 @@ class HarmonyConfig:
     apply_to: str = _f("all", "parameters the realignment coefficients scale (docs/METHOD.md: Realignment rules)",
                        choices=("all", "scope"))
     eps: float = _f(1e-12, "ε in c_i = d_i / (sqrt(n^a n^t) + ε)", lo=0.0)
-    curriculum_score: str = _f("cos", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
+    curriculum_score: str = _f("gmm", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
                                "gradient cosine), gvt (−‖g^vt‖·(1 − cos), magnitude-aware), loss (−(ℓ^va + λ·ℓ^vt): "
                                "the small-loss detector), gmm (clean posterior of a two-Gaussian mixture fitted to "
                                "recent ℓ^vt), combo (mean of the batch-standardized loss and gvt scores), agree (clean "
@@ -93,7 +95,7 @@ class HarmonyConfig:
     measure: bool = _f(True, "measure the per-sample gradients; false (realign=none with a loss-based curriculum "
                        "score, loss or gmm, only) skips them: the step costs about a plain one and no cosine is "
                        "reported")
-    curriculum_target: str = _f("triplet", "what a curriculum weight scales: the whole triplet (both losses), only "
+    curriculum_target: str = _f("pair", "what a curriculum weight scales: the whole triplet (both losses), only "
                                 "the sample's video–text loss (vt), keeping its video–audio pair, or each pair by its "
                                 "own score (pair: a suspected caption loses L_vt, a suspected audio track L_va)",
                                 choices=("triplet", "vt", "pair"))
@@ -104,13 +106,14 @@ class HarmonyConfig:
     agree_k: int = _f(32, "curriculum_score=agree, loss_agree: neighbours per sample", lo=1)
     agree_kernel: float = _f(0.1, "curriculum_score=agree, loss_agree: τ of the agreement kernel exp((cos − 1)/τ) "
                              "on the neighbours' caption (audio) similarity; 0: their plain mean cosine", lo=0.0)
-    curriculum_start: float = _f(0.1, "fraction of training before which no curriculum applies", lo=0.0, hi=1.0)
+    curriculum_start: float = _f(0.05, "fraction of training before which no curriculum applies", lo=0.0, hi=1.0)
     ramp: float = _f(0.5, "fraction of training over which the curriculum admits all samples", lo=1e-9)
-    kappa0: float = _f(0.0, "threshold/soft curriculum: cosine threshold at the start", lo=-1.0, hi=1.0)
-    kappa1: float = _f(-1.0, "threshold/soft curriculum: cosine threshold at the end", lo=-1.0, hi=1.0)
+    kappa0: float = _f(0.5, "threshold/soft curriculum: threshold on the score at the start (cos: the cosine; "
+                       "gmm, agree, loss_agree: the clean posterior)", lo=-1.0, hi=1.0)
+    kappa1: float = _f(0.5, "threshold/soft curriculum: threshold on the score at the end", lo=-1.0, hi=1.0)
     rho0: float = _f(0.5, "ratio curriculum: kept fraction at the start", lo=0.0, hi=1.0)
     temperature: float = _f(0.1, "soft curriculum: sigmoid temperature", lo=1e-9)
-    min_keep: float = _f(0.25, "guard: never keep fewer than this fraction of valid samples", lo=0.0, hi=1.0)
+    min_keep: float = _f(0.0, "guard: never keep fewer than this fraction of valid samples", lo=0.0, hi=1.0)
     memory_decay: float = _f(0.9, "score memory: EMA decay of each item's cosine across epochs", lo=0.0, hi=1.0)
     memory_until: float = _f(1.0, "score memory: fraction of training after which it stops updating (its scores "
                              "are frozen from then on, e.g. before the noisy items are memorized)", lo=0.0, hi=1.0)
@@ -167,7 +170,7 @@ class ModelConfig:
                    choices=("tiny", "small", "base", "medium"))
     variant: str = _f("agnostic", "one shared Transformer (agnostic) or one per modality (specific)",
                       choices=("agnostic", "specific"))
-    video_patch: list = _f([2, 8, 8], "video 3D patch size [t, h, w]")
+    video_patch: list = _f([2, 4, 4], "video 3D patch size [t, h, w]")
     audio_patch: int = _f(160, "audio waveform patch length (samples)", lo=1)
     vocab_buckets: int = _f(65536, "hashed word vocabulary size", lo=2)
     d_va: int = _f(0, "dimension of the video–audio space S_va (0: size default, 512 at VATT size)", lo=0)
@@ -182,31 +185,36 @@ class ModelConfig:
         return self
 
 
+# The synthetic benchmark's knobs (injected misalignment, hard items, concept imbalance) at their values for real
+# clips: the defaults are the benchmark's web-like mix, which real data does not get unless asked for.
+REAL_DATA_VALUES = {"noise": 0.0, "noise_audio": 0.0, "noise_bias": 0.0, "hard": 0.0, "imbalance": 1.0}
+
+
 @dataclass
 class DataConfig:
     """Data sources (docs/DATA.md)."""
 
     kind: str = _f("synthetic", "synthetic (built in) | manifest (JSONL of real clips) | shards (WebDataset tars)",
                    choices=("synthetic", "manifest", "shards"))
-    size: int = _f(8192, "synthetic: number of items in the finite training set", lo=1)
-    eval_size: int = _f(512, "held-out evaluation items (synthetic: a clean split)", lo=0)
+    size: int = _f(4096, "synthetic: number of items in the finite training set", lo=1)
+    eval_size: int = _f(256, "held-out evaluation items (synthetic: a clean split)", lo=0)
     seed: int = _f(0, "data seed: item i is generated from (seed, i)")
     concepts: int = _f(16, "synthetic: number of concepts (shapes × colours: 16 = 4 × 4; at most 8 × 8)",
                        lo=2, hi=64)
-    noise: float = _f(0.0, "rate of misaligned captions (synthetic; manifest: training captions swapped "
+    noise: float = _f(0.2, "rate of misaligned captions (synthetic; manifest: training captions swapped "
                       "between clips, only when set on the command line or in your own config)", lo=0.0, hi=1.0)
-    noise_audio: float = _f(0.0, "rate of misaligned audio (synthetic; manifest: training audio tracks swapped "
+    noise_audio: float = _f(0.2, "rate of misaligned audio (synthetic; manifest: training audio tracks swapped "
                             "between clips, only when set on the command line or in your own config)",
                             lo=0.0, hi=1.0)
     noise_kind: str = _f("swap", "kind of misalignment (manifest: swap only)", choices=("swap", "bias", "unrelated"))
-    noise_bias: float = _f(0.0, "synthetic: rate of captions with narrator bias (a fixed wrong concept per concept), "
+    noise_bias: float = _f(0.2, "synthetic: rate of captions with narrator bias (a fixed wrong concept per concept), "
                            "on top of data.noise's captions of data.noise_kind; noise + noise_bias <= 1",
                            lo=0.0, hi=1.0)
     hard: float = _f(0.0, "synthetic: fraction of training items whose video and audio carry a weaker concept "
                      "signal (smaller, dimmer sprite; quieter concept tones), whatever their noise", lo=0.0, hi=1.0)
     imbalance: float = _f(1.0, "synthetic: frequency of the most common concept over the least common one in the "
                           "training split (frequencies ∝ rank^-a); 1 = uniform; the eval split stays uniform", lo=1.0)
-    frames: int = _f(8, "video frames per clip", lo=1)
+    frames: int = _f(4, "video frames per clip", lo=1)
     image_size: int = _f(32, "video frame height and width after resize/crop", lo=8)
     fps: float = _f(8.0, "manifest/shards: frame sampling rate", lo=0.1)
     sample_rate: int = _f(8000, "audio sample rate (mono)", lo=1000)
@@ -222,6 +230,12 @@ class DataConfig:
     workers: int = _f(0, "DataLoader worker processes", lo=0)
     oracle_drop: bool = _f(False, "oracle control: leave samples flagged misaligned out of that loss (their "
                            "caption's ℓ^vt, their audio's ℓ^va), the best any curriculum could do; needs flags")
+
+    @classmethod
+    def clips(cls, **values) -> "DataConfig":
+        """A config for real clips (manifest, shards): the defaults with no injected misalignment, no hard items
+        and uniform concepts (``REAL_DATA_VALUES``), then ``values``; what the command line does for real data."""
+        return cls(**{**REAL_DATA_VALUES, **values})
 
     def validate(self) -> "DataConfig":
         validate_section(self, "data")
@@ -266,9 +280,9 @@ class TrainConfig:
     any number of GPUs (it must divide evenly; the trainer says so before any work otherwise).
     """
 
-    steps: int = _f(300, "optimizer steps of the run", lo=1)
+    steps: int = _f(2000, "optimizer steps of the run", lo=1)
     batch_size: int = _f(64, "GLOBAL batch per optimizer step (split over ranks and grad_accum micro-steps)", lo=1)
-    lr: float = _f(5e-4, "peak learning rate (AdamW) after the warm-up", lo=0.0)
+    lr: float = _f(1e-3, "peak learning rate (AdamW) after the warm-up", lo=0.0)
     min_lr_ratio: float = _f(0.0, "learning rate at the end of the cosine decay, as a fraction of lr", lo=0.0, hi=1.0)
     weight_decay: float = _f(0.01, "AdamW decoupled weight decay on matrices (biases, norms, 1-D tables: none)",
                              lo=0.0)
@@ -287,8 +301,8 @@ class TrainConfig:
                         "apex is installed)", choices=("adamw", "apex"))
     seed: int = _f(0, "seed of model init (same on every rank) and of per-rank randomness (seed + rank)")
     resume: str = _f("", "'' (fresh run), 'auto' (latest checkpoint of the run dir, if any) or a checkpoint path")
-    ckpt_every: int = _f(100, "save a checkpoint every this many steps (0: only at the end)", lo=0)
-    keep_last: int = _f(3, "checkpoints kept in run_dir/checkpoints (older ones are deleted)", lo=1)
+    ckpt_every: int = _f(250, "save a checkpoint every this many steps (0: only at the end)", lo=0)
+    keep_last: int = _f(2, "checkpoints kept in run_dir/checkpoints (older ones are deleted)", lo=1)
     max_bad_steps: int = _f(20, "abort after this many CONSECUTIVE skipped (non-finite) steps (0: never)", lo=0)
     dist_timeout_s: float = _f(600.0, "seconds the process group's rendezvous and every collective wait for a peer "
                                "before the run fails (a dead or frozen rank: torchrun --max-restarts can restart)",
@@ -303,15 +317,17 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation (docs/DESIGN.md "Evaluation"): retrieval, linear probe, noise-detection AUC."""
 
-    every: int = _f(0, "evaluate every this many steps (0: only the final evaluation)", lo=0)
-    size: int = _f(512, "held-out items embedded per evaluation (0: the whole eval split)", lo=0)
-    batch_size: int = _f(128, "GLOBAL batch of the evaluation loader", lo=1)
+    every: int = _f(250, "evaluate every this many steps (0: only the final evaluation)", lo=0)
+    size: int = _f(256, "held-out items embedded per evaluation (0: the whole eval split)", lo=0)
+    batch_size: int = _f(64, "GLOBAL batch of the evaluation loader", lo=1)
     probe: bool = _f(True, "fit a linear probe (closed-form ridge) on frozen pooled features")
     probe_ridge: float = _f(1.0, "ridge penalty of the linear probe (on standardised features)", lo=0.0)
     final: bool = _f(True, "evaluate at the end of training and write summary.json")
     noise_window: int = _f(50, "noise AUC: the last this many TRAINING steps' cosines are scored", lo=1)
-    feature_cos: bool = _f(True, "also measure the per-sample cosine at the pooled video feature (noise_auc_feat "
-                           "in metrics.jsonl) when the data carries misalignment flags; not under FSDP2")
+    feature_cos: bool = _f(False, "the side-by-side detector report: every detector (losses, mixtures, agreement, "
+                           "cosines and magnitudes at the pooled video feature under each per-sample definition) "
+                           "per log window, split by noise kind, hardness and concept frequency (metrics.jsonl), when "
+                           "the data carries misalignment flags; extra backward passes per step; not under FSDP2")
 
     def validate(self) -> "EvalConfig":
         validate_section(self, "eval")

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from harmony.config import HarmonyConfig
+from helpers import method_cfg
 from harmony.curriculum import (PrioritizedSampler, ScoreMemory, curriculum_weights, is_active, progress,
                                 rule_weights, update_coefficients)
 
@@ -21,7 +21,7 @@ def cfg_for(rule, **kw):
     """start 0 and ramp 1: step s of T = 100 is progress s/100."""
     base = dict(curriculum=rule, curriculum_start=0.0, ramp=1.0, min_keep=0.0)
     base.update(kw)
-    return HarmonyConfig(**base)
+    return method_cfg(**base)
 
 
 def roundtrip(obj):
@@ -59,22 +59,22 @@ def ref_weights(scores, valid, p, rule, cfg):
 
 
 def test_progress_and_start():
-    cfg = HarmonyConfig(curriculum_start=0.1, ramp=0.5)
+    cfg = method_cfg(curriculum_start=0.1, ramp=0.5)
     T2 = 200  # curriculum from step 20, full at step 20 + 100
     expected = {0: 0.0, 19: 0.0, 20: 0.0, 70: 0.5, 95: 0.75, 120: 1.0, 199: 1.0}
     for step, p in expected.items():
         assert progress(step, T2, cfg) == pytest.approx(p)
     assert not is_active(19, T2, cfg) and is_active(20, T2, cfg)
-    assert progress(30, 100, HarmonyConfig(curriculum_start=0.0, ramp=0.6)) == pytest.approx(0.5)
+    assert progress(30, 100, method_cfg(curriculum_start=0.0, ramp=0.6)) == pytest.approx(0.5)
     # start + ramp > 1: the curriculum never reaches p = 1
-    assert progress(99, 100, HarmonyConfig(curriculum_start=0.6, ramp=0.5)) == pytest.approx(0.78)
+    assert progress(99, 100, method_cfg(curriculum_start=0.6, ramp=0.5)) == pytest.approx(0.78)
     with pytest.raises(ValueError):
         progress(0, 0, cfg)
 
 
 @pytest.mark.parametrize("rule", ["threshold", "ratio", "soft", "memory"])
 def test_no_curriculum_before_start(rule):
-    cfg = HarmonyConfig(curriculum=rule, curriculum_start=0.3, ramp=0.5, memory_use="weights")
+    cfg = method_cfg(curriculum=rule, curriculum_start=0.3, ramp=0.5, memory_use="weights")
     mem = ScoreMemory(0.9)
     ids = torch.arange(8)
     for step in (0, 29):
@@ -174,7 +174,7 @@ def test_rules_against_python_reference(rule):
         scores = [round(rng.uniform(-1, 1), 1) for _ in range(n)]  # one decimal: many ties
         valid = [rng.random() > 0.2 for _ in range(n)]
         p = rng.choice([0.0, rng.random(), 1.0])
-        cfg = HarmonyConfig(kappa0=rng.uniform(-0.5, 0.8), kappa1=rng.uniform(-1, -0.5), rho0=rng.random(),
+        cfg = method_cfg(kappa0=rng.uniform(-0.5, 0.8), kappa1=rng.uniform(-1, -0.5), rho0=rng.random(),
                             temperature=rng.choice([0.05, 0.3]), min_keep=rng.choice([0.0, 0.25, 0.6]))
         w = rule_weights(torch.tensor(scores, dtype=torch.float32), torch.tensor(valid, dtype=torch.bool), p, rule, cfg)
         ref = ref_weights([float(torch.tensor(s, dtype=torch.float32)) for s in scores], valid, p, rule, cfg)
@@ -290,7 +290,7 @@ SAMPLER_CFG = dict(curriculum="memory", memory_use="sampler", curriculum_start=0
 
 @pytest.mark.parametrize("replacement", [True, False])
 def test_sampler_deterministic_and_rank_disjoint(replacement):
-    mem, cfg = seeded_memory(), HarmonyConfig(memory_schedule="soft", **SAMPLER_CFG)
+    mem, cfg = seeded_memory(), method_cfg(memory_schedule="soft", **SAMPLER_CFG)
 
     def draw(rank, world, epoch, seed=7):
         s = PrioritizedSampler(mem, 40, cfg, T, num_samples=36, replacement=replacement, seed=seed,
@@ -314,7 +314,7 @@ def test_sampler_probabilities():
     """With replacement the frequencies follow the priorities: zero-priority items never, unseen at the mean."""
     mem = ScoreMemory(0.9)
     mem.update(torch.tensor([0, 1, 2, 3]), torch.tensor([0.9, 0.5, -0.2, -0.8]), torch.ones(4, dtype=torch.bool))
-    cfg = HarmonyConfig(memory_schedule="ratio", **SAMPLER_CFG)  # p = 0: ρ = 0.5 keeps items 0 and 1
+    cfg = method_cfg(memory_schedule="ratio", **SAMPLER_CFG)  # p = 0: ρ = 0.5 keeps items 0 and 1
     s = PrioritizedSampler(mem, 6, cfg, T, num_samples=60000, seed=1)
     s.set_epoch(0, 0)
     prio = s.priorities()
@@ -324,7 +324,7 @@ def test_sampler_probabilities():
     z = ((counts - expect).abs() / expect.clamp(min=1).sqrt()).max().item()
     print(f"sampler counts {counts.tolist()}, expected {expect.tolist()}, max z {z:.2f}")
     assert counts[2] == 0 and counts[3] == 0 and z < 5
-    late_cfg = HarmonyConfig(memory_schedule="ratio", **{**SAMPLER_CFG, "curriculum_start": 0.5})
+    late_cfg = method_cfg(memory_schedule="ratio", **{**SAMPLER_CFG, "curriculum_start": 0.5})
     late = PrioritizedSampler(mem, 6, late_cfg, T, seed=1)
     late.set_epoch(0, step=10)  # before curriculum_start: uniform
     assert late.priorities().tolist() == [1] * 6
@@ -334,7 +334,7 @@ def test_sampler_probabilities():
 
 @pytest.mark.parametrize("replacement", [True, False])
 def test_sampler_resume(replacement):
-    cfg = HarmonyConfig(memory_schedule="threshold", **SAMPLER_CFG)
+    cfg = method_cfg(memory_schedule="threshold", **SAMPLER_CFG)
     mem = seeded_memory(seed=4)
     s = PrioritizedSampler(mem, 40, cfg, T, replacement=replacement, seed=3, rank=1, world_size=2)
     s.set_epoch(2, step=30)

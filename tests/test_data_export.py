@@ -59,7 +59,7 @@ def compare(item, orig, audio_exact):
 
 def test_round_trip_through_the_manifest(exported):
     out, originals = exported
-    cfg = DataConfig(kind="manifest", manifest=str(out / "manifest.jsonl"), eval_size=0, seed=4)
+    cfg = DataConfig.clips(kind="manifest", manifest=str(out / "manifest.jsonl"), eval_size=0, seed=4)
     ds = build_dataset(cfg, "train")
     assert len(ds) == N
     for i in range(N):
@@ -70,7 +70,7 @@ def test_round_trip_through_the_manifest(exported):
 
 def test_round_trip_through_the_shards(exported):
     out, originals = exported
-    cfg = DataConfig(kind="shards", shards=str(out / "shards" / "shard-*.tar"), eval_size=0, seed=4)
+    cfg = DataConfig.clips(kind="shards", shards=str(out / "shards" / "shard-*.tar"), eval_size=0, seed=4)
     items = list(build_dataset(cfg, "train"))
     assert [it["index"] for it in items] == list(range(N))
     for item, orig in zip(items, originals):
@@ -93,9 +93,9 @@ def test_round_trip_when_audio_and_video_lengths_differ(tmp_path, frames, audio_
     kw = dict(frames=frames, fps=8.0, audio_seconds=audio_seconds, image_size=16, sample_rate=8000)
     main(["--out", str(tmp_path), "--n", "2"] + [f"--data.{k}={v}" for k, v in kw.items()])
     originals = [SyntheticDataset(DataConfig(**kw))[i] for i in range(2)]
-    via_manifest = build_dataset(DataConfig(kind="manifest", manifest=str(tmp_path / "manifest.jsonl"),
+    via_manifest = build_dataset(DataConfig.clips(kind="manifest", manifest=str(tmp_path / "manifest.jsonl"),
                                             eval_size=0, **kw), "train")
-    via_shards = list(build_dataset(DataConfig(kind="shards", shards=str(tmp_path / "shards" / "*.tar"),
+    via_shards = list(build_dataset(DataConfig.clips(kind="shards", shards=str(tmp_path / "shards" / "*.tar"),
                                                eval_size=0, **kw), "train"))
     for i, orig in enumerate(originals):
         compare(via_manifest[i], orig, audio_exact=False)

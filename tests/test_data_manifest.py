@@ -100,7 +100,7 @@ def test_manifest_reading_counts_bad_lines_and_flags_non_utf8(bad_manifest):
 
 
 def test_every_bad_case_is_masked_or_replaced_and_counted(bad_manifest, caplog):
-    cfg = DataConfig(kind="manifest", manifest=str(bad_manifest), eval_size=0, frames=4, fps=4.0,
+    cfg = DataConfig.clips(kind="manifest", manifest=str(bad_manifest), eval_size=0, frames=4, fps=4.0,
                      image_size=16, sample_rate=8000, candidates=2)
     ds = build_dataset(cfg, "train")
     assert len(ds) == 10 and ds.load_counts["bad_line"] == 1
@@ -153,13 +153,13 @@ def grid_entries_text(manifest, i):
 def test_all_bad_run_raises_clearly(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps({"path": f"gone{i}.mp4", "text": "x"}) for i in range(3)))
-    ds = build_dataset(DataConfig(kind="manifest", manifest=str(path), eval_size=0), "train")
+    ds = build_dataset(DataConfig.clips(kind="manifest", manifest=str(path), eval_size=0), "train")
     with pytest.raises(RuntimeError, match="no usable video"):
         ds[0]
 
 
 def test_counts_survive_worker_processes(bad_manifest):
-    cfg = DataConfig(kind="manifest", manifest=str(bad_manifest), eval_manifest=str(bad_manifest), frames=4,
+    cfg = DataConfig.clips(kind="manifest", manifest=str(bad_manifest), eval_manifest=str(bad_manifest), frames=4,
                      fps=4.0, image_size=16, sample_rate=8000, workers=2)
     ds = build_dataset(cfg, "eval")
     want = dict(ds.load_counts)
@@ -177,7 +177,7 @@ def test_counts_survive_worker_processes(bad_manifest):
 
 def test_grid_manifest_end_to_end():
     g = grid_dir()
-    cfg = DataConfig(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32)
+    cfg = DataConfig.clips(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32)
     train, held = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
     assert len(train) + len(held) == len(grid_entries()) and len(held) == len(grid_entries()) // 10
     names = lambda ds: {r.name for r in ds.records}  # noqa: E731
@@ -240,9 +240,9 @@ def test_misalign_records_swaps_between_clips_with_flags():
 
 def test_grid_noise_swaps_captions_and_audio_of_training_clips_only():
     g = grid_dir()
-    cfg = DataConfig(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32,
+    cfg = DataConfig.clips(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32,
                      noise=0.3, noise_audio=0.3).validate()
-    clean_cfg = DataConfig(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32)
+    clean_cfg = DataConfig.clips(kind="manifest", manifest=str(g / "manifest.jsonl"), frames=8, fps=8.0, image_size=32)
     train, held = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
     clean = build_dataset(clean_cfg, "train")
     assert "noisy_text" not in held[0] and "noisy_text" not in clean[0]  # flags only where noise was injected
@@ -255,4 +255,4 @@ def test_grid_noise_swaps_captions_and_audio_of_training_clips_only():
     assert not torch.allclose(noisy["audio"], own["audio"])             # ... another clip's sound
     assert torch.equal(train[j]["audio"], clean[j]["audio"]) and torch.equal(train[j]["text"], clean[j]["text"])
     with pytest.raises(Exception, match="swap only|supports only"):
-        DataConfig(kind="manifest", manifest="m.jsonl", noise=0.2, noise_kind="bias").validate()
+        DataConfig.clips(kind="manifest", manifest="m.jsonl", noise=0.2, noise_kind="bias").validate()

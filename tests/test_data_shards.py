@@ -27,7 +27,7 @@ def cfg_for(shard_dir, **kw):
     base = dict(kind="shards", shards=str(shard_dir / "shards" / "shard-{000000..000003}.tar"), eval_size=0,
                 frames=4, image_size=16, sample_rate=4000, shuffle_buffer=3)
     base.update(kw)
-    return DataConfig(**base)
+    return DataConfig.clips(**base)
 
 
 def take(it, n):

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from brute_force import ToyVATT, toy_batch
-from harmony import GradientHarmonizer, HarmonyConfig
+from harmony import GradientHarmonizer
+from helpers import method_cfg
 from harmony.distributed import unwrap
 from harmony.losses import mil_nce, nce
 
@@ -97,7 +98,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                 from torch.distributed.fsdp import fully_shard
                 fully_shard(model.block)
                 wrapped = fully_shard(model)
-            h = GradientHarmonizer(wrapped, HarmonyConfig(**cfg))
+            h = GradientHarmonizer(wrapped, method_cfg(**cfg))
             st = _step(wrapped, h, x, rows)
             results[name] = dict(grads=_grads(model), dots=st.dots, cos=st.cos, weights=st.weights,
                                  coef_va=st.coef_va, coef_vt=st.coef_vt, scope=h.scope_names(),
@@ -122,7 +123,7 @@ def ranks():
 
 def _single(cfg):
     model = _model()
-    h = GradientHarmonizer(model, HarmonyConfig(**cfg))
+    h = GradientHarmonizer(model, method_cfg(**cfg))
     st = _step(model, h, _batch(), slice(0, WORLD * B_LOCAL))
     return _grads(model), st, h.scope_names()
 

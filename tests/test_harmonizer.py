@@ -19,7 +19,8 @@ from harmony.config import ConfigError
 from harmony.grad_sample import PerSampleError
 from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
-from helpers import MASKS, SEED, TOL, check, check_dots, check_grads, expected_update, fresh_model, reference
+from helpers import (MASKS, SEED, TOL, check, check_dots, check_grads, expected_update, fresh_model, method_cfg,
+                     reference)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,7 +47,7 @@ def test_dots_and_plain_grad_match_brute_force(B, mode, scope, bookkeeping):
     bookkeeping: the update from the kept X and G; else by a second (weighted) backward."""
     lam = 0.5
     g_va, g_vt = reference(B)
-    model, h, stats = run(HarmonyConfig(realign="none", curriculum="none", mode=mode, scope=scope, lam=lam), B,
+    model, h, stats = run(method_cfg(realign="none", curriculum="none", mode=mode, scope=scope, lam=lam), B,
                           bookkeeping=bookkeeping)
     assert stats.mode == mode and h.bookkeeping == bookkeeping
     names = h.scope_names()
@@ -68,7 +69,7 @@ def test_dots_and_plain_grad_match_brute_force(B, mode, scope, bookkeeping):
 def test_shared_scope_is_what_both_losses_reach():
     """Without model.scope_parameters, 'shared' = parameters reachable from both losses' inputs."""
     g_va, g_vt = reference(7)
-    model, h, _ = run(HarmonyConfig(realign="none", mode="ghost", scope="shared"), 7)
+    model, h, _ = run(method_cfg(realign="none", mode="ghost", scope="shared"), 7)
     expected = {n for n, _ in model.named_parameters() if n.startswith(ToyVATT.SHARED_PREFIXES)}
     print(sorted(expected ^ set(h.scope_names())))
     assert set(h.scope_names()) == expected
@@ -85,7 +86,7 @@ def test_pcgrad_with_curriculum_on_actual_gradients(mode, bookkeeping):
     parameter."""
     B, lam = 7, 1.0
     g_va, g_vt = reference(B)
-    cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", lam=lam,
+    cfg = method_cfg(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", lam=lam,
                         curriculum_start=0.0, kappa0=0.0, kappa1=0.0, min_keep=0.25)
     model, h, st = run(cfg, B, step=5, total_steps=10, bookkeeping=bookkeeping)
     names = h.scope_names()
@@ -126,7 +127,7 @@ def test_apply_to_scope(mode, bookkeeping):
     """apply_to=scope: scoped parameters get the realigned update, the others w-weighted plain gradients."""
     B, lam = 7, 1.0
     g_va, g_vt = reference(B)
-    cfg = HarmonyConfig(realign="pcgrad", mode=mode, scope="shared", lam=lam, apply_to="scope")
+    cfg = method_cfg(realign="pcgrad", mode=mode, scope="shared", lam=lam, apply_to="scope")
     model, h, st = run(cfg, B, bookkeeping=bookkeeping)
     assert not torch.allclose(st.alpha, torch.ones(B)), "needs a conflicting sample"
     inside = set(h.scope_names())
@@ -140,8 +141,8 @@ def test_apply_to_scope(mode, bookkeeping):
 def test_modes_agree():
     """ghost and materialize give the same stats and .grad (fp32 tolerance) under realignment and curriculum."""
     cfg = dict(realign="pcgrad", curriculum="ratio", scope="all", curriculum_start=0.0, rho0=0.5)
-    mg, _, sg = run(HarmonyConfig(mode="ghost", **cfg), 7, step=1, total_steps=10)
-    mm, _, sm = run(HarmonyConfig(mode="materialize", **cfg), 7, step=1, total_steps=10)
+    mg, _, sg = run(method_cfg(mode="ghost", **cfg), 7, step=1, total_steps=10)
+    mm, _, sm = run(method_cfg(mode="materialize", **cfg), 7, step=1, total_steps=10)
     check_dots(sm.dots, sg.dots.double())
     assert torch.equal(sg.weights, sm.weights)
     assert (sg.weights == 0).any()
@@ -153,7 +154,7 @@ def test_empty_mask_and_zero_gradient_give_no_nan():
     B = 7
     masks = (torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool))
     for mode, bk in (("ghost", False), ("ghost", True), ("materialize", False), ("materialize", True)):
-        model, _, st = run(HarmonyConfig(realign="pcgrad", curriculum="threshold", curriculum_start=0.0, mode=mode),
+        model, _, st = run(method_cfg(realign="pcgrad", curriculum="threshold", curriculum_start=0.0, mode=mode),
                            B, masks=masks, step=3, total_steps=4, bookkeeping=bk)
         assert not st.valid.any() and st.kept == 1.0
         assert torch.equal(st.dots[:, 2], torch.zeros(B))
@@ -165,14 +166,14 @@ def test_empty_mask_and_zero_gradient_give_no_nan():
         check_grads(model, {n: p.grad for n, p in plain.named_parameters()},
                     TOL["grad_exact"] if mode == "ghost" else TOL["grad_fp32_buffers"])
     for mode in ("ghost", "materialize"):     # B = 1: ℓ = log 2 up to rounding, gradients ~1e-14
-        model, _, st = run(HarmonyConfig(realign="pcgrad", mode=mode), 1)
+        model, _, st = run(method_cfg(realign="pcgrad", mode=mode), 1)
         print("B=1 dots", st.dots.tolist(), "cos", st.cos.tolist())
         assert st.dots.abs().max() < 1e-20
         assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() < 1e-12 for p in model.parameters())
         assert torch.isfinite(st.cos).all() and torch.isfinite(st.coef_va).all() and torch.isfinite(st.coef_vt).all()
     for mode in ("ghost", "materialize"):     # an exactly zero L_vt gradient for every sample: nt = 0, cos 0, α = 1
         model = fresh_model()
-        h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode))
+        h = GradientHarmonizer(model, method_cfg(realign="pcgrad", mode=mode))
         z = model(*toy_batch(B, seed=SEED + B))
         st = h.backward(nce(z[0], z[1]), 0.0 * mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
         assert torch.equal(st.dots[:, 0], torch.zeros(B)) and torch.equal(st.dots[:, 2], torch.zeros(B))
@@ -193,9 +194,9 @@ class _BNModel(nn.Module):
 
 def test_batchnorm_in_scope_raises_a_clear_error():
     with pytest.raises(PerSampleError, match=r"'bn' \(BatchNorm1d\) mixes samples.*register_grad_sampler"):
-        GradientHarmonizer(_BNModel(), HarmonyConfig(scope="all"))
+        GradientHarmonizer(_BNModel(), method_cfg(scope="all"))
     model = _BNModel()
-    h = GradientHarmonizer(model, HarmonyConfig(scope="shared", mode="ghost"))
+    h = GradientHarmonizer(model, method_cfg(scope="shared", mode="ghost"))
     z = model(torch.randn(5, 4))
     with pytest.raises(PerSampleError, match="BatchNorm1d"):
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
@@ -214,7 +215,7 @@ class _DirectUse(nn.Module):
 
 def test_parameter_used_outside_its_module_raises():
     model = _DirectUse()
-    h = GradientHarmonizer(model, HarmonyConfig(scope="all", mode="ghost"))
+    h = GradientHarmonizer(model, method_cfg(scope="all", mode="ghost"))
     z = model(torch.randn(5, 4))
     with pytest.raises(PerSampleError, match="lin.weight.*never called"):
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
@@ -223,18 +224,18 @@ def test_parameter_used_outside_its_module_raises():
 def test_explicit_scope_list_and_auto_mode():
     model = fresh_model()
     params = [model.block.fc1.weight, model.norm.bias, model.v_agg.token]
-    cfg = HarmonyConfig(realign="none", mode="auto", scope=params, memory_budget_mb=1e-3)
+    cfg = method_cfg(realign="none", mode="auto", scope=params, memory_budget_mb=1e-3)
     _, h, st = run(cfg, 7, model=model)
     assert h.scope_names() == ["block.fc1.weight", "norm.bias", "v_agg.token"]
     assert st.mode == "ghost"              # 2·B·P_S·4 bytes > 1 kB
     g_va, g_vt = reference(7)
     check_dots(st.dots, dots_of(flat(g_va, h.scope_names()), flat(g_vt, h.scope_names())))
-    _, _, st = run(HarmonyConfig(realign="none", mode="auto", scope="all", memory_budget_mb=64.0), 7)
+    _, _, st = run(method_cfg(realign="none", mode="auto", scope="all", memory_budget_mb=64.0), 7)
     assert st.mode == "materialize"
 
 
 def test_disabled_is_plain_training():
-    model, _, st = run(HarmonyConfig(enabled=False, lam=0.5), 7)
+    model, _, st = run(method_cfg(enabled=False, lam=0.5), 7)
     assert st.mode == "plain"
     plain = fresh_model()
     L_va, L_vt = cmaloss(*MASKS[7])(plain(*toy_batch(7, seed=SEED + 7)))
@@ -243,7 +244,7 @@ def test_disabled_is_plain_training():
 
 
 def test_state_dict_round_trip_and_memory():
-    cfg = HarmonyConfig(realign="gradvac", gradvac_ema=0.5, curriculum="memory", curriculum_start=0.0)
+    cfg = method_cfg(realign="gradvac", gradvac_ema=0.5, curriculum="memory", curriculum_start=0.0)
     model = fresh_model()
     h = GradientHarmonizer(model, cfg)
     ids = torch.tensor([3, 9, 4, 0, 12, 7, 5])
@@ -266,7 +267,7 @@ def test_state_dict_round_trip_and_memory():
 
 def test_records_are_released_and_eval_is_not_recorded():
     model = fresh_model()
-    h = GradientHarmonizer(model, HarmonyConfig(mode="ghost"))
+    h = GradientHarmonizer(model, method_cfg(mode="ghost"))
     with torch.no_grad():
         model(*toy_batch(2))
     model.eval()
@@ -282,7 +283,7 @@ def test_records_are_released_and_eval_is_not_recorded():
 def test_batched_and_plain_measurement_give_the_same():
     """The two measurement columns by one batched backward (the GPU default) = by two plain passes (the CPU
     default, and the fallback when an op cannot be batched); the plain passes match the brute force above."""
-    cfg = HarmonyConfig(realign="pcgrad", mode="ghost", scope="all")
+    cfg = method_cfg(realign="pcgrad", mode="ghost", scope="all")
     out = []
     for batched in (True, False):
         model = fresh_model()
@@ -301,18 +302,18 @@ def test_batched_and_plain_measurement_give_the_same():
 
 def test_bookkeeping_choice():
     """Default: bookkeeping when the scoped layers do at least half of the work; never when impossible."""
-    _, h, _ = run(HarmonyConfig(mode="ghost", scope="shared"), 2)
+    _, h, _ = run(method_cfg(mode="ghost", scope="shared"), 2)
     assert h.bookkeeping is True
     model = fresh_model()
-    _, h, _ = run(HarmonyConfig(mode="ghost", scope=[model.norm.weight, model.v_head[0].weight]), 2, model=model)
+    _, h, _ = run(method_cfg(mode="ghost", scope=[model.norm.weight, model.v_head[0].weight]), 2, model=model)
     assert h.bookkeeping is False
     model = _DirectUse()
-    h = GradientHarmonizer(model, HarmonyConfig(scope=[model.out.weight], mode="ghost"), bookkeeping=True)
+    h = GradientHarmonizer(model, method_cfg(scope=[model.out.weight], mode="ghost"), bookkeeping=True)
     z = model(torch.randn(5, 4))
     with pytest.raises(PerSampleError, match="bookkeeping=True is not possible: parameter lin.weight"):
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
     model = _DirectUse()                      # the same model, default: falls back to the second backward
-    h = GradientHarmonizer(model, HarmonyConfig(scope=[model.out.weight], mode="ghost"))
+    h = GradientHarmonizer(model, method_cfg(scope=[model.out.weight], mode="ghost"))
     z = model(torch.randn(5, 4))
     h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
     assert h.bookkeeping is False and model.lin.weight.grad is not None
@@ -327,7 +328,7 @@ def test_autocast_bf16_accumulates_in_fp32(mode):
     def step(autocast):
         torch.manual_seed(SEED)
         model = ToyVATT().float()
-        h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode, scope="shared"))
+        h = GradientHarmonizer(model, method_cfg(realign="pcgrad", mode=mode, scope="shared"))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             z = model(*x)
             st = h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
@@ -355,7 +356,7 @@ class _InPlace(nn.Module):
 
 def test_in_place_change_of_a_kept_activation_raises():
     model = _InPlace()
-    h = GradientHarmonizer(model, HarmonyConfig(scope="all", mode="ghost"))
+    h = GradientHarmonizer(model, method_cfg(scope="all", mode="ghost"))
     z = model(torch.randn(5, 4))
     with pytest.raises(PerSampleError, match="'lin' was modified in place"):
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
@@ -378,7 +379,7 @@ def test_loss_ranked_curriculum_keeps_the_lowest_losses():
     """harmony.curriculum_score=loss: the ratio schedule keeps the ceil(ρ·n) valid samples with the lowest
     ℓ^va + λ·ℓ^vt (float64 reference), the memory then holds those scores, and thresholds are refused."""
     B, lam = 7, 0.5
-    cfg = HarmonyConfig(realign="none", curriculum="ratio", curriculum_score="loss", lam=lam, curriculum_start=0.0,
+    cfg = method_cfg(realign="none", curriculum="ratio", curriculum_score="loss", lam=lam, curriculum_start=0.0,
                         rho0=0.5, ramp=1.0, min_keep=0.0).validate()
     model, h, st, l_va, l_vt = step_with_losses(cfg, B)
     m_va, m_vt = MASKS[B]
@@ -393,7 +394,7 @@ def test_loss_ranked_curriculum_keeps_the_lowest_losses():
     torch.testing.assert_close(scores[valid].double(), -total[valid], rtol=1e-6, atol=1e-6)
     for bad in (dict(curriculum="threshold"), dict(curriculum="memory", memory_schedule="soft")):
         with pytest.raises(ConfigError, match="curriculum_score=loss"):
-            HarmonyConfig(curriculum_score="loss", **bad).validate()
+            method_cfg(curriculum_score="loss", **bad).validate()
 
 
 @pytest.mark.parametrize("score", ["gvt", "combo", "gmm"])
@@ -405,7 +406,7 @@ def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
     g_va, g_vt = reference(B)
     extra = dict(curriculum="threshold", kappa0=0.5, kappa1=0.5, gmm_window=64) if score == "gmm" else \
         dict(curriculum="ratio", rho0=0.5)
-    cfg = HarmonyConfig(realign="none", curriculum_score=score, curriculum_target="vt", lam=lam, mode="ghost",
+    cfg = method_cfg(realign="none", curriculum_score=score, curriculum_target="vt", lam=lam, mode="ghost",
                         curriculum_start=0.0, ramp=1.0, min_keep=0.0, **extra).validate()
     model, h, st, l_va, l_vt = step_with_losses(cfg, B)
     m_va, m_vt = MASKS[B]
@@ -444,11 +445,11 @@ def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
     for bad in (dict(curriculum="threshold"), dict(curriculum="soft")):
         if score != "gmm":
             with pytest.raises(ConfigError, match=f"curriculum_score={score}"):
-                HarmonyConfig(curriculum_score=score, **bad).validate()
+                method_cfg(curriculum_score=score, **bad).validate()
 
 
 def test_memory_stops_updating_after_memory_until():
-    cfg = HarmonyConfig(realign="none", curriculum="none", memory_until=0.5)
+    cfg = method_cfg(realign="none", curriculum="none", memory_until=0.5)
     model = fresh_model()
     h = GradientHarmonizer(model, cfg)
     x = toy_batch(3, seed=SEED + 3)
@@ -469,7 +470,7 @@ def test_unmeasured_loss_curriculum_equals_the_measured_one(score):
                                                                             kappa1=0.5)
     runs = []
     for measure in (True, False):
-        cfg = HarmonyConfig(realign="none", curriculum_score=score, measure=measure, curriculum_start=0.0, ramp=1.0,
+        cfg = method_cfg(realign="none", curriculum_score=score, measure=measure, curriculum_start=0.0, ramp=1.0,
                             min_keep=0.0, curriculum_target="vt", **extra).validate()
         model = fresh_model()
         h = GradientHarmonizer(model, cfg)
@@ -492,7 +493,7 @@ def test_unmeasured_loss_curriculum_equals_the_measured_one(score):
                 dict(realign="none", curriculum_score="cos"), dict(realign="none", curriculum_score="gvt",
                                                                    curriculum="ratio")):
         with pytest.raises(ConfigError, match="measure=false"):
-            HarmonyConfig(measure=False, **bad).validate()
+            method_cfg(measure=False, **bad).validate()
 
 
 def test_pair_target_filters_each_pair_by_its_own_score_on_brute_force_gradients():
@@ -501,7 +502,7 @@ def test_pair_target_filters_each_pair_by_its_own_score_on_brute_force_gradients
     + w^t_i λ g^vt_i / n_t (n_k = Σ_i w^k_i / B) on the brute-force per-sample gradients."""
     B, lam = 7, 0.5
     g_va, g_vt = reference(B)
-    cfg = HarmonyConfig(realign="none", curriculum="ratio", curriculum_score="loss", curriculum_target="pair",
+    cfg = method_cfg(realign="none", curriculum="ratio", curriculum_score="loss", curriculum_target="pair",
                         lam=lam, mode="ghost", curriculum_start=0.0, ramp=1.0, rho0=0.5, min_keep=0.0).validate()
     model, h, st, l_va, l_vt = step_with_losses(cfg, B)
     m_va, m_vt = MASKS[B]
@@ -522,7 +523,7 @@ def test_pair_target_filters_each_pair_by_its_own_score_on_brute_force_gradients
     torch.testing.assert_close(st.score_audio.double()[valid], -l_va.detach().double()[valid], rtol=1e-6, atol=1e-6)
     check_grads(model, expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt), TOL["grad_fp32_coef"])
     with pytest.raises(ConfigError, match="curriculum_target=pair"):
-        HarmonyConfig(curriculum="memory", curriculum_target="pair").validate()
+        method_cfg(curriculum="memory", curriculum_target="pair").validate()
 
 
 @pytest.mark.parametrize("score", ["agree", "loss_agree"])
@@ -532,7 +533,7 @@ def test_agreement_scores_fit_their_mixtures_to_the_batch_neighbourhoods(score):
     score is the mean of the loss mixture's and the agreement mixture's clean posteriors; measure=false works."""
     from harmony.agreement import AgreementBank
     B = 9
-    cfg = HarmonyConfig(realign="none", curriculum="threshold", kappa0=0.5, kappa1=0.5, curriculum_score=score,
+    cfg = method_cfg(realign="none", curriculum="threshold", kappa0=0.5, kappa1=0.5, curriculum_score=score,
                         curriculum_target="pair", measure=False, curriculum_start=0.0, min_keep=0.0, agree_k=3,
                         agree_kernel=0.2, gmm_window=64).validate()
     model = fresh_model()

@@ -18,7 +18,7 @@ from harmony import HarmonyConfig
 from harmony.config import ConfigError
 from harmony.harmonizer import GradientHarmonizer
 from harmony.losses import mil_nce, nce
-from helpers import MASKS, SEED, TOL, check_dots, check_grads, expected_update, fresh_model, reference
+from helpers import MASKS, SEED, TOL, check_dots, check_grads, expected_update, fresh_model, reference, method_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,7 +39,7 @@ def run_feature(cfg: HarmonyConfig, B: int, **kw):
 def test_feature_dots_and_update_match_brute_force(B):
     """Dots = the per-sample loop's at the representation; .grad = Σ_i ca_i g^va_i + cv_i g^vt_i over every
     parameter (parameter-space brute force) with the coefficients the step chose; no hook was registered."""
-    cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode="feature", curriculum_start=0.0,
+    cfg = method_cfg(realign="pcgrad", curriculum="threshold", mode="feature", curriculum_start=0.0,
                         kappa0=0.0, kappa1=0.0, min_keep=0.25)
     model, h, st, x = run_feature(cfg, B, step=5, total_steps=10)
     assert st.mode == "feature" and h.rec._hooks == [] and h.scope_names() == []
@@ -59,7 +59,7 @@ def test_feature_dots_and_update_match_brute_force(B):
 
 def test_feature_without_realignment_is_plain_training():
     B, lam = 7, 0.5
-    model, _, st, x = run_feature(HarmonyConfig(realign="none", mode="feature", lam=lam), B)
+    model, _, st, x = run_feature(method_cfg(realign="none", mode="feature", lam=lam), B)
     plain = fresh_model()
     L_va, L_vt = cmaloss(*MASKS[B])(plain(*x))
     (L_va + lam * L_vt).backward()
@@ -69,12 +69,12 @@ def test_feature_without_realignment_is_plain_training():
 
 def test_feature_mode_needs_the_feature_and_refuses_apply_to_scope():
     model = fresh_model()
-    h = GradientHarmonizer(model, HarmonyConfig(mode="feature"))
+    h = GradientHarmonizer(model, method_cfg(mode="feature"))
     z_v, z_a, z_vt, z_t = model(*toy_batch(3))
     with pytest.raises(ValueError, match="feature=f"):
         h.backward(nce(z_v, z_a), mil_nce(z_vt, z_t), va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t))
     with pytest.raises(ConfigError, match="apply_to"):
-        HarmonyConfig(mode="feature", apply_to="scope").validate()
+        method_cfg(mode="feature", apply_to="scope").validate()
 
 
 # ------------------------------------------------------------------------------------------------ sketch
@@ -129,7 +129,7 @@ def test_sketch_error_falls_as_one_over_sqrt_k():
 
 def _sketch_step(step, k=4, B=7, **cfg):
     model = fresh_model()
-    h = GradientHarmonizer(model, HarmonyConfig(mode="sketch", scope="all", sketch_dim=k, **cfg))
+    h = GradientHarmonizer(model, method_cfg(mode="sketch", scope="all", sketch_dim=k, **cfg))
     x = toy_batch(B, seed=SEED + B)
     m_va, m_vt = MASKS[B]
     z_v, z_a, z_vt, z_t = model(*x)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from brute_force import cmaloss, dots_of, flat, path_grads
-from harmony import GradientHarmonizer, HarmonyConfig
+from harmony import GradientHarmonizer
+from helpers import method_cfg
 from harmony.config import DataConfig, ModelConfig
 from harmony.losses import mil_nce, nce
 
@@ -59,7 +60,7 @@ def reference():
 def test_vatt_scopes_match_brute_force(reference, mode, scope):
     g_va, g_vt = reference
     model = small_vatt(droptoken=1.0)
-    h = GradientHarmonizer(model, HarmonyConfig(realign="pcgrad", mode=mode, scope=scope))
+    h = GradientHarmonizer(model, method_cfg(realign="pcgrad", mode=mode, scope=scope))
     z = model(*batch(4))
     st = h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
     names = h.scope_names()
@@ -84,7 +85,7 @@ def test_vatt_droptoken_plain_gradient(mode):
     """DropToken in training (one permutation for the batch): realign none gives ∇(L_va + L_vt) exactly."""
     x = batch(5)
     model = small_vatt(droptoken=0.5)
-    h = GradientHarmonizer(model, HarmonyConfig(realign="none", mode=mode, scope="shared"))
+    h = GradientHarmonizer(model, method_cfg(realign="none", mode=mode, scope="shared"))
     z = model(*x, generator=torch.Generator().manual_seed(3))
     st = h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
     assert torch.isfinite(st.dots).all() and (st.dots[:, 1] > 0).all()

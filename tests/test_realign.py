@@ -7,7 +7,8 @@ import zlib
 import pytest
 import torch
 
-from harmony.config import ConfigError, HarmonyConfig
+from helpers import method_cfg
+from harmony.config import ConfigError
 from harmony.realign import Realignment, RealignState, cosines, realign
 
 U32 = 2.0 ** -24  # unit round-off of fp32: α, β are returned in fp32
@@ -79,7 +80,7 @@ def cos64(x, y):
 def test_rules_match_vector_reference(rule, lam, threshold):
     phi = 0.25 if rule == "gradvac" else 0.0
     ga, gv = make_pairs(B=37, P=129, seed=zlib.crc32(repr((rule, lam, threshold)).encode()), avoid=(threshold, phi))
-    cfg = HarmonyConfig(realign=rule, lam=lam, conflict_threshold=threshold, gradvac_target=phi)
+    cfg = method_cfg(realign=rule, lam=lam, conflict_threshold=threshold, gradvac_target=phi)
     r = realign(dots_of(ga, gv), torch.ones(37, dtype=torch.bool), cfg)
     G_ref, conflict_ref = ref_update(ga, gv, rule, lam, threshold, phi)
     G = apply(r, ga, gv)
@@ -126,7 +127,7 @@ def test_pcgrad_properties(lam):
     ⟨g̃va, g̃vt⟩ = −d(1−c²) ≥ 0, with fp32 dots as the kernels produce them."""
     ga, gv = make_pairs(B=200, P=67, seed=int(lam * 10) + 5, conflict_frac=0.9)
     d, na, nt = dots_of(ga, gv).unbind(1)
-    r = realign(dots_of(ga, gv).float(), torch.ones(200, dtype=torch.bool), HarmonyConfig(realign="pcgrad", lam=lam))
+    r = realign(dots_of(ga, gv).float(), torch.ones(200, dtype=torch.bool), method_cfg(realign="pcgrad", lam=lam))
     conf = r.conflict
     G = apply(r, ga, gv)
     a, b = r.alpha.double(), r.beta.double()
@@ -161,7 +162,7 @@ def test_pcgrad_properties(lam):
 def test_pcgrad_negative_lambda_breaks_vt_property():
     """For λ < 0 (refused by the config) ⟨G, g_vt⟩ = λ·nt(1−c²) < 0: the property needs λ ≥ 0."""
     ga, gv = make_pairs(B=50, P=33, seed=9, conflict_frac=1.0)
-    r = realign(dots_of(ga, gv), torch.ones(50, dtype=torch.bool), HarmonyConfig(realign="pcgrad", lam=-0.5))
+    r = realign(dots_of(ga, gv), torch.ones(50, dtype=torch.bool), method_cfg(realign="pcgrad", lam=-0.5))
     on_vt = (apply(r, ga, gv) * gv).sum(1)
     assert bool(r.conflict.all()) and bool((on_vt < 0).all())
 
@@ -170,8 +171,8 @@ def test_pcgrad_negative_lambda_breaks_vt_property():
 def test_project_rules_make_moved_gradient_orthogonal(lam):
     ga, gv = make_pairs(B=80, P=101, seed=11, conflict_frac=0.8)
     valid = torch.ones(80, dtype=torch.bool)
-    ra = realign(dots_of(ga, gv).float(), valid, HarmonyConfig(realign="project_va", lam=lam))
-    rt = realign(dots_of(ga, gv).float(), valid, HarmonyConfig(realign="project_vt", lam=lam))
+    ra = realign(dots_of(ga, gv).float(), valid, method_cfg(realign="project_va", lam=lam))
+    rt = realign(dots_of(ga, gv).float(), valid, method_cfg(realign="project_vt", lam=lam))
     moved_va = apply(ra, ga, gv) - lam * gv  # update = g̃va + λ g_vt
     moved_vt = (apply(rt, ga, gv) - ga) / lam  # update = g_va + λ g̃vt
     d, na, nt = dots_of(ga, gv).unbind(1)
@@ -193,7 +194,7 @@ def test_project_rules_make_moved_gradient_orthogonal(lam):
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_gradvac_reaches_target(phi, lam):
     ga, gv = make_pairs(B=90, P=77, seed=int(100 * phi) + 1000, avoid=(phi,))
-    cfg = HarmonyConfig(realign="gradvac", lam=lam, gradvac_target=phi)
+    cfg = method_cfg(realign="gradvac", lam=lam, gradvac_target=phi)
     # float64 dots: near c = -1 the GradVac correction is ill-conditioned in c, so fp32 dots would test
     # the input's rounding, not the formula; what remains is the fp32 rounding of α, β
     r = realign(dots_of(ga, gv), torch.ones(90, dtype=torch.bool), cfg)
@@ -221,7 +222,7 @@ def test_non_conflicting_untouched_and_masks(rule):
     lam = 0.7
     ga, gv = make_pairs(B=41, P=50, seed=3, avoid=(-0.1,))
     valid = torch.rand(41, generator=torch.Generator().manual_seed(4)) > 0.3
-    cfg = HarmonyConfig(realign=rule, lam=lam, conflict_threshold=-0.1, gradvac_target=-0.1)
+    cfg = method_cfg(realign=rule, lam=lam, conflict_threshold=-0.1, gradvac_target=-0.1)
     r = realign(dots_of(ga, gv).float(), valid, cfg)
     c = cos64(ga, gv)
     calm = (c >= -0.1) | ~valid
@@ -242,7 +243,7 @@ def test_zero_gradients_finite(rule, eps):
     ga[0] = 0.0
     gv[1] = 0.0
     ga[2] = gv[2] = 0.0
-    cfg = HarmonyConfig(realign=rule, lam=1.5, conflict_threshold=0.5, gradvac_target=0.5, eps=eps)
+    cfg = method_cfg(realign=rule, lam=1.5, conflict_threshold=0.5, gradvac_target=0.5, eps=eps)
     r = realign(dots_of(ga, gv).float(), torch.ones(6, dtype=torch.bool), cfg)
     for t in (r.cos, r.alpha, r.beta):
         assert bool(torch.isfinite(t).all())
@@ -257,7 +258,7 @@ def test_extreme_cosines_finite(rule):
     ga = g
     gv = torch.stack([-2.0 * g[0], 3.0 * g[1], -1e-3 * g[2]])
     for phi in (-1.0, 0.999999):
-        cfg = HarmonyConfig(realign=rule, gradvac_target=phi, eps=0.0)
+        cfg = method_cfg(realign=rule, gradvac_target=phi, eps=0.0)
         r = realign(dots_of(ga, gv).float(), torch.ones(3, dtype=torch.bool), cfg)
         for t in (r.cos, r.alpha, r.beta):
             assert bool(torch.isfinite(t).all()), (rule, phi, t)
@@ -269,7 +270,7 @@ def test_extreme_cosines_finite(rule):
 
 def test_empty_batch():
     for rule in RULES:
-        r = realign(torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool), HarmonyConfig(realign=rule))
+        r = realign(torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool), method_cfg(realign=rule))
         assert r.cos.shape == r.alpha.shape == r.beta.shape == r.conflict.shape == (0,)
 
 
@@ -277,17 +278,17 @@ def test_gradvac_target_one_is_refused_and_ema_needs_state():
     dots = torch.tensor([[-1.0, 1.0, 1.0]])
     valid = torch.ones(1, dtype=torch.bool)
     with pytest.raises(ConfigError, match="gradvac_target"):
-        realign(dots, valid, HarmonyConfig(realign="gradvac", gradvac_target=1.0))
+        realign(dots, valid, method_cfg(realign="gradvac", gradvac_target=1.0))
     with pytest.raises(ValueError, match="RealignState"):
-        realign(dots, valid, HarmonyConfig(realign="gradvac", gradvac_ema=0.1))
+        realign(dots, valid, method_cfg(realign="gradvac", gradvac_ema=0.1))
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
-        realign(torch.zeros(4, 2), torch.ones(4, dtype=torch.bool), HarmonyConfig())
+        realign(torch.zeros(4, 2), torch.ones(4, dtype=torch.bool), method_cfg())
 
 
 def test_gradvac_ema_uses_previous_target_then_updates():
     """Step t uses φ̂_{t−1}; then φ̂_t = (1 − r)·φ̂_{t−1} + r·mean(valid c_t). Hand computation over 3 steps."""
     rate, phi0 = 0.25, 0.1
-    cfg = HarmonyConfig(realign="gradvac", gradvac_target=phi0, gradvac_ema=rate)
+    cfg = method_cfg(realign="gradvac", gradvac_target=phi0, gradvac_ema=rate)
     state = RealignState(cfg)
     assert state.target == pytest.approx(phi0)
     gen = torch.Generator().manual_seed(8)
@@ -310,13 +311,13 @@ def test_gradvac_ema_uses_previous_target_then_updates():
     assert state.target == pytest.approx(phi, abs=1e-6)
     # fixed target: the state is not touched
     fixed = RealignState(0.3)
-    realign(dots_of(ga, gv), torch.ones(12, dtype=torch.bool), HarmonyConfig(realign="gradvac", gradvac_target=0.3),
+    realign(dots_of(ga, gv), torch.ones(12, dtype=torch.bool), method_cfg(realign="gradvac", gradvac_target=0.3),
             fixed)
     assert fixed.target == 0.3 and fixed.updates == 0
 
 
 def test_realign_state_round_trip():
-    state = RealignState(HarmonyConfig(gradvac_target=-0.25))  # values exact in binary floating point
+    state = RealignState(method_cfg(gradvac_target=-0.25))  # values exact in binary floating point
     state.observe(torch.tensor([0.5, -0.25, 0.75]), torch.tensor([True, True, False]), rate=0.5)
     buf = io.BytesIO()
     torch.save(state.state_dict(), buf)
@@ -334,7 +335,7 @@ def test_cuda_matches_cpu(rule):
     ga, gv = make_pairs(B=33, P=40, seed=77)
     dots = dots_of(ga, gv).float()
     valid = torch.rand(33, generator=torch.Generator().manual_seed(1)) > 0.2
-    cfg = HarmonyConfig(realign=rule, lam=0.6, gradvac_ema=0.3)
+    cfg = method_cfg(realign=rule, lam=0.6, gradvac_ema=0.3)
     s_cpu, s_gpu = RealignState(cfg), RealignState(cfg)
     for _ in range(2):
         a = realign(dots, valid, cfg, s_cpu)
@@ -349,8 +350,8 @@ def test_gradvac_at_zero_target_is_pcgrad():
     """φ = 0 gives k_at = −d/nt, k_ta = −d/na: the PCGrad coefficients."""
     ga, gv = make_pairs(B=60, P=45, seed=31)
     valid = torch.ones(60, dtype=torch.bool)
-    pc = realign(dots_of(ga, gv), valid, HarmonyConfig(realign="pcgrad", lam=0.8))
-    gv0 = realign(dots_of(ga, gv), valid, HarmonyConfig(realign="gradvac", lam=0.8, gradvac_target=0.0))
+    pc = realign(dots_of(ga, gv), valid, method_cfg(realign="pcgrad", lam=0.8))
+    gv0 = realign(dots_of(ga, gv), valid, method_cfg(realign="gradvac", lam=0.8, gradvac_target=0.0))
     err = max((pc.alpha - gv0.alpha).abs().max().item(), (pc.beta - gv0.beta).abs().max().item())
     print(f"gradvac(phi=0) vs pcgrad max coefficient difference {err:.2e}")
     assert torch.equal(pc.conflict, gv0.conflict) and int(pc.conflict.sum()) > 10

@@ -13,6 +13,7 @@ import torch
 
 from brute_force import ToyVATT, cmaloss, dots_of, flat, own_grads, path_grads, toy_batch
 from harmony import HarmonyConfig
+from helpers import method_cfg
 from harmony.config import ConfigError
 from harmony.grad_sample import PerSampleError
 from harmony.harmonizer import GradientHarmonizer
@@ -100,7 +101,7 @@ def test_measured_dots_match_brute_force_and_update_stays_plain(B, mode, definit
     brute force gives ~1e-29): then the dots must be zero to within float rounding of the gradients' scale."""
     lam = 0.5
     (p_va, p_vt), (o_va, o_vt) = reference(B, definition)
-    model, h, st = run(HarmonyConfig(realign="none", curriculum="none", mode=mode, scope="shared", lam=lam,
+    model, h, st = run(method_cfg(realign="none", curriculum="none", mode=mode, scope="shared", lam=lam,
                                      upstream=definition), B)
     assert st.mode == mode and h.bookkeeping is False
     names = h.scope_names()
@@ -122,7 +123,7 @@ def test_pcgrad_coefficients_from_measured_dots_applied_to_path_gradients(mode, 
     Σ_i ca_i g^va,path_i + cv_i g^vt,path_i (docs/METHOD.md)."""
     B = 7
     (p_va, p_vt), (o_va, o_vt) = reference(B, definition)
-    cfg = HarmonyConfig(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", upstream=definition,
+    cfg = method_cfg(realign="pcgrad", curriculum="threshold", mode=mode, scope="shared", upstream=definition,
                         curriculum_start=0.0, kappa0=0.0, kappa1=0.0, min_keep=0.25)
     model, h, st = run(cfg, B, step=5, total_steps=10)
     names = h.scope_names()
@@ -139,7 +140,7 @@ def test_pcgrad_coefficients_from_measured_dots_applied_to_path_gradients(mode, 
 def test_measure_losses_must_match_the_setting():
     model = fresh_model()
     x = toy_batch(2, seed=SEED + 2)
-    for cfg, extra in ((HarmonyConfig(upstream="own_row"), False), (HarmonyConfig(upstream="path"), True)):
+    for cfg, extra in ((method_cfg(upstream="own_row"), False), (method_cfg(upstream="path"), True)):
         h = GradientHarmonizer(model, cfg)
         z_v, z_a, z_vt, z_t = model(*x)
         kw = {"measure_losses": (nce(z_v, z_a), mil_nce(z_vt, z_t))} if extra else {}
@@ -150,9 +151,9 @@ def test_measure_losses_must_match_the_setting():
 
 def test_bookkeeping_and_scope_only_correction_are_refused():
     with pytest.raises(PerSampleError, match="upstream"):
-        run(HarmonyConfig(realign="none", mode="ghost", upstream="own_pair"), 2, bookkeeping=True)
+        run(method_cfg(realign="none", mode="ghost", upstream="own_pair"), 2, bookkeeping=True)
     with pytest.raises(ConfigError, match="apply_to"):
-        HarmonyConfig(upstream="own_row", apply_to="scope").validate()
+        method_cfg(upstream="own_row", apply_to="scope").validate()
 
 
 @pytest.mark.parametrize("definition", ["own_row", "own_pair"])
@@ -189,7 +190,7 @@ def test_feature_mode_measures_the_chosen_definition():
                                for i in range(B)]))
     ref = dots_of(*refs)
 
-    cfg = HarmonyConfig(realign="none", mode="feature", upstream="own_row")
+    cfg = method_cfg(realign="none", mode="feature", upstream="own_row")
     h = GradientHarmonizer(model, cfg)
     z_v, z_a, z_vt, z_t = model(*x)
     st = h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),

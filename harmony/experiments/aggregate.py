@@ -100,11 +100,15 @@ def flatten_config(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return {f"{s}.{k}": _hashable(v) for s, sec in (cfg or {}).items() for k, v in (sec or {}).items()}
 
 
+# What a field meant in the runs saved before it existed (its value then), where today's default differs.
+ABSENT_MEANT = {"data.noise_bias": 0.0, "data.hard": 0.0, "data.imbalance": 1.0, "harmony.curriculum_target": "triplet"}
+
+
 def load_runs(exp_dir: Path) -> List[RunRecord]:
     """Every run folder under ``exp_dir`` (any depth) that holds a config.yaml, sorted by path. A field that a
-    run's saved config lacks (saved before the field existed) takes its current default, so that runs of one
-    setting saved by older and newer code still group together."""
-    defaults = flatten_config(config_to_dict(Config()))
+    run's saved config lacks (saved before the field existed) takes the value it had then (``ABSENT_MEANT``, else the
+    current default), so that runs of one setting saved by older and newer code still group together."""
+    defaults = {**flatten_config(config_to_dict(Config())), **ABSENT_MEANT}
     records = []
     for cfg_path in sorted(Path(exp_dir).rglob("config.yaml")):
         run_dir = cfg_path.parent
