@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from harmony.config import REAL_DATA_VALUES as DATA_REAL_VALUES
-from harmony.config import Config, ConfigError
+from harmony.config import Config, ConfigError, sections
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -27,10 +27,6 @@ _FALSE = ("false", "no", "off", "0")
 _IGNORED_FLAGS = ("--local-rank", "--local_rank")
 # The config a run reads when no --config is given: configs/default.yaml beside train.py.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-
-
-def _sections(cfg: Config) -> Dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def _field_types(section_obj) -> Dict[str, Any]:
@@ -106,13 +102,13 @@ def convert(value: Any, typ: Any, name: str) -> Any:
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Set ``section.key`` on ``cfg`` with type conversion; unknown names list the valid ones."""
-    sections = _sections(cfg)
+    by_name = sections(cfg)
     if "." not in dotted:
-        raise ConfigError(f"--{dotted}: expected --section.key=value with section one of {sorted(sections)}")
+        raise ConfigError(f"--{dotted}: expected --section.key=value with section one of {sorted(by_name)}")
     section, key = dotted.split(".", 1)
-    if section not in sections:
-        raise ConfigError(f"unknown config section {section!r} (in {dotted!r}); valid sections: {sorted(sections)}")
-    obj = sections[section]
+    if section not in by_name:
+        raise ConfigError(f"unknown config section {section!r} (in {dotted!r}); valid sections: {sorted(by_name)}")
+    obj = by_name[section]
     types = _field_types(obj)
     if key not in types:
         raise ConfigError(f"unknown config key {dotted!r}; valid keys of [{section}]: {sorted(types)}")
@@ -126,8 +122,8 @@ def apply_mapping(cfg: Config, mapping: Dict[str, Any], origin: str = "config") 
     if not isinstance(mapping, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
     for section, values in mapping.items():
-        if section not in _sections(cfg):
-            raise ConfigError(f"{origin}: unknown config section {section!r}; valid sections: {sorted(_sections(cfg))}")
+        if section not in sections(cfg):
+            raise ConfigError(f"{origin}: unknown config section {section!r}; valid sections: {sorted(sections(cfg))}")
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -237,35 +233,20 @@ def _real_data_defaults(cfg: Config, user_set: Dict[str, str]) -> None:
 
 def _resolve_data_paths(cfg: Config, user_set: Dict[str, str]) -> None:
     """A relative data.manifest / data.eval_manifest from a config file is looked up from the current
-    directory first, then from the config file's folder; the places tried are kept for the error message."""
-    tried = {}
+    directory first, then from the config file's folder; found in neither, a ConfigError names both places.
+    (A path given on the command line, or found nowhere else, is checked by harmony.inputs.check_inputs.)"""
     for key in ("manifest", "eval_manifest"):
         value = getattr(cfg.data, key)
-        if not value or Path(value).is_absolute():
-            continue
-        places = [Path.cwd() / value]
         origin = user_set.get(f"data.{key}", "")
-        if origin:
-            places.append(Path(origin).resolve().parent / value)
+        if not value or Path(value).is_absolute() or not origin:
+            continue
+        places = [Path.cwd() / value, Path(origin).resolve().parent / value]
         found = next((p for p in places if p.is_file()), None)
+        if found is None and not places[0].exists():
+            raise ConfigError(f"data.{key}={value!r}: no such file (tried {places[0]} and {places[1]}: relative to "
+                              "the current directory and to the config file's folder)")
         if found is not None and found != places[0]:
             setattr(cfg.data, key, str(found))
-        elif found is None:
-            tried[key] = [str(p) for p in places]
-    cfg.data.tried_paths = tried  # not a field: read by harmony.inputs.check_inputs
-
-
-def config_to_dict(cfg: Config) -> Dict[str, Dict[str, Any]]:
-    """{section: {key: value}} of plain YAML types (a non-plain value, e.g. a parameter list, becomes its repr)."""
-    out = {}
-    for section, obj in _sections(cfg).items():
-        out[section] = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            plain = isinstance(value, (str, int, float, bool, type(None))) or (
-                isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value))
-            out[section][f.name] = (list(value) if isinstance(value, tuple) else value) if plain else repr(value)
-    return out
 
 
 def config_from_dict(mapping: Dict[str, Any]) -> Config:
@@ -275,17 +256,13 @@ def config_from_dict(mapping: Dict[str, Any]) -> Config:
     return cfg.validate()
 
 
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
 def format_help() -> str:
     """One line per field: --section.key (type, default): help [choices]."""
     lines = ["usage: train.py [--config FILE.yaml] [--section.key=value ...]",
              f"(no --config: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}, which holds the defaults "
              "below; a config file of your own starts from them)", ""]
     cfg = Config()
-    for section, obj in _sections(cfg).items():
+    for section, obj in sections(cfg).items():
         lines.append(f"[{section}] {type(obj).__doc__.strip().splitlines()[0]}")
         types = _field_types(obj)
         for f in dataclasses.fields(obj):

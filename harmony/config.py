@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Dict
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -383,3 +385,26 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         return self
+
+
+def sections(cfg: Config) -> Dict[str, Any]:
+    """{section name: section dataclass} of a Config, in field order."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Dict[str, Any]]:
+    """{section: {key: value}} of plain YAML types (a non-plain value, e.g. a parameter list, becomes its repr)."""
+    out = {}
+    for section, obj in sections(cfg).items():
+        out[section] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            plain = isinstance(value, (str, int, float, bool, type(None))) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value))
+            out[section][f.name] = (list(value) if isinstance(value, tuple) else value) if plain else repr(value)
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The config as YAML, sections and keys in field order (a run folder's config.yaml)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

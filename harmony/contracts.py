@@ -17,10 +17,10 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Protocol, T
 import torch
 from torch import nn
 
-from harmony.config import Config, ConfigError
-from harmony.harmonizer import HarmonyStats
+from harmony.config import Config
+from harmony.stats import HarmonyStats
 
-__all__ = ["Batch", "ModelOutput", "HarmonyStats", "Parts", "default_parts", "Forward", "oracle_drop", "batch_to"]
+__all__ = ["Batch", "ModelOutput", "HarmonyStats", "Parts", "default_parts", "Forward", "batch_to"]
 
 
 class _BatchKeys(TypedDict):
@@ -67,6 +67,8 @@ class Parts:
     nce: Callable[..., torch.Tensor]                           # (z_v, z_a, mask=, definition=) -> ℓ^va [B]
     mil_nce: Callable[..., torch.Tensor]                       # (z_vt, z_t, mask=, cand_mask=, definition=) -> ℓ^vt
     build_harmonizer: Optional[Callable[[nn.Module, Any], Any]] = None  # (wrapped model, harmony_cfg) -> harmonizer
+    # (train loader) -> the bad inputs met while building it (e.g. bad manifest lines), or None: counted once
+    load_stats: Callable[[Any], Optional[Mapping[str, int]]] = lambda loader: None
 
 
 def default_parts() -> Parts:
@@ -77,7 +79,7 @@ def default_parts() -> Parts:
     from harmony.model import VATT
 
     return Parts(build_model=lambda cfg: VATT(cfg.model, cfg.data), build_loader=build_loader, nce=nce,
-                 mil_nce=mil_nce, build_harmonizer=GradientHarmonizer)
+                 mil_nce=mil_nce, build_harmonizer=GradientHarmonizer, load_stats=lambda loader: loader.stats)
 
 
 class Forward:
@@ -103,17 +105,6 @@ class Forward:
             l_vt = self._parts.mil_nce(*self.vt_inputs, mask=self.mask_vt, **cand, **d)
             self._by_definition[definition] = (l_va, l_vt)
         return self._by_definition[definition]
-
-
-def oracle_drop(batch: Batch) -> Batch:
-    """The data.oracle_drop control: mask the loss a misalignment flag says is wrong (mask_vt for noisy_text,
-    mask_va for noisy_audio), as a curriculum weight of 0 would; the sample stays in the batch (and a negative)."""
-    if "noisy_text" not in batch or "noisy_audio" not in batch:
-        raise ConfigError("data.oracle_drop=true needs misalignment flags in the data (synthetic data, or "
-                          "data.noise / data.noise_audio on a manifest)")
-    batch["mask_vt"] = batch["mask_vt"].bool() & ~batch["noisy_text"].bool()
-    batch["mask_va"] = batch["mask_va"].bool() & ~batch["noisy_audio"].bool()
-    return batch
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:

@@ -36,7 +36,6 @@ autograd graph of the first step (found by walking grad_fn.next_functions to the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -51,38 +50,9 @@ from harmony.curriculum import (AGREEMENT_SCORES, LossMixture, ScoreMemory, curr
 from harmony.nvtx import nvtx_range
 from harmony.realign import RealignState, realign
 from harmony.recorder import ActivationRecorder
+from harmony.stats import HarmonyStats
 
 SCOPE_NAMES = ("shared", "backbone", "last_block", "all")
-
-
-@dataclass
-class HarmonyStats:
-    """What one harmonized step measured and decided; every tensor is detached, fp32 unless bool.
-
-    dots [B, 3] (⟨g^va, g^vt⟩, ‖g^va‖², ‖g^vt‖²) over the scope; cos, weights, alpha, beta [B];
-    coef_va, coef_vt [B]: the update's per-sample coefficients ca = w·α/norm, cv = w·β/norm;
-    valid [B] (both masks), conflict [B]; loss_va, loss_vt: the masked means; kept: the fraction of
-    valid samples with w > 0 (1 when none is valid); mode: "ghost", "materialize", "sketch", "feature",
-    "unmeasured" or "plain"; score [B]: what the curriculum ranks by (harmony.curriculum_score; the cosine by
-    default), higher = more trusted; score_audio [B]: with curriculum_target=pair, the audio pair's score (score is
-    then the caption's).
-    """
-
-    dots: torch.Tensor
-    cos: torch.Tensor
-    weights: torch.Tensor
-    alpha: torch.Tensor
-    beta: torch.Tensor
-    coef_va: torch.Tensor
-    coef_vt: torch.Tensor
-    valid: torch.Tensor
-    conflict: torch.Tensor
-    loss_va: torch.Tensor
-    loss_vt: torch.Tensor
-    kept: float
-    mode: str
-    score: Optional[torch.Tensor] = None
-    score_audio: Optional[torch.Tensor] = None
 
 
 class GradientHarmonizer:

@@ -15,12 +15,8 @@ def _check_file(cfg_data, key: str) -> None:
     value = getattr(cfg_data, key)
     if not value or Path(value).is_file():
         return
-    tried = getattr(cfg_data, "tried_paths", {}).get(key)
     if Path(value).exists():
         raise ConfigError(f"data.{key}={value!r} is not a file")
-    if tried and len(tried) > 1:
-        raise ConfigError(f"data.{key}={value!r}: no such file (tried {' and '.join(tried)}: relative to the "
-                          "current directory and to the config file's folder)")
     raise ConfigError(f"data.{key}={value!r}: no such file (relative paths are taken from the current directory "
                       f"{str(Path.cwd())!r})")
 

@@ -42,9 +42,8 @@ def follow_new_total(scheduler, optimizer: torch.optim.Optimizer, total_steps: i
     if old is None or old == total_steps:
         return None
     lam.total_steps = total_steps
-    lrs = [base * lam(scheduler.last_epoch) for base in scheduler.base_lrs]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
+    scheduler.last_epoch -= 1  # re-take the current step under the new total: the groups' lr and get_last_lr()
+    scheduler.step()
+    lrs = scheduler.get_last_lr()
     return (f"train.steps changed from {old} to {total_steps} on resume: the lr schedule now decays over "
             f"{total_steps} steps (lr at step {step + 1}: {lrs[0]:.4g})")

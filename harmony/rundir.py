@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 from harmony import checkpoint as ckpt
 from harmony import distributed as hd
-from harmony.cli import dump_yaml
+from harmony.config import dump_yaml
 from harmony.config import Config, ConfigError
 from harmony.inputs import check_inputs
 from harmony.metrics import truncate_after

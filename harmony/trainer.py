@@ -31,9 +31,10 @@ import torch
 from harmony import checkpoint as ckpt
 from harmony import distributed as hd
 from harmony.audit.observer import write_suspects
-from harmony.cli import config_to_dict, format_help, parse_args
+from harmony.cli import format_help, parse_args
+from harmony.config import config_to_dict
 from harmony.config import Config, ConfigError
-from harmony.contracts import Batch, Forward, HarmonyStats, Parts, batch_to, default_parts, oracle_drop
+from harmony.contracts import Batch, Forward, HarmonyStats, Parts, batch_to, default_parts
 from harmony.curriculum import memory_sampler
 from harmony.data.synthetic import tail_concepts_from
 from harmony.evaluate import evaluate
@@ -161,9 +162,6 @@ class Trainer:
         return self.parts.build_loader(self.cfg.data, "eval", per_rank, self.env.rank, self.env.world_size,
                                        self.cfg.train.seed, 0, drop_last=False)
 
-    def _oracle(self, batch: Batch) -> Batch:
-        return oracle_drop(batch) if self.cfg.data.oracle_drop else batch
-
     def _droptoken_generator(self, micro_index: int) -> torch.Generator:
         """The same CPU generator on every rank for one micro-step (DropToken's shared permutation)."""
         return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + micro_index) % (2**63))
@@ -220,7 +218,7 @@ class Trainer:
         -> its wall time in seconds."""
         ts, ga, device = time.perf_counter(), self.cfg.train.grad_accum, self.env.device
         with self._phase("data"):
-            micro = [self._oracle(batch_to(next(batches), device)) for _ in range(ga)]
+            micro = [batch_to(next(batches), device) for _ in range(ga)]
         loss_sum = torch.zeros((), device=device)
         for k, batch in enumerate(micro):
             with hd.grad_sync(self.model, enabled=k == ga - 1):
@@ -314,7 +312,7 @@ class Trainer:
         """The training batches from the current step; bad manifest lines met while indexing go into ``window``
         (counted once, by rank 0, on a fresh run)."""
         loader = self._train_loader()
-        load_counts = getattr(loader, "stats", None)
+        load_counts = self.parts.load_stats(loader)
         if load_counts and self.step == 0 and self.env.is_main:
             window.add_bad(load_counts)
         return iter(loader)

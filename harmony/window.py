@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
 from harmony import distributed as hd
 from harmony.contracts import Batch, HarmonyStats
+from harmony.data.batch import BadCounts
 from harmony.evaluate import flatten_metrics
 
 _BAD_EXAMPLES = 5  # offending clips / lines of each kind named in summary.json
@@ -71,11 +72,12 @@ class MetricsWindow:
         self.has_cos = False
         self.lr: Optional[float] = None
 
-    def add_bad(self, counts, names: Optional[Dict[str, List[str]]] = None) -> None:
-        """Bad-input counts {kind: n} (and their offending items) met by the data."""
+    def add_bad(self, counts: Mapping[str, int]) -> None:
+        """Bad-input counts {kind: n} (and, for a BadCounts, their offending items) met by the data."""
+        counts = BadCounts.of(counts)
         for k, v in counts.items():
             self.bad[k] = self.bad.get(k, 0.0) + float(v)
-        for k, ns in (getattr(counts, "names", {}) if names is None else names).items():
+        for k, ns in counts.names.items():
             self.bad_names.setdefault(k, []).extend(ns)
 
     def add_micro_step(self, batch: Batch, l_va: torch.Tensor, l_vt: torch.Tensor,

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harmony.cli import config_from_dict, config_to_dict, dump_yaml, format_help, parse_args
+from harmony.cli import config_from_dict, format_help, parse_args
+from harmony.config import config_to_dict, dump_yaml
 from harmony.config import Config, ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -152,3 +152,18 @@ def test_sampler_override_batches_epochs_and_resume():
 def test_bad_split_name():
     with pytest.raises(ValueError, match="split"):
         build_loader(DataConfig(), "test", 8)
+
+
+def test_oracle_control_masks_the_flagged_pairs_of_training_batches_only():
+    """data.oracle_drop: the training loader hands out every flagged caption's video–text pair and every flagged
+    audio track's video–audio pair masked (the sample stays in the batch); evaluation batches are untouched."""
+    base = DataConfig(size=64, eval_size=16, frames=2, image_size=8, noise=0.3, noise_bias=0.0, noise_audio=0.25)
+    oracle = DataConfig(**{**base.__dict__, "oracle_drop": True})
+    plain_b = next(iter(build_loader(base, "train", 32, seed=3)))
+    orc_b = next(iter(build_loader(oracle, "train", 32, seed=3)))
+    assert torch.equal(plain_b["index"], orc_b["index"]) and plain_b["mask_vt"].all() and plain_b["mask_va"].all()
+    nt, na = plain_b["noisy_text"].bool(), plain_b["noisy_audio"].bool()
+    assert nt.any() and na.any() and (~nt).any()
+    assert torch.equal(orc_b["mask_vt"].bool(), ~nt) and torch.equal(orc_b["mask_va"].bool(), ~na)
+    ev = next(iter(build_loader(oracle, "eval", 16, drop_last=False)))
+    assert ev["mask_vt"].all() and ev["mask_va"].all()

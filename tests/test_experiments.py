@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from harmony.cli import config_to_dict, parse_args
+from harmony.cli import parse_args
+from harmony.config import config_to_dict
 from harmony.experiments import GRIDS, aggregate, expand, get_grid, run_grid
 from harmony.experiments.__main__ import main as experiments_main
 from harmony.experiments.aggregate import METRICS, mean_std

@@ -615,13 +615,11 @@ def test_manifest_paths_relative_to_the_config_folder(tmp_path, monkeypatch):
     (tmp_path / "cfg" / "mine.yaml").write_text("data:\n  kind: manifest\n  manifest: data/other.jsonl\n")
     with pytest.raises(SystemExit):
         main(["--config", "cfg/mine.yaml", f"--log.run_dir={tmp_path / 'run'}"])
-    # the error names both places tried (checked through the message of check_inputs)
-    from harmony.inputs import check_inputs
+    # the error names both places tried, when the config is read (before any work)
     from harmony.config import ConfigError
 
-    cfg, _ = parse_args(["--config", "cfg/mine.yaml"])
     with pytest.raises(ConfigError, match="tried .*other.jsonl and .*cfg/data/other.jsonl"):
-        check_inputs(cfg)
+        parse_args(["--config", "cfg/mine.yaml"])
 
 
 def test_grid_config_finds_its_manifest_from_any_directory(tmp_path, monkeypatch):

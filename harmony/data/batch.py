@@ -12,6 +12,8 @@ from typing import Dict, List, Mapping
 
 import torch
 
+from harmony.config import ConfigError
+
 # Every bad-input kind the data code counts; loaders report all of them (zeros included).
 BAD_KINDS = (
     "missing_file",   # the clip's file does not exist: item replaced by the next usable one
@@ -47,6 +49,12 @@ class BadCounts(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.names: Dict[str, List[str]] = {}
+
+    @classmethod
+    def of(cls, counts: Mapping[str, int]) -> "BadCounts":
+        """``counts`` itself when it is a BadCounts, else its counts with no names (a stand-in loader's plain
+        dict): the one place a plain mapping becomes the counter type."""
+        return counts if isinstance(counts, cls) else cls(counts)
 
 
 def zero_counts() -> "BadCounts":
@@ -105,4 +113,16 @@ def collate(items: List[dict]) -> dict:
     for it in items:
         add_counts(bad, it.get("bad", {}))
     batch["bad"] = bad
+    return batch
+
+
+def oracle_drop(batch: dict) -> dict:
+    """The data.oracle_drop control, applied by the training loader: mask the loss a misalignment flag says is wrong
+    (mask_vt for noisy_text, mask_va for noisy_audio), as a curriculum weight of 0 would; the sample stays in the
+    batch (and a negative)."""
+    if "noisy_text" not in batch or "noisy_audio" not in batch:
+        raise ConfigError("data.oracle_drop=true needs misalignment flags in the data (synthetic data, or "
+                          "data.noise / data.noise_audio on a manifest)")
+    batch["mask_vt"] = batch["mask_vt"].bool() & ~batch["noisy_text"].bool()
+    batch["mask_va"] = batch["mask_va"].bool() & ~batch["noisy_audio"].bool()
     return batch

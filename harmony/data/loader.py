@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from harmony.data.batch import add_counts, collate, zero_counts
+from harmony.data.batch import add_counts, collate, oracle_drop, zero_counts
 from harmony.data.manifest import build_manifest_splits
 from harmony.data.sampler import EpochBatchSampler, SamplerBatches
 from harmony.data.shards import ShardStream, build_shard_splits
@@ -64,8 +64,9 @@ class Loader:
     batches handed out); iterating an eval loader always makes one full pass."""
 
     def __init__(self, make: Callable[[int], Iterator[dict]], train: bool, start_step: int,
-                 length: Optional[int], load_counts: Dict[str, int], meta: dict):
+                 length: Optional[int], load_counts: Dict[str, int], meta: dict, oracle: bool = False):
         self._make, self.train, self.step, self._len = make, train, start_step, length
+        self.oracle = oracle  # the oracle control (data.oracle_drop): flagged pairs come masked
         self.start_step = start_step
         self.stats = add_counts(zero_counts(), load_counts)
         self.meta = meta
@@ -75,7 +76,7 @@ class Loader:
             add_counts(self.stats, batch["bad"])
             if self.train:
                 self.step += 1
-            yield batch
+            yield oracle_drop(batch) if self.oracle else batch
 
     def __len__(self) -> int:
         if self._len is None:
@@ -117,7 +118,7 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
             yield from loader
 
     length = None if train else len(batches(start_step))
-    return Loader(make, train, start_step, length, dataset.load_counts, meta)
+    return Loader(make, train, start_step, length, dataset.load_counts, meta, oracle=train and cfg.oracle_drop)
 
 
 def _shard_loader(dataset: ShardStream, cfg, batch_size, rank, world_size, seed, start_step, drop_last,
@@ -133,4 +134,4 @@ def _shard_loader(dataset: ShardStream, cfg, batch_size, rank, world_size, seed,
 
     checked = stream(start_step)  # checks shards per worker now, not at the first batch
     length = None if train else max(0, len(checked) - start_step)
-    return Loader(make, train, start_step, length, dataset.load_counts, meta)
+    return Loader(make, train, start_step, length, dataset.load_counts, meta, oracle=train and cfg.oracle_drop)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from harmony.cli import config_to_dict
+from harmony.config import config_to_dict
 from harmony.config import Config
 from harmony.experiments.grid import short_name
 from harmony.metrics import read_jsonl
