@@ -123,8 +123,9 @@ class GradientHarmonizer:
         """Drop what the hooks kept (e.g. after a forward that is not followed by ``backward``)."""
         self.rec.reset()
 
-    def _param_of(self, q: str) -> nn.Parameter:
-        return self.rec._param_of(q)
+    def param_of(self, q: str) -> nn.Parameter:
+        """The scoped parameter named q (canonical name) as the model holds it now."""
+        return self.rec.param_of(q)
 
     # ------------------------------------------------------------------ the step
     def backward(self, l_va: torch.Tensor, l_vt: torch.Tensor, va_inputs: Sequence[torch.Tensor],
@@ -148,19 +149,17 @@ class GradientHarmonizer:
                              if measure_losses is None else
                              "measure_losses is for harmony.upstream=own_row|own_pair; with upstream=path the "
                              "measured gradient is the path gradient of (l_va, l_vt)")
-        self.rec._in_backward = True     # the samplers' own forwards (generic) must not be recorded
         self._late = []
         try:
-            with hd.unsharded_through_backward(self.model):
-                stats = self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step,
-                                       total_steps, ids, measure_losses, feature)
-            for q, g in self._late:      # FSDP2: gradients formed here go to the sharded parameters, once resharded
-                self._add_grad(self._param_of(q), g)
+            with self.rec.backward_pass():  # the samplers' own forwards (generic) are not recorded
+                with hd.unsharded_through_backward(self.model):
+                    stats = self._backward(l_va, l_vt, tuple(va_inputs), tuple(vt_inputs), mask_va, mask_vt, step,
+                                           total_steps, ids, measure_losses, feature)
+                for q, g in self._late:  # FSDP2: gradients formed here go to the sharded parameters, once resharded
+                    self.add_grad(self.param_of(q), g)
             return stats
         finally:
-            self.rec._records = {}
             self._late = []
-            self.rec._in_backward = False
 
     def _backward(self, l_va, l_vt, va_inputs, vt_inputs, mask_va, mask_vt, step, total_steps, ids, measure_losses,
                   feature=None):
@@ -185,7 +184,8 @@ class GradientHarmonizer:
                 mu_va, mu_vt = self._upstream(Lm_va, va_inputs), self._upstream(Lm_vt, vt_inputs)
             strategy = self._strategy(B, va_inputs, vt_inputs)
             s = strategies.Step(va_inputs, vt_inputs, u_va, u_vt, mu_va, mu_vt, B, step, dev,
-                                path_measured=measure_losses is None, feature=feature)
+                                path_measured=measure_losses is None, feature=feature,
+                                rec=self.rec.view() if strategy.recorded else None)
             strategy.measure(s)
         with nvtx_range("harmonize/dots"):
             # per-sample gradients of the data-parallel objective (1/W)·Σ_r L_r: each rank's upstream gradient is
@@ -208,10 +208,7 @@ class GradientHarmonizer:
         elif self.cfg.mode == "feature":
             name = "feature"
         else:
-            if not self.rec._checked:
-                self.rec._first_step(va_inputs, vt_inputs)
-            self.rec._check_recorded()
-            name = self.rec._pick_mode(B)
+            name = self.rec.prepare(va_inputs, vt_inputs, B)
         if name not in self._strategies:
             self._strategies[name] = strategies.STRATEGIES[name](self)
         return self._strategies[name]
@@ -313,14 +310,14 @@ class GradientHarmonizer:
         """Rows x [b, ...] of every rank the wrapper averages over -> ([Σb, ...], offset of this rank's rows)."""
         return hd.gather_rows(x) if self.world > 1 else (x, 0)
 
-    def _add_named(self, q: str, g: torch.Tensor) -> None:
+    def add_named(self, q: str, g: torch.Tensor) -> None:
         """Add g to parameter q's gradient; under FSDP2 after the step's units are resharded."""
         if self.fsdp:
             self._late.append((q, g))
         else:
-            self._add_grad(self._param_of(q), g)
+            self.add_grad(self.param_of(q), g)
 
-    def _add_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+    def add_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
         """p.grad (+)= g, in p's dtype; a sharded (DTensor) parameter takes its local shard of g."""
         if hasattr(p, "device_mesh") and hasattr(p, "placements"):
             from torch.distributed.tensor import distribute_tensor

@@ -4,10 +4,12 @@ trainer (docs/DESIGN.md "The trainer and its observers"; the detectors in docs/M
 It only watches: it reads each micro-step's batch, losses and harmonizer statistics and never changes the
 update. Where the data carries ground-truth misalignment flags (``noisy_text``, ``noisy_audio``), the monitor
 
-* per micro-step (``feature_scores`` before the harmonizer's backward, ``on_micro_step`` after it) keeps the
-  detector scores of every sample: the harmonizer's cosine and curriculum score, the magnitude-aware
-  −‖g^k‖(1 − c) from its dots, the same three at the pooled video feature under each per-sample definition,
-  and the sample's own losses;
+* per micro-step (``on_micro_step``, after the harmonizer's backward) keeps the detector scores of every sample:
+  the harmonizer's cosine and curriculum score, the magnitude-aware −‖g^k‖(1 − c) from its dots, and the
+  sample's own losses; with ``eval.feature_cos``, the same three at the pooled video feature under each
+  per-sample definition (``feature_scores``, before the backward): the harmonizer's own definition (mode feature)
+  is reused from its measurement every step, the others are measured on the first micro-step of each log window
+  only (the other micro-steps hold NaN, "no value", for them);
 * per log line (``on_log``) scores them by noise AUC over every rank's samples of the window;
 * over the last ``eval.noise_window`` steps and over the score memory (``summary``) gives summary.json's
   noise_auc* keys; that window and each item's flags are checkpointed (``state_dict``).
@@ -22,10 +24,12 @@ import torch
 from harmony import distributed as hd
 from harmony.agreement import AgreementBank
 from harmony.config import Config
+from harmony.curriculum import magnitude_score
 from harmony.contracts import Batch, Forward, HarmonyStats
 from harmony.data.synthetic import tail_concepts_from
 from harmony.detectors import detector_report, split_aucs
 from harmony.evaluate import noise_detection_auc
+from harmony.realign import cosines
 
 DEFINITIONS = ("path", "own_row", "own_pair")
 _GROUND_TRUTH = ("text_kind", "audio_kind", "hard", "concept")
@@ -54,6 +58,11 @@ class NoiseMonitor:
         self.bank = AgreementBank(cfg.harmony.agree_bank, cfg.harmony.agree_k, cfg.harmony.agree_kernel) \
             if cfg.eval.feature_cos else None
         self.tail_from = tail_concepts_from(cfg.data.concepts, cfg.data.imbalance)
+        self._feature_due = True  # the feature-level definitions are measured once per log window
+        h = cfg.harmony
+        # the definition whose feature-level scores the harmonizer itself measures (mode feature): reused from its
+        # statistics every step instead of measured again
+        self.reused = h.upstream if h.enabled and h.measure and h.mode == "feature" else None
 
     # ------------------------------------------------------------------------------------------ hooks
     def feature_scores(self, batch: Batch, fwd: Forward) -> Optional[Dict[str, torch.Tensor]]:
@@ -69,6 +78,10 @@ class NoiseMonitor:
         if not (self.cfg.eval.feature_cos and self.cfg.train.parallel != "fsdp" and feat is not None
                 and feat.requires_grad and _has_flags(batch)):
             return None
+        if not self._feature_due:  # sampled once per window: NaN (no value) on the other micro-steps
+            nan = torch.full((batch["index"].shape[0],), float("nan"))
+            return {k: nan for k in _feature_keys()}
+        self._feature_due = False
         masks = (batch["mask_va"].bool(), batch["mask_vt"].bool())
         out = {}
         for definition in DEFINITIONS:
@@ -79,14 +92,14 @@ class NoiseMonitor:
                     if total.requires_grad else None
                 grads.append(torch.zeros_like(feat) if g is None else g)
             g_va, g_vt = (g.detach().double() for g in grads)
-            n_va, n_vt = g_va.norm(dim=1), g_vt.norm(dim=1)
-            cos = (g_va * g_vt).sum(1) / (n_va * n_vt)
-            ok = masks[0] & masks[1] & (n_va > 0) & (n_vt > 0)
+            dots = torch.stack([(g_va * g_vt).sum(1), (g_va * g_va).sum(1), (g_vt * g_vt).sum(1)], 1)
+            cos = cosines(dots, self.cfg.harmony.eps).double()  # the harmonizer's cosine and zero convention
+            ok = masks[0] & masks[1]
             nan = torch.full_like(cos, float("nan"))
             sfx = "" if definition == "path" else f"_{definition}"
             out[f"feat_cos{sfx}"] = torch.where(ok, cos, nan).float().cpu()
-            out[f"feat_gvt{sfx}"] = torch.where(ok, -n_vt * (1 - cos), nan).float().cpu()
-            out[f"feat_gva{sfx}"] = torch.where(ok, -n_va * (1 - cos), nan).float().cpu()
+            out[f"feat_gvt{sfx}"] = torch.where(ok, magnitude_score(dots, cos, "vt"), nan).float().cpu()
+            out[f"feat_gva{sfx}"] = torch.where(ok, magnitude_score(dots, cos, "va"), nan).float().cpu()
             if definition == "own_pair":  # against a reference: the mean of the other samples' gradients of that loss
                 for name, g, m in (("feat_ref_vt", g_vt, masks[1]), ("feat_ref_va", g_va, masks[0])):
                     out[name] = _reference_cosine(g, m).float().cpu()
@@ -101,6 +114,10 @@ class NoiseMonitor:
         entry = self._entry(batch, fwd, stats)
         if feature is not None:
             entry.update(feature)
+            if self.reused is not None and "cos" in entry:  # the harmonizer measured this definition: every step
+                sfx = "" if self.reused == "path" else f"_{self.reused}"
+                entry.update({f"feat_cos{sfx}": entry["cos"], f"feat_gvt{sfx}": entry["gvt"],
+                              f"feat_gva{sfx}": entry["gva"]})
         if self.bank is not None:
             # the run's kernel (what curriculum_score=agree acts on) and the plain mean cosine, same neighbours
             (entry["agree_vt"], entry["agree_va"], entry["agreecos_vt"],
@@ -138,9 +155,8 @@ class NoiseMonitor:
         valid = stats.valid.bool() & torch.isfinite(cos)
         nan = torch.full_like(cos, float("nan"))
         entry["cos"] = torch.where(valid, cos, nan).cpu()
-        dots = stats.dots.float()   # the magnitude-aware scores −‖g^k_i‖·(1 − c_i) from the harmonizer's dots
-        for key, col in (("gva", 1), ("gvt", 2)):
-            entry[key] = torch.where(valid, -dots[:, col].clamp(min=0).sqrt() * (1 - cos), nan).cpu()
+        for key, pair in (("gva", "va"), ("gvt", "vt")):  # −‖g^k_i‖·(1 − c_i) from the harmonizer's dots
+            entry[key] = torch.where(valid, magnitude_score(stats.dots, cos, pair).float(), nan).cpu()
         # the run's detector (harmony.curriculum_score; per pair: score_audio too); NaN where it has no value
         for key, score in (("score", stats.score), ("score_audio", stats.score_audio)):
             if score is not None:
@@ -160,6 +176,7 @@ class NoiseMonitor:
         noise_auc_loss_audio: ℓ^va). Keys whose score was not measured are absent."""
         parts = hd.all_gather_object(self.entries)
         self.entries = []
+        self._feature_due = True
         entries = [e for p in parts for e in p]
         if not entries:
             return {}
@@ -257,6 +274,12 @@ class NoiseMonitor:
     def load_state_dict(self, d: dict) -> None:
         self.recent.extend(d.get("noise_window", []))
         self.item_flags = d.get("item_flags", self.item_flags)
+
+
+def _feature_keys() -> List[str]:
+    """The keys ``feature_scores`` fills: three scores per definition and the two reference cosines."""
+    return [f"feat_{s}{'' if d == 'path' else '_' + d}" for d in DEFINITIONS for s in ("cos", "gvt", "gva")] + \
+        ["feat_ref_vt", "feat_ref_va"]
 
 
 def _cat(entries: List[dict]) -> Dict[str, torch.Tensor]:

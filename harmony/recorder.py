@@ -3,11 +3,16 @@
 Construction registers forward hooks on every module that owns trainable parameters; in train mode with
 grad enabled each call keeps (inputs X, output Y) until the next ``backward``. The first backward resolves
 scope 'shared' (parameters reachable from BOTH losses' inputs), checks that every scoped parameter is seen
-by a sampler, decides bookkeeping, and from then on keeps only what is needed. ``_measure`` returns the
-measured output gradients at the kept outputs; the strategies (harmony.strategies) read the records.
+by a sampler, decides bookkeeping, and from then on keeps only what is needed.
+
+Its interface to the harmonizer: ``prepare`` (the step's checks and tier), ``view`` (a ``Records``: what the
+strategies read, carried in the step), ``measure`` (the measured output gradients at the kept outputs),
+``param_of``, ``backward_pass`` (no recording inside) and ``release``.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +42,23 @@ def _reachable_leaves(roots: Sequence[torch.Tensor]) -> set:
             ids.add(id(var))
         stack.extend(n for n, _ in fn.next_functions if n is not None and n not in seen)
     return ids
+
+
+@dataclass(frozen=True)
+class Records:
+    """One step's kept activations and the scope, as the strategies read them (``ActivationRecorder.view``).
+
+    modules: module name -> module (those that own trainable parameters); records: module name -> its kept
+    forward calls; scoped: module name -> its scoped direct parameter names; direct: module name -> its trainable
+    direct parameter names; canonical: (module, parameter) -> canonical qualified name; plan: the materialize
+    tier's buffer layout (None for the other tiers)."""
+
+    modules: Dict[str, nn.Module]
+    records: Dict[str, List[Call]]
+    scoped: Dict[str, List[str]]
+    direct: Dict[str, List[str]]
+    canonical: Dict[Tuple[str, str], str]
+    plan: Optional[materialize.BufferPlan]
 
 
 class ActivationRecorder:
@@ -264,6 +286,33 @@ class ActivationRecorder:
         """Drop what the hooks kept (e.g. after a forward that is not followed by ``backward``)."""
         self._records.clear()
 
+    # ------------------------------------------------------------------ the harmonizer's interface
+    def prepare(self, va_inputs, vt_inputs, B: int) -> str:
+        """The step's checks (on the first step: the shared scope, samplers, bookkeeping) -> the tier to run."""
+        if not self._checked:
+            self._first_step(va_inputs, vt_inputs)
+        self._check_recorded()
+        return self._pick_mode(B)
+
+    def view(self) -> Records:
+        """What the strategies read this step (the same dicts, not copies)."""
+        return Records(self._modules, self._records, self._scoped, self._direct, self._canonical, self._plan)
+
+    @contextlib.contextmanager
+    def backward_pass(self):
+        """Inside: nothing is recorded (the samplers' own forwards); on leaving, the step's records are released."""
+        self._in_backward = True
+        try:
+            yield
+        finally:
+            self._records = {}
+            self._in_backward = False
+
+    @property
+    def holds_records(self) -> bool:
+        """Whether forward calls are kept (until the next backward releases them)."""
+        return any(self._records.values())
+
     def _check_recorded(self) -> None:
         if self._scoped and not any(self._records.get(m) for m in self._scoped):
             raise RuntimeError("GradientHarmonizer.backward: no forward call of a scoped layer was recorded; run the "
@@ -298,7 +347,7 @@ class ActivationRecorder:
     def _scope_numel(self) -> int:
         return sum(n for _, n, _, _ in self._scope_params())
 
-    def _measure(self, va_inputs, u_va, vt_inputs, u_vt) -> Dict[str, List[Optional[torch.Tensor]]]:
+    def measure(self, va_inputs, u_va, vt_inputs, u_vt) -> Dict[str, List[Optional[torch.Tensor]]]:
         """Measured output gradients [2, *Y] per recorded call of every kept layer (scoped, or all when bookkeeping)."""
         ys, where = [], []
         for mname in self._records:
@@ -318,7 +367,7 @@ class ActivationRecorder:
             out[mname][j] = g
         return out
 
-    def _param_of(self, q: str) -> nn.Parameter:
+    def param_of(self, q: str) -> nn.Parameter:
         """The parameter named q as the module holds it now (FSDP2 swaps sharded/unsharded objects)."""
         mname, n = self._owner[q]
         return getattr(self._modules[mname], n)

@@ -6,8 +6,10 @@
 
 ``s`` (``Step``) carries the step's loss inputs, the path upstream gradients u (the update always uses
 them) and the measured ones (the dots use them; equal to u unless harmony.upstream says otherwise).
-The recorded tiers (ghost, sketch, materialize) read the harmonizer's activation records and scope; the
-feature and unmeasured tiers read only the loss inputs.
+The recorded tiers (ghost, sketch, materialize) read the step's ``Records`` (the activation recorder's view:
+kept calls, scope, buffer plan) and measure through the recorder; the feature and unmeasured tiers read only the
+loss inputs. From the harmonizer a strategy uses its public surface: cfg, scope, bookkeeping, world, ddp / fsdp,
+rec.measure, param_of, add_grad, add_named.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from harmony import feature as feature_mode
 from harmony import distributed as hd
 from harmony import ghost, materialize
 from harmony import sketch as sketch_mode
+from harmony.recorder import Records
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Step:
     device: torch.device
     path_measured: bool = True               # the measured gradients are the path ones (bookkeeping allowed)
     feature: Optional[torch.Tensor] = None
+    rec: Optional[Records] = None            # the recorded tiers' kept activations and scope
     state: Dict[str, object] = field(default_factory=dict)   # what measure/dots hand to the later phases
 
 
@@ -44,6 +48,7 @@ class Strategy:
     """The interface; ``h`` is the GradientHarmonizer (records, scope, parameter and collective helpers)."""
 
     name = ""
+    recorded = False  # reads the step's Records
 
     def __init__(self, h):
         self.h = h
@@ -62,13 +67,14 @@ class Ghost(Strategy):
     """Exact dots from the kept activations and measured output gradients; no per-sample gradient stored."""
 
     name = "ghost"
+    recorded = True
 
     def measure(self, s: Step) -> None:
-        s.state["grads"] = self.h.rec._measure(s.va_inputs, s.mu_va, s.vt_inputs, s.mu_vt)
+        s.state["grads"] = self.h.rec.measure(s.va_inputs, s.mu_va, s.vt_inputs, s.mu_vt)
 
     def dots(self, s: Step) -> torch.Tensor:
         h = self.h
-        return ghost.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B,
+        return ghost.layer_dots(s.rec.modules, s.rec.records, s.state["grads"], s.rec.scoped, s.B,
                                 h.cfg.ghost_method, s.device)
 
     def apply(self, s: Step, co: dict) -> None:
@@ -82,16 +88,16 @@ class Ghost(Strategy):
         ca_i·G^va_i + cv_i·G^vt_i (materialize: the scoped ones by ``combine``). Single process only."""
         h, grads, B = self.h, s.state["grads"], s.B
         k_out = (co["ca"], co["cv"]) if h.cfg.apply_to == "all" else (co["pa"], co["pv"])
-        inside = {} if bufs is not None else dict(h.rec._scoped)
-        outside = {m: [n for n in names if n not in h.rec._scoped.get(m, ())] for m, names in h.rec._direct.items()}
-        parts = ghost.weighted_grads(h.rec._modules, h.rec._records, grads, inside, B, co["ca"], co["cv"])
-        parts.update(ghost.weighted_grads(h.rec._modules, h.rec._records, grads, outside, B, *k_out))
+        inside = {} if bufs is not None else dict(s.rec.scoped)
+        outside = {m: [n for n in names if n not in s.rec.scoped.get(m, ())] for m, names in s.rec.direct.items()}
+        parts = ghost.weighted_grads(s.rec.modules, s.rec.records, grads, inside, B, co["ca"], co["cv"])
+        parts.update(ghost.weighted_grads(s.rec.modules, s.rec.records, grads, outside, B, *k_out))
         if bufs is not None:
-            flats = materialize.combined(h.rec._plan, bufs, co["ca"], co["cv"])
-            for q, g in materialize.views(h.rec._plan, flats).items():
-                h._add_grad(h._param_of(q), g)
+            flats = materialize.combined(s.rec.plan, bufs, co["ca"], co["cv"])
+            for q, g in materialize.views(s.rec.plan, flats).items():
+                h.add_grad(h.param_of(q), g)
         for (mname, n), g in parts.items():
-            h._add_grad(getattr(h.rec._modules[mname], n), g)
+            h.add_grad(getattr(s.rec.modules[mname], n), g)
 
     def _second_backward(self, s: Step, co: dict, bufs) -> None:
         """One weighted ordinary backward; apply_to=scope: plain weights there, plus the scoped correction."""
@@ -102,19 +108,19 @@ class Ghost(Strategy):
         ghost.weighted_backward(s.va_inputs, s.u_va, s.vt_inputs, s.u_vt, co["pa"], co["pv"])
         da, dv = co["ca"] - co["pa"], co["cv"] - co["pv"]
         if bufs is not None:
-            flats = materialize.combined(h.rec._plan, bufs, da, dv)
+            flats = materialize.combined(s.rec.plan, bufs, da, dv)
             hd.average_across_ranks(flats, h.world)
-            for q, g in materialize.views(h.rec._plan, flats).items():
-                h._add_named(q, g)
+            for q, g in materialize.views(s.rec.plan, flats).items():
+                h.add_named(q, g)
             return
-        delta = ghost.weighted_grads(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B, da, dv)
+        delta = ghost.weighted_grads(s.rec.modules, s.rec.records, s.state["grads"], s.rec.scoped, s.B, da, dv)
         merged: Dict[str, torch.Tensor] = {}
         for (mname, n), g in delta.items():
-            q = h.rec._canonical[(mname, n)]
+            q = s.rec.canonical[(mname, n)]
             merged[q] = g if q not in merged else merged[q] + g
         hd.average_across_ranks(list(merged.values()), h.world)
         for q, g in merged.items():
-            h._add_named(q, g)
+            h.add_named(q, g)
 
 
 class Sketch(Ghost):
@@ -123,8 +129,8 @@ class Sketch(Ghost):
     name = "sketch"
 
     def dots(self, s: Step) -> torch.Tensor:
-        h, cfg = self.h, self.h.cfg
-        return sketch_mode.layer_dots(h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped, s.B,
+        cfg = self.h.cfg
+        return sketch_mode.layer_dots(s.rec.modules, s.rec.records, s.state["grads"], s.rec.scoped, s.B,
                                       cfg.sketch_dim, cfg.sketch_seed, s.step, cfg.sketch_kind, cfg.ghost_method,
                                       s.device)
 
@@ -136,9 +142,9 @@ class Materialize(Ghost):
 
     def dots(self, s: Step) -> torch.Tensor:
         h = self.h
-        bufs = h.rec._plan.allocate(s.B, getattr(torch, h.cfg.buffer_dtype))
-        materialize.fill(h.rec._plan, bufs, h.rec._modules, h.rec._records, s.state["grads"], h.rec._scoped,
-                         h.rec._canonical, s.B)
+        bufs = s.rec.plan.allocate(s.B, getattr(torch, h.cfg.buffer_dtype))
+        materialize.fill(s.rec.plan, bufs, s.rec.modules, s.rec.records, s.state["grads"], s.rec.scoped,
+                         s.rec.canonical, s.B)
         s.state["bufs"] = bufs
         return materialize.dots(bufs).to(s.device)
 
@@ -154,10 +160,10 @@ class Materialize(Ghost):
     def _combine(self, s: Step, co: dict, bufs) -> None:
         """``combine`` into the scoped parameters' .grad; the others by a weighted backward restricted to them."""
         h = self.h
-        flats = materialize.combined(h.rec._plan, bufs, co["ca"], co["cv"])
-        for q, g in materialize.views(h.rec._plan, flats).items():
-            h._add_grad(h._param_of(q), g)
-        others = [h._param_of(q) for q in sorted(set(h.rec._canonical.values()) - h.scope)]
+        flats = materialize.combined(s.rec.plan, bufs, co["ca"], co["cv"])
+        for q, g in materialize.views(s.rec.plan, flats).items():
+            h.add_grad(h.param_of(q), g)
+        others = [h.param_of(q) for q in sorted(set(s.rec.canonical.values()) - h.scope)]
         if not others:
             return
         ka, kv = (co["ca"], co["cv"]) if h.cfg.apply_to == "all" else (co["pa"], co["pv"])
@@ -168,7 +174,7 @@ class Materialize(Ghost):
         got = torch.autograd.grad([z for z, _ in pairs], others, [g for _, g in pairs], allow_unused=True)
         for p, g in zip(others, got):
             if g is not None:
-                h._add_grad(p, g)
+                h.add_grad(p, g)
 
 
 class Feature(Strategy):

@@ -272,12 +272,12 @@ def test_records_are_released_and_eval_is_not_recorded():
         model(*toy_batch(2))
     model.eval()
     model(*toy_batch(2))
-    assert not h.rec._records
+    assert not h.rec.holds_records
     model.train()
     z = model(*toy_batch(2))
-    assert h.rec._records
+    assert h.rec.holds_records
     h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
-    assert not h.rec._records
+    assert not h.rec.holds_records
 
 
 def test_batched_and_plain_measurement_give_the_same():
@@ -478,7 +478,7 @@ def test_unmeasured_loss_curriculum_equals_the_measured_one(score):
         m_va, m_vt = MASKS[B]
         z_v, z_a, z_vt, z_t = model(*x)
         if not measure:
-            assert not h.rec._records
+            assert not h.rec.holds_records
         st = h.backward(nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt), va_inputs=(z_v, z_a),
                         vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt, step=0, total_steps=10,
                         ids=torch.arange(B))

@@ -207,6 +207,13 @@ def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
         # the definitions measure different things here (else the comparison above could not tell them apart)
         assert (got["feat_cos"][ok] - got["feat_cos_own_row"][ok]).abs().max() > 1e-3
         assert (got["feat_cos_own_row"][ok] - got["feat_cos_own_pair"][ok]).abs().max() > 1e-3
+        # measured once per log window: the window's later micro-steps hold no value, the next window measures again
+        trainer.model.float()
+        again = trainer.monitor.feature_scores(batch, trainer.forward(batch, micro_index=3))
+        assert set(again) == set(got) and all(bool(torch.isnan(v).all()) for v in again.values())
+        trainer.monitor.on_log()
+        fresh = trainer.monitor.feature_scores(batch, trainer.forward(batch, micro_index=3))
+        assert bool(torch.isfinite(fresh["feat_cos"][ok]).all())
     finally:
         trainer.close()
 
@@ -219,14 +226,13 @@ def test_oracle_drop_masks_exactly_the_flagged_losses(tmp_path):
     cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'o'}", "--train.steps=1", "--data.oracle_drop=true", *SMALL])
     trainer = Trainer(cfg)
     try:
-        batch = next(iter(trainer._train_loader()))
-        before_va, before_vt = batch["mask_va"].clone(), batch["mask_vt"].clone()
+        batch = next(iter(trainer._train_loader()))  # the training loader applies the control
         nt, na = batch["noisy_text"].clone(), batch["noisy_audio"].clone()
         assert nt.any() or na.any()
-        out = trainer._oracle(batch)
-        assert torch.equal(out["mask_vt"], before_vt & ~nt) and torch.equal(out["mask_va"], before_va & ~na)
+        assert torch.equal(batch["mask_vt"], ~nt) and torch.equal(batch["mask_va"], ~na)
+        from harmony.data.batch import oracle_drop
         with pytest.raises(ConfigError, match="flags"):
-            trainer._oracle({k: v for k, v in batch.items() if k != "noisy_text"})
+            oracle_drop({k: v for k, v in batch.items() if k != "noisy_text"})
     finally:
         trainer.close()
 
