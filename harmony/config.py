@@ -140,9 +140,7 @@ class HarmonyConfig:
             raise ConfigError(f"harmony.upstream={self.upstream} with harmony.apply_to=scope is not supported: the "
                               "scope-only correction needs the path per-sample gradients, which only "
                               "upstream=path measures; use apply_to=all")
-        if self.curriculum_target == "pair" and self.curriculum == "memory":
-            raise ConfigError("harmony.curriculum_target=pair needs a score per pair; the score memory keeps one per "
-                              "item: use curriculum=threshold, ratio or soft")
+        self._check_curriculum()
         if not self.measure and not (self.realign == "none"
                                      and self.curriculum_score in ("loss", "gmm", "agree", "loss_agree")
                                      and self.apply_to == "all"):
@@ -153,15 +151,32 @@ class HarmonyConfig:
         if self.mode == "feature" and self.apply_to != "all":
             raise ConfigError("harmony.mode=feature measures at a representation, not over a parameter scope: "
                               "harmony.apply_to=scope has no scope to restrict to; use apply_to=all")
-        if self.curriculum_score in ("loss", "gvt", "combo"):
-            rule = self.memory_schedule if self.curriculum == "memory" else self.curriculum
-            if rule not in ("ratio", "none"):
-                raise ConfigError(f"harmony.curriculum_score={self.curriculum_score} ranks samples by a score "
-                                  "with no fixed scale for a threshold: use harmony.curriculum=ratio (or memory "
-                                  f"with harmony.memory_schedule=ratio), not {self.curriculum!r}"
-                                  + (f" with memory_schedule={self.memory_schedule!r}"
-                                     if self.curriculum == "memory" else ""))
         return self
+
+    # The curriculum is composed of parts: a score source (curriculum_score; curriculum=memory folds it into a
+    # per-item memory across epochs), a rule (threshold, ratio, soft; under memory: memory_schedule) and a target
+    # (triplet, vt, pair). The combinations that mean nothing are refused here, and only here:
+    #: rules that can act on each source's scores (a threshold needs a fixed scale)
+    SOURCE_RULES = {"cos": ("threshold", "ratio", "soft"), "gmm": ("threshold", "ratio", "soft"),
+                    "agree": ("threshold", "ratio", "soft"), "loss_agree": ("threshold", "ratio", "soft"),
+                    "gvt": ("ratio",), "loss": ("ratio",), "combo": ("ratio",)}
+    #: targets the per-item memory can serve (it keeps one score per item, not one per pair)
+    MEMORY_TARGETS = ("triplet", "vt")
+
+    def _check_curriculum(self) -> None:
+        if self.curriculum == "none":
+            return
+        memory = self.curriculum == "memory"
+        rule = self.memory_schedule if memory else self.curriculum
+        if rule not in self.SOURCE_RULES[self.curriculum_score]:
+            allowed = " or ".join(self.SOURCE_RULES[self.curriculum_score])
+            raise ConfigError(f"harmony.curriculum_score={self.curriculum_score} ranks samples by a score with no "
+                              f"fixed scale for a threshold: use harmony.curriculum={allowed} (or memory with "
+                              f"harmony.memory_schedule={allowed}), not {self.curriculum!r}"
+                              + (f" with memory_schedule={self.memory_schedule!r}" if memory else ""))
+        if memory and self.curriculum_target not in self.MEMORY_TARGETS:
+            raise ConfigError(f"harmony.curriculum_target={self.curriculum_target} needs a score per pair; the "
+                              "score memory keeps one per item: use curriculum=threshold, ratio or soft")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from harmony.config import config_to_dict
 from harmony.config import Config, ConfigError
 from harmony.contracts import Batch, Forward, HarmonyStats, Parts, batch_to, default_parts
 from harmony.curriculum import memory_sampler
+from harmony.data.loader import train_items
 from harmony.data.synthetic import tail_concepts_from
 from harmony.evaluate import evaluate
 from harmony.metrics import MetricsWriter, Progress, write_json
@@ -115,12 +116,14 @@ class Trainer:
         # and inputs, but fp32 buffers (e.g. input normalisation constants) would promote activations back to
         # fp32 and meet bf16 weights — autocast makes each op pick its dtype
         self.autocast = cfg.train.precision == "bf16"
-        self.sampler = memory_sampler(cfg, self.harmonizer, env.rank, env.world_size, lambda: self.step)
+        memory = self.harmonizer.memory if self.harmonizer is not None else None  # the per-item score memory
+        self.sampler = memory_sampler(cfg, memory, lambda: train_items(cfg.data), env.rank, env.world_size,
+                                      lambda: self.step)
         self.step = self.skipped_total = self.consecutive_bad = 0  # with the ledger and monitor: checkpointed
         self._stop_reason = ""  # set when train.max_bad_steps consecutive steps were skipped
         self._save_error = ""  # why the latest checkpoint could not be written ('' once one is)
         self.bad = BadLedger()
-        self.monitor = NoiseMonitor(cfg, self.harmonizer.memory if self.harmonizer is not None else None)
+        self.monitor = NoiseMonitor(cfg, memory)
 
     def _restore(self) -> None:
         """Load the checkpoint chosen by train.resume (model, optimizer, schedule, harmonizer, RNG, counters)."""

@@ -151,3 +151,30 @@ def test_main_rejects_bad_config_before_any_work(tmp_path, capsys):
     print(err)
     assert "train.precision" in err and "bf16" in err
     assert not run_dir.exists()
+
+
+def test_curriculum_parts_one_check_over_every_combination():
+    """The curriculum is a score source × a rule × a target (× the per-item memory): every combination is either
+    accepted or refused with a message naming the part, and the refused ones are exactly these (written out here,
+    not read from the code): a threshold or soft rule on a score with no fixed scale (gvt, loss, combo), and the
+    per-item memory with the per-pair target."""
+    import itertools
+
+    unscaled = {"gvt", "loss", "combo"}
+    refused = accepted = 0
+    for score, rule, target, memory in itertools.product(
+            ["cos", "gvt", "loss", "gmm", "combo", "agree", "loss_agree"], ["threshold", "ratio", "soft"],
+            ["triplet", "vt", "pair"], [False, True]):
+        args = [f"--harmony.curriculum_score={score}", f"--harmony.curriculum_target={target}"]
+        args += ["--harmony.curriculum=memory", f"--harmony.memory_schedule={rule}"] if memory else \
+            [f"--harmony.curriculum={rule}"]
+        bad_scale = score in unscaled and rule != "ratio"
+        bad_target = memory and target == "pair"
+        if bad_scale or bad_target:
+            with pytest.raises(ConfigError, match="no fixed scale" if bad_scale else "one per item"):
+                parse_args(args, default_config=None)
+            refused += 1
+        else:
+            parse_args(args, default_config=None)
+            accepted += 1
+    assert (accepted, refused) == (126 - 51, 36 + 21 - 6)  # unscaled × 2 rules × 3 × 2, memory × pair, both

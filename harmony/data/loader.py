@@ -43,6 +43,16 @@ def build_dataset(cfg, split: str = "train") -> Dataset:
     return ShardStream(build_shard_splits(cfg)[_SPLITS.index(split)], cfg)
 
 
+def train_items(cfg) -> int:
+    """How many items the training split holds (map-style data: synthetic, manifest), without generating or decoding
+    any; a stream (shards) has no length: ValueError."""
+    if cfg.kind == "synthetic":
+        return int(cfg.size)
+    if cfg.kind == "manifest":
+        return len(build_manifest_splits(cfg)[0])
+    raise ValueError(f"data.kind={cfg.kind!r} streams: its training split has no length")
+
+
 def _identity(batch):
     """collate_fn of the shard loader: workers already collate."""
     return batch
