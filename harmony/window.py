@@ -1,9 +1,10 @@
 """What a run reports as it goes (docs/DESIGN.md "The trainer and its observers"): the metrics window between two
 metrics.jsonl lines, the bad-input ledger, the throughput and the summary line.
 
-Each rank sums its micro-steps into a ``MetricsWindow``; ``row`` reduces the sums over the ranks in one
-dict-based collective (``harmony.distributed.reduce_dict``) and turns them into one metrics.jsonl row. The
-``BadLedger`` keeps what summary.json reports about bad inputs over the whole run (checkpointed).
+Each rank sums its micro-steps into a ``MetricsWindow``; ``row`` gathers the ranks' bad-input kinds and item
+names (``all_gather_object``), reduces the sums over the ranks in one dict-based all-reduce
+(``harmony.distributed.reduce_dict``) and turns them into one metrics.jsonl row. The ``BadLedger`` keeps what
+summary.json reports about bad inputs over the whole run (checkpointed).
 """
 from __future__ import annotations
 

@@ -362,14 +362,17 @@ def test_in_place_change_of_a_kept_activation_raises():
         h.backward(nce(z[0], z[1]), mil_nce(z[2], z[3]), va_inputs=z[:2], vt_inputs=z[2:])
 
 
-def step_with_losses(cfg: HarmonyConfig, B: int):
-    """One harmonized step at step 0 of 10 with item ids: (model, harmonizer, stats, l_va, l_vt)."""
+def step_with_losses(cfg: HarmonyConfig, B: int, vt_offset=None):
+    """One harmonized step at step 0 of 10 with item ids: (model, harmonizer, stats, l_va, l_vt). ``vt_offset``
+    [B]: constants added to the per-sample ℓ^vt (planted large losses: the values change, the gradients do not)."""
     model = fresh_model()
     h = GradientHarmonizer(model, cfg)
     x = toy_batch(B, seed=SEED + B)
     m_va, m_vt = MASKS[B]
     z_v, z_a, z_vt, z_t = model(*x)
     l_va, l_vt = nce(z_v, z_a, mask=m_va), mil_nce(z_vt, z_t, mask=m_vt)
+    if vt_offset is not None:
+        l_vt = l_vt + vt_offset.to(l_vt.dtype)
     st = h.backward(l_va, l_vt, va_inputs=(z_v, z_a), vt_inputs=(z_vt, z_t), mask_va=m_va, mask_vt=m_vt,
                     step=0, total_steps=10, ids=torch.arange(B))
     return model, h, st, l_va, l_vt
@@ -397,18 +400,46 @@ def test_loss_ranked_curriculum_keeps_the_lowest_losses():
             method_cfg(curriculum_score="loss", **bad).validate()
 
 
+def em_two_gaussians(x: torch.Tensor, tol: float = 1e-13, max_iter: int = 10000) -> torch.Tensor:
+    """A two-component 1-D Gaussian mixture fitted by EM in float64 until the parameters stop moving, started from
+    the lower and upper halves of the sorted values: [3, 2] (weights, means, variances), components by mean."""
+    x = x.double().sort().values
+    half = x.numel() // 2
+    lo, hi = x[:half], x[half:]
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    mu = torch.stack([lo.mean(), hi.mean()])
+    var = torch.stack([lo.var(unbiased=False), hi.var(unbiased=False)])
+    for _ in range(max_iter):
+        dens = w * torch.exp(-(x[:, None] - mu) ** 2 / (2 * var)) / torch.sqrt(2 * math.pi * var)
+        r = dens / dens.sum(1, keepdim=True)
+        n = r.sum(0)
+        new = torch.stack([n / x.numel(), (r * x[:, None]).sum(0) / n,
+                           (r * (x[:, None] - (r * x[:, None]).sum(0) / n) ** 2).sum(0) / n])
+        done = bool((new - torch.stack([w, mu, var])).abs().max() < tol)
+        w, mu, var = new
+        if done:
+            break
+    order = torch.argsort(mu)
+    return torch.stack([w[order], mu[order], var[order]])
+
+
 @pytest.mark.parametrize("score", ["gvt", "combo", "gmm"])
 def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
     """curriculum_score gvt / combo / gmm with curriculum_target=vt: the kept set follows the score computed
     in float64 from the brute-force dots and the losses, the weights scale only each sample's video–text
-    coefficient, and .grad = Σ_i α_i g^va_i + w_i β_i g^vt_i / norm on the brute-force gradients."""
+    coefficient, and .grad = Σ_i α_i g^va_i + w_i β_i g^vt_i / norm on the brute-force gradients. For gmm two
+    valid samples (one of them the batch's lowest ℓ^vt) carry planted large caption losses: the mixture must drop
+    exactly those, and its clean posterior must be that of an independent float64 EM fit."""
     B, lam = 7, 0.5
     g_va, g_vt = reference(B)
     extra = dict(curriculum="threshold", kappa0=0.5, kappa1=0.5, gmm_window=64) if score == "gmm" else \
         dict(curriculum="ratio", rho0=0.5)
     cfg = method_cfg(realign="none", curriculum_score=score, curriculum_target="vt", lam=lam, mode="ghost",
                         curriculum_start=0.0, ramp=1.0, min_keep=0.0, **extra).validate()
-    model, h, st, l_va, l_vt = step_with_losses(cfg, B)
+    planted = torch.zeros(B, dtype=torch.bool)
+    planted[[1, 3]] = True
+    offset = torch.where(planted, 25.0, 0.0).double() if score == "gmm" else None
+    model, h, st, l_va, l_vt = step_with_losses(cfg, B, vt_offset=offset)
     m_va, m_vt = MASKS[B]
     valid = m_va & m_vt
     names = h.scope_names()
@@ -418,13 +449,23 @@ def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
     lvt = torch.where(m_vt, l_vt, 0.0).detach().double()
     gvt = -nt.sqrt() * (1 - cos)
     if score == "gmm":
-        vals = lvt[valid]
+        vals = lvt[valid].float().double()   # the harmonizer hands the losses on in fp32, as it does the dots
         assert h.gmm.values.numel() == vals.numel()
-        w_, mu, var = h.gmm.params
+        assert planted[valid].any() and (~planted[valid]).any()
+        # the planted losses lie above every clean one; sample 1 had the batch's lowest ℓ^vt before planting
+        assert float(vals[planted[valid]].min()) > float(vals[~planted[valid]].max())
+        assert int(torch.argmin(torch.where(valid, lvt - offset, math.inf))) == 1
+        fit = em_two_gaussians(vals)
+        print("independent fit (w, mu, var)", fit.tolist(), "code's", h.gmm.params.tolist())
+        assert float(fit[2].min()) > 1e-2   # well above LossMixture's variance floor: the floor plays no part
+        w_, mu, var = fit
         dens = w_ * torch.exp(-(vals[:, None] - mu) ** 2 / (2 * var)) / torch.sqrt(2 * math.pi * var)
-        post = dens[:, int(torch.argmin(mu))] / dens.sum(1)
+        post = dens[:, 0] / dens.sum(1)
+        torch.testing.assert_close(st.score.double()[valid], post, rtol=0, atol=1e-6)
+        torch.testing.assert_close(h.gmm.params, fit, rtol=1e-9, atol=0)
         want = torch.ones(B)
         want[valid] = (post >= 0.5).float()
+        assert torch.equal(want, (~(planted & valid)).float())   # exactly the planted samples are dropped
     else:
         if score == "gvt":
             s = gvt
@@ -440,8 +481,7 @@ def test_other_scores_and_vt_only_action_on_brute_force_gradients(score):
     torch.testing.assert_close(st.coef_va.double(), torch.ones(B, dtype=torch.float64), rtol=1e-6, atol=0)
     torch.testing.assert_close(st.coef_vt.double(), lam * want.double() / norm, rtol=1e-6, atol=0)
     check_grads(model, expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt), TOL["grad_fp32_coef"])
-    if score != "gmm":
-        assert (want == 0).any()
+    assert (want == 0).any()
     for bad in (dict(curriculum="threshold"), dict(curriculum="soft")):
         if score != "gmm":
             with pytest.raises(ConfigError, match=f"curriculum_score={score}"):

@@ -6,7 +6,9 @@ The Triton interpreter on CPU tensors is tested in test_ops_triton.py (small sha
 The cpu backend's tests FAIL when harmony._C is not built (and the cuda backend's when a GPU is present but the
 CUDA kernels are not built); set HARMONY_ALLOW_NO_EXT=1 to skip them instead.
 
-Inputs, tolerances and the float64 expectations are shared with test_ops_triton.py: op_reference.py.
+Inputs, tolerances and the float64 expectations are shared with test_ops_triton.py: op_reference.py. The
+expectations are float64 einsums of their own, so the ``ref`` backend (harmony.ops' pure-PyTorch reference) is tested
+like any other backend, not against itself.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def test_gram_buckets_noncontiguous_and_out(backend, device, dtype, B):
     out = out0.clone()
     res = ops.gram(A, V, out=out, backend=backend)
     assert res is out
-    # The reference lives on the inputs' device; compare on the CPU in float64.
+    # The expectation is on the CPU in float64.
     check_close(f"gram buckets {backend} {dtype} B={B}", out, ref.cpu() + out0.double().cpu(),
                 scale.cpu() + out0.abs().double().cpu(), dtype)
 
@@ -194,6 +196,59 @@ def test_ghost_dots_auto_out_noncontiguous_empty(backend, device):
     E = torch.randn(0, T, d_in, device=device)
     assert ops.ghost_dots(E, torch.randn(0, T, 3, device=device), torch.randn(0, T, 3, device=device),
                           backend=backend).shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=CASE_IDS)
+def test_awkward_layouts_against_float64_einsum(backend, device):
+    """Layouts the shape tests do not make: rows broadcast from one (stride 0), views at a storage offset, an empty
+    bucket between others, a bucket of one column, P prime; ghost_dots with Din = 1, T = 2 and a transposed Gb."""
+    require(backend, device)
+    gen = seeded("awkward")
+    B = 3
+    row = rand((1, 257), torch.float32, device, gen).expand(B, 257)          # stride 0 over the batch
+    big = rand((B + 1, 9001), torch.float32, device, gen)
+    offset = big[1:, 5:5 + 4999]                                            # storage offset, row stride 9001
+    A = [row, offset, rand((B, 0), torch.float32, device, gen), rand((B, 1), torch.float32, device, gen)]
+    V = [rand((B, 257), torch.float32, device, gen), rand((B, 4999), torch.float32, device, gen).flip(1),
+         rand((B, 0), torch.float32, device, gen), rand((1, 1), torch.float32, device, gen).expand(B, 1)]
+    check_close(f"gram awkward {backend}", ops.gram(A, V, backend=backend), *gram_expect(A, V), torch.float32)
+    ca = rand((2 * B,), torch.float32, device, gen)[1::2]
+    cv = rand((1,), torch.float32, device, gen).expand(B)
+    old = [rand((a.shape[1],), torch.float32, device, gen) for a in A]
+    out = [o.clone() for o in old]
+    ops.combine(A, V, ca, cv, out, accumulate=True, backend=backend)
+    ref, scale = combine_expect(A, V, ca, cv, old, True)
+    for k, (o, r, sc) in enumerate(zip(out, ref, scale)):
+        check_close(f"combine awkward {backend} bucket {k}", o, r, sc, torch.float32)
+    X = rand((B, 1, 1), torch.float32, device, gen).expand(B, 2, 1)        # Din = 1, the same token twice
+    Ga = rand((B, 2, 300), torch.float32, device, gen)[:, :, 7:7 + 211]
+    Gb = rand((B, 211, 2), torch.float32, device, gen).transpose(1, 2)
+    for method in ("gram", "instantiate"):
+        check_close(f"ghost_dots awkward {backend} {method}", ops.ghost_dots(X, Ga, Gb, method=method, backend=backend),
+                    *ghost_expect(X, Ga, Gb), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+def test_reference_upcast_matches_float64_einsum(dtype):
+    """The pure-PyTorch reference with upcast=True (what the benchmarks and test_harmonizer_tiers take as exact)
+    against the float64 einsums to float64 rounding, on buckets with empty and one-column members."""
+    gen = seeded("upcast", dtype)
+    B = 5
+    A, V = buckets(B, [1, 0, 1031, 17], torch.float32, "cpu", gen)
+    A, V = [a.to(dtype) for a in A], [v.to(dtype) for v in V]
+    ref, scale = gram_expect(A, V)
+    got = ops.gram_ref(A, V, upcast=True)
+    assert got.dtype == torch.float64
+    assert ((got - ref).abs() <= 1e-13 * scale).all(), (got - ref).abs().max()
+    ca, cv = rand((B,), torch.float32, "cpu", gen).to(dtype), rand((B,), torch.float32, "cpu", gen).to(dtype)
+    out = [torch.zeros(a.shape[1], dtype=torch.float64) for a in A]
+    ops.combine_ref(A, V, ca, cv, out, upcast=True)
+    for o, r, sc in zip(out, *combine_expect(A, V, ca, cv, None, False)):
+        assert ((o - r).abs() <= 1e-13 * sc).all(), (o - r).abs().max()
+    X, Ga, Gb = (rand((B, 7, d), torch.float32, "cpu", gen).to(dtype) for d in (1, 13, 13))
+    ref, scale = ghost_expect(X, Ga, Gb)
+    got = ops.ghost_dots_ref(X, Ga, Gb, upcast=True)
+    assert ((got - ref).abs() <= 1e-13 * scale).all(), (got - ref).abs().max()
 
 
 def test_use_gram_form_rule():

@@ -237,33 +237,100 @@ def test_oracle_drop_masks_exactly_the_flagged_losses(tmp_path):
         trainer.close()
 
 
+def _pairwise_noise_auc(score, pos, neg) -> float:
+    """Mann–Whitney by pairwise counting in float64: the fraction of (flagged, clean) pairs whose flagged sample has
+    the lower score (higher = more trusted, so the lower is the one ranked more suspect), ties ½; samples without a
+    score (NaN) left out. NaN without a pair."""
+    ok = torch.isfinite(score)
+    p, q = score[ok & pos].double().tolist(), score[ok & neg].double().tolist()
+    if not p or not q:
+        return math.nan
+    return sum(1.0 if a < b else 0.5 if a == b else 0.0 for a in p for b in q) / (len(p) * len(q))
+
+
+def _expected_aucs(seen: list, key: str, prefix: str) -> dict:
+    """{prefix, prefix_text, prefix_audio} of the captured per-sample scores ``key`` by pairwise counting against the
+    batches' own flags: overall noisy = text or audio misaligned; per kind that kind against the samples clean in
+    both. NaN entries (no pair) are absent from the logs."""
+    nt = torch.cat([s["noisy_text"] for s in seen])
+    na = torch.cat([s["noisy_audio"] for s in seen])
+    score = torch.cat([torch.where(s["valid"], s[key], torch.full_like(s[key], math.nan)) for s in seen])
+    clean = ~(nt | na)
+    return {prefix: _pairwise_noise_auc(score, nt | na, clean), f"{prefix}_text": _pairwise_noise_auc(score, nt, clean),
+            f"{prefix}_audio": _pairwise_noise_auc(score, na, clean)}
+
+
+def _assert_logged(logged: dict, want: dict, where) -> None:
+    for k, v in want.items():
+        if math.isnan(v):
+            assert k not in logged, (where, k, logged.get(k))
+        else:
+            assert logged[k] == pytest.approx(v, abs=1e-12), (where, k, logged[k], v)
+
+
 @pytest.mark.parametrize("score", ["cos", "gvt", "loss"])
 def test_noise_auc_follows_the_runs_detector_score(tmp_path, score):
     """noise_auc (per window and in the summary) is the AUC of what the curriculum ranks by; noise_auc_cos stays
-    the cosine's. With the cosine they are the same numbers; with gvt they equal the magnitude-aware score's AUC
-    (computed by the trainer from the same dots); with a measure-free loss ranking they equal the own-loss AUC."""
+    the cosine's. The expected AUCs are counted pair by pair from the per-sample scores the harmonizer returned to
+    the trainer and the batches' ground-truth flags (not through the monitor). With the cosine the score is the
+    cosine; with gvt it equals the magnitude-aware score's AUC (computed by the monitor from the same dots); with a
+    measure-free loss ranking no cosine is measured."""
+    from harmony.cli import parse_args
+    from harmony.trainer import Trainer
+
     extra = {"cos": ["--harmony.mode=feature", "--harmony.curriculum_score=cos"],
              "gvt": ["--harmony.mode=feature", "--harmony.curriculum=ratio", "--harmony.curriculum_score=gvt"],
              "loss": ["--harmony.measure=false", "--harmony.curriculum=ratio", "--harmony.curriculum_score=loss",
                       "--data.noise_audio=0.0", "--harmony.lam=1.0"]}[score]
     run = tmp_path / score
-    summary = main([f"--log.run_dir={run}", "--train.steps=6", "--harmony.realign=none", "--log.plots=false",
-                    "--eval.every=0", *extra, *SMALL])
+    steps, noise_window = 6, 4
+    cfg, _ = parse_args([f"--log.run_dir={run}", f"--train.steps={steps}", "--harmony.realign=none",
+                         "--log.plots=false", "--eval.every=0", f"--eval.noise_window={noise_window}", *SMALL, *extra])
+    assert cfg.train.grad_accum == 1 and cfg.log.every == 1  # one micro-step per logged window
+    trainer = Trainer(cfg)
+    seen = []
+    harmonize = trainer.harmonize
+
+    def spy(batch, fwd):   # what the harmonizer hands back, before any observer sees it
+        stats = harmonize(batch, fwd)
+        seen.append({"step": trainer.step + 1, "noisy_text": batch["noisy_text"].bool().cpu().clone(),
+                     "noisy_audio": batch["noisy_audio"].bool().cpu().clone(),
+                     "valid": stats.valid.bool().cpu().clone(), "cos": stats.cos.detach().double().cpu().clone(),
+                     "score": stats.score.detach().double().cpu().clone(),
+                     "gvt": (-stats.dots[:, 2].detach().double().clamp(min=0).sqrt()
+                             * (1 - stats.cos.detach().double())).cpu()})
+        return stats
+
+    trainer.harmonize = spy
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "noise_auc" in r]
+    assert [s["step"] for s in seen] == list(range(1, steps + 1))
     assert rows
+    if score == "cos":  # the run's detector is the harmonizer's cosine itself
+        for s in seen:
+            assert torch.equal(s["score"][s["valid"]], s["cos"][s["valid"]])
     for r in rows:
-        if score == "cos":
-            assert r["noise_auc"] == r["noise_auc_cos"]
-        elif score == "gvt":
-            assert r["noise_auc"] == pytest.approx(r["noise_auc_gvt"], abs=1e-12)
-        else:
+        window = [s for s in seen if s["step"] == r["step"]]
+        _assert_logged(r, _expected_aucs(window, "score", "noise_auc"), r["step"])
+        if score == "loss":
             assert "noise_auc_cos" not in r
+        else:
+            _assert_logged(r, _expected_aucs(window, "cos", "noise_auc_cos"), r["step"])
+            _assert_logged(r, _expected_aucs(window, "gvt", "noise_auc_gvt"), r["step"])
+        if score == "gvt":
+            assert r["noise_auc"] == pytest.approx(r["noise_auc_gvt"], abs=1e-12)
     if score == "gvt":      # a different detector than the cosine (in some window of this short run)
         assert any(r["noise_auc"] != r["noise_auc_cos"] for r in rows)
-    if score == "cos":
-        assert summary["noise_auc"] == summary["noise_auc_cos"]
-    elif score == "loss":
-        assert "noise_auc_cos" not in summary and "noise_auc" in summary
+    last = [s for s in seen if s["step"] > steps - noise_window]   # the summary's window: the last steps
+    _assert_logged(summary, _expected_aucs(last, "score", "noise_auc"), "summary")
+    if score == "loss":
+        assert "noise_auc_cos" not in summary
+    else:
+        _assert_logged(summary, _expected_aucs(last, "cos", "noise_auc_cos"), "summary")
+    assert "noise_auc" in summary
 
 
 def test_web_like_data_per_pair_action_and_detector_report(tmp_path):
