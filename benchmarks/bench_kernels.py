@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (append_csv, copy_buffers, device_name, format_table, interleaved_ms, median_ms,  # noqa: E402
                     sync)
 
-from harmony import backends, ops  # noqa: E402
+from harmony import ops  # noqa: E402
+
+from harmony.ops import backends
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACC_RTOL = 1e-5  # fp32 accumulation, relative to the magnitude scale (as in tests/test_ops.py)

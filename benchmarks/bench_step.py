@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from harmony import GradientHarmonizer, HarmonyConfig  # noqa: E402
 from harmony.config import DataConfig, ModelConfig  # noqa: E402
-from harmony.losses import masked_mean, mil_nce, nce  # noqa: E402
+from harmony.model.losses import masked_mean, mil_nce, nce  # noqa: E402
 from harmony.model import VATT  # noqa: E402
 
 from benchmarks.common import append_csv, device_name, sync  # noqa: E402

@@ -56,7 +56,7 @@ fi
 # In place, so the tests and benchmark below import this build; prints which kernels it builds and why.
 stage "build" "$OUT/build.log" "${BUILD_LIMIT:-240}" "$PY" setup.py build_ext --inplace
 
-stage "harmony.info" "$OUT/info.log" 60 "$PY" -m harmony.info
+stage "harmony.ops.info" "$OUT/info.log" 60 "$PY" -m harmony.ops.info
 if [ $GPU -eq 1 ]; then
   # The CUDA backend must be usable here, not silently fall back: fail the stage if it is not.
   stage "cuda backend usable" "$OUT/info.log" 60 "$PY" -c \

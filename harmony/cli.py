@@ -234,7 +234,7 @@ def _real_data_defaults(cfg: Config, user_set: Dict[str, str]) -> None:
 def _resolve_data_paths(cfg: Config, user_set: Dict[str, str]) -> None:
     """A relative data.manifest / data.eval_manifest from a config file is looked up from the current
     directory first, then from the config file's folder; found in neither, a ConfigError names both places.
-    (A path given on the command line, or found nowhere else, is checked by harmony.inputs.check_inputs.)"""
+    (A path given on the command line, or found nowhere else, is checked by harmony.trainer.inputs.check_inputs.)"""
     for key in ("manifest", "eval_manifest"):
         value = getattr(cfg.data, key)
         origin = user_set.get(f"data.{key}", "")

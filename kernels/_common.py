@@ -7,7 +7,7 @@ harmony/kernels links to it), and as a namespace folder it can never shadow anot
 a regular package anywhere on sys.path wins over a namespace folder. docs/KERNELS.md "The installed package name".
 
 Launchers trust their arguments: harmony.ops validates every call once, before any backend runs
-(harmony/ops/_checks.py), and harmony.backends sends CUDA tensors here, or CPU tensors under the interpreter.
+(harmony/ops/_checks.py), and harmony.ops.backends sends CUDA tensors here, or CPU tensors under the interpreter.
 Every launch goes through ``torch.library.wrap_triton``, so tracing (torch.compile, make_fx) can record it; inside
 the registered ops in eager mode, and always under the interpreter, that is the plain kernel.
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from harmony.layers import AddEmbedding, PrependToken
-from harmony.losses import masked_mean, mil_nce, nce
+from harmony.model.layers import AddEmbedding, PrependToken
+from harmony.model.losses import masked_mean, mil_nce, nce
 
 
 def path_grads(model: nn.Module, inputs: Sequence[torch.Tensor], losses: Callable, names=None):

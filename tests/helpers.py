@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from brute_force import ToyVATT, cmaloss, path_grads, toy_batch
 from harmony.config import HarmonyConfig
-from harmony.metrics import read_jsonl
+from harmony.trainer.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def set_rank_env(rank: int, port: int) -> None:
 def train_worker(rank, ports, runs, out_dir, before=None):
     """Optionally ``before(rank, out_dir)`` (on ports[0]), then each run (CLI args) in turn, each with a fresh
     port, with the trainer's stand-ins."""
-    from harmony.trainer import main
+    from harmony.trainer.loop import main
     from standins import standin_parts
 
     set_rank_env(rank, ports[0])

@@ -22,8 +22,8 @@ from torch import nn
 
 from harmony import HarmonyStats
 from harmony.distributed import global_masked_mean
-from harmony.losses import mil_nce, nce
-from harmony.trainer import Parts
+from harmony.model.losses import mil_nce, nce
+from harmony.trainer.loop import Parts
 
 K = 4                 # concepts
 FRAMES, HW = 2, 4     # video [3, 2, 4, 4]

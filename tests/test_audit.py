@@ -22,8 +22,8 @@ from harmony.audit.run import embed_share, reference_of, score_share
 from harmony.audit.scoring import (TEMPERATURE, fit_split, misaligned_posterior, pair_scores, select_reference,
                                    suspect_pair, suspicion)
 from harmony.audit.source import load_config, load_model, open_dataset, verified_checkpoint
-from harmony.curriculum import ScoreMemory
-from harmony.losses import mil_nce
+from harmony.method.curriculum import ScoreMemory
+from harmony.model.losses import mil_nce
 from helpers import REPO, SMALL, grid_dir
 
 # A few-steps run of the real model on 64 small synthetic clips (30% swapped captions, 20% swapped audio).
@@ -127,7 +127,7 @@ def test_split_posterior_and_suspect_rule():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 4-step run of the real model on 64 synthetic clips (~10 s)."""
-    from harmony.trainer import main
+    from harmony.trainer.loop import main
 
     run = tmp_path_factory.mktemp("audit") / "run"
     main([*SMALL, *TINY_STEPS, f"--log.run_dir={run}"])
@@ -212,7 +212,7 @@ def test_cli_writes_rows_and_a_page_whose_images_exist(tiny_run, tmp_path):
     assert "AUC" in page and re.search(r"text: AUC 0\.\d{4}", proc.stdout) and "ETA" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     # the reported AUC is the one of the rows' own scores and flags
-    from harmony.evaluate import roc_auc
+    from harmony.trainer.evaluate import roc_auc
 
     auc = roc_auc(torch.tensor([r["suspect_text"] for r in rows]), torch.tensor([r["noisy_text"] for r in rows]))
     assert summary["ground_truth"]["auc_text"] == pytest.approx(auc)
@@ -379,7 +379,7 @@ def test_other_sources_by_data_overrides(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_a_sharded_fsdp_checkpoint_loads_into_the_plain_model(tmp_path):
     from harmony.model import VATT
-    from harmony.trainer import main
+    from harmony.trainer.loop import main
 
     run = tmp_path / "fsdp"
     main([*SMALL, "--train.steps=2", "--log.plots=false", "--log.progress=false", "--train.parallel=fsdp",
@@ -408,7 +408,7 @@ def test_grid_page_shows_real_frames_and_audio(tmp_path):
     small = tmp_path / "grid.jsonl"
     small.write_text("\n".join(json.dumps({**json.loads(x), "path": str(grid_dir() / json.loads(x)["path"]),
                                            "align": str(grid_dir() / json.loads(x)["align"])}) for x in lines))
-    from harmony.trainer import main
+    from harmony.trainer.loop import main
 
     run = tmp_path / "run"
     main(["--config", str(REPO / "configs" / "grid.yaml"), f"--data.manifest={small}", "--data.noise=0.3",

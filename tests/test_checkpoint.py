@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from harmony import checkpoint as ckpt
-from harmony.schedule import WarmupCosine, build_scheduler
+from harmony.trainer import checkpoint as ckpt
+from harmony.trainer.schedule import WarmupCosine, build_scheduler
 
 
 class _Stateful:

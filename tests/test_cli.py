@@ -141,7 +141,7 @@ def test_help_lists_every_section():
 
 
 def test_main_rejects_bad_config_before_any_work(tmp_path, capsys):
-    from harmony.trainer import main
+    from harmony.trainer.loop import main
 
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import method_cfg
-from harmony.curriculum import (PrioritizedSampler, ScoreMemory, curriculum_weights, is_active, progress,
+from harmony.method.curriculum import (PrioritizedSampler, ScoreMemory, curriculum_weights, is_active, progress,
                                 rule_weights, update_coefficients)
 
 COS = torch.tensor([0.3, -0.1, 0.05, -0.6, 0.0, 0.2, -0.3, 0.1])
@@ -382,7 +382,7 @@ def test_cuda_matches_cpu(rule):
 def test_loss_mixture_recovers_two_components_and_orders_the_posterior():
     """EM on 4000 draws of 0.3·N(1, 0.2²) + 0.7·N(4, 0.5²): weights, means and variances within a few standard
     errors of the truth, the posterior of the low component falls with the loss, and the state round-trips."""
-    from harmony.curriculum import LossMixture
+    from harmony.method.curriculum import LossMixture
 
     g = torch.Generator().manual_seed(0)
     n = 4000
@@ -406,8 +406,8 @@ def test_loss_mixture_recovers_two_components_and_orders_the_posterior():
 def test_loss_mixture_revives_a_collapsed_warm_start_and_drops_the_planted_noise():
     """A warm start that has collapsed (one component with ~0 weight on a spike of losses that left the window, as a
     run seen in training did) is refitted cold, and the refit's clean posterior drops the planted noisy losses."""
-    from harmony.curriculum import LossMixture
-    from harmony.evaluate import roc_auc
+    from harmony.method.curriculum import LossMixture
+    from harmony.trainer.evaluate import roc_auc
     g = torch.Generator().manual_seed(0)
     noisy = torch.rand(4096, generator=g) < 0.4
     x = torch.where(noisy, 4.5 + 0.8 * torch.randn(4096, generator=g), 3.2 + 0.4 * torch.randn(4096, generator=g))

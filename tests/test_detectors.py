@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from harmony.agreement import AgreementBank, neighbour_agreement
-from harmony.detectors import detector_report, pair_detectors, split_aucs
+from harmony.method.agreement import AgreementBank, neighbour_agreement
+from harmony.method.detectors import detector_report, pair_detectors, split_aucs
 
 
 def brute_agreement(qk, qv, bk, bv, allowed, k, kernel=0.0):
@@ -76,7 +76,7 @@ def test_agreement_sees_a_systematic_minority_caption():
     40% (a narrator's bias). Neighbours by video are the concept's clips, so the biased captions agree less; the
     margin is the bias's (0.6 against 0.4 of the neighbours), so the AUC stays well below 1 (0.83 with the plain
     mean cosine, 0.72 with the kernel τ = 0.1 here)."""
-    from harmony.evaluate import roc_auc
+    from harmony.trainer.evaluate import roc_auc
     g = torch.Generator().manual_seed(0)
     n, d = 2048, 16
     concept = torch.arange(n) % 16

@@ -20,7 +20,7 @@ from brute_force import ToyVATT, toy_batch
 from harmony import GradientHarmonizer
 from helpers import method_cfg
 from harmony.distributed import unwrap
-from harmony.losses import mil_nce, nce
+from harmony.model.losses import mil_nce, nce
 
 WORLD, B_LOCAL = 2, 4
 MASK_VA = torch.tensor([1, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)      # 3 + 2 valid

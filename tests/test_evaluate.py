@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harmony.evaluate import (average_ranks, evaluate, linear_probe, noise_detection_auc, probe_split,
+from harmony.trainer.evaluate import (average_ranks, evaluate, linear_probe, noise_detection_auc, probe_split,
                               retrieval_metrics, retrieval_ranks, roc_auc, video_text_similarity)
 
 
@@ -222,7 +222,7 @@ def test_evaluate_end_to_end_perfect_model():
 
 def test_unlabelled_items_get_no_concept_accuracy():
     """Real clips without labels carry concept -1: every top hit 'shares' it, so concept_acc would read 1.0."""
-    from harmony.evaluate import retrieval_report
+    from harmony.trainer.evaluate import retrieval_report
 
     g = torch.Generator().manual_seed(3)
     n, d = 9, 4

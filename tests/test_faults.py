@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harmony import checkpoint as ckpt
+from harmony.trainer import checkpoint as ckpt
 from harmony import distributed as hd
 from harmony.cli import parse_args
-from harmony.metrics import read_jsonl
-from harmony.trainer import main
+from harmony.trainer.metrics import read_jsonl
+from harmony.trainer.loop import main
 from helpers import REPO, grid_dir
 
 FAST = ["--train.batch_size=8", "--train.warmup_steps=1", "--train.device=cpu", "--data.size=64",
@@ -99,7 +99,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, torchrun):
 
 
 _AFTER_MAIN = """import os, sys
-from harmony.trainer import main
+from harmony.trainer.loop import main
 try:
     main(sys.argv[1:])
     code = 0

@@ -16,9 +16,9 @@ from torch import nn
 from brute_force import ToyVATT, cmaloss, dots_of, flat, toy_batch
 from harmony import HarmonyConfig
 from harmony.config import ConfigError
-from harmony.grad_sample import PerSampleError
-from harmony.harmonizer import GradientHarmonizer
-from harmony.losses import mil_nce, nce
+from harmony.method.grad_sample import PerSampleError
+from harmony.method.harmonizer import GradientHarmonizer
+from harmony.model.losses import mil_nce, nce
 from helpers import (MASKS, SEED, TOL, check, check_dots, check_grads, expected_update, fresh_model, method_cfg,
                      reference)
 
@@ -571,7 +571,7 @@ def test_agreement_scores_fit_their_mixtures_to_the_batch_neighbourhoods(score):
     """curriculum_score=agree / loss_agree: the mixtures are fitted to −agree^k computed (here, in float64 by brute
     force) from the batch's own embeddings, each sample's neighbours being the other samples; loss_agree's caption
     score is the mean of the loss mixture's and the agreement mixture's clean posteriors; measure=false works."""
-    from harmony.agreement import AgreementBank
+    from harmony.method.agreement import AgreementBank
     B = 9
     cfg = method_cfg(realign="none", curriculum="threshold", kappa0=0.5, kappa1=0.5, curriculum_score=score,
                         curriculum_target="pair", measure=False, curriculum_start=0.0, min_keep=0.0, agree_k=3,

@@ -12,8 +12,8 @@ from torch import nn
 from torch.func import functional_call
 
 from brute_force import Gate
-from harmony.grad_sample import Call, GradSampler, PerSampleError, find_sampler, register_grad_sampler
-from harmony.layers import AddEmbedding, PrependToken
+from harmony.method.grad_sample import Call, GradSampler, PerSampleError, find_sampler, register_grad_sampler
+from harmony.model.layers import AddEmbedding, PrependToken
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -182,7 +182,7 @@ class ScaleShift(nn.Module):
 
 
 def test_documented_sampler_example():
-    from harmony.grad_sample.base import fold_rows, live
+    from harmony.method.grad_sample.base import fold_rows, live
 
     @register_grad_sampler(ScaleShift)
     class ScaleShiftSampler(GradSampler):

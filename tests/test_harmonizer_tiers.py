@@ -16,8 +16,8 @@ import torch
 from brute_force import cmaloss, dots_of, feature_path_grads, toy_batch
 from harmony import HarmonyConfig
 from harmony.config import ConfigError
-from harmony.harmonizer import GradientHarmonizer
-from harmony.losses import mil_nce, nce
+from harmony.method.harmonizer import GradientHarmonizer
+from harmony.model.losses import mil_nce, nce
 from helpers import MASKS, SEED, TOL, check_dots, check_grads, expected_update, fresh_model, reference, method_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,7 +80,7 @@ def test_feature_mode_needs_the_feature_and_refuses_apply_to_scope():
 # ------------------------------------------------------------------------------------------------ sketch
 def _sketches(X, Ga, Gb, k, seeds, kind="gaussian"):
     """[len(seeds), B, 3] float64 sketched dots of one layer, one draw of (R, S) per seed."""
-    from harmony.sketch import projections, sketch_dots_ref
+    from harmony.method.sketch import projections, sketch_dots_ref
     out = []
     for s in seeds:
         R, S = projections(X.shape[2], Ga.shape[2], k, s, kind, dtype=torch.float64)

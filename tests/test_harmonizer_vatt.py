@@ -10,7 +10,7 @@ from brute_force import cmaloss, dots_of, flat, path_grads
 from harmony import GradientHarmonizer
 from helpers import method_cfg
 from harmony.config import DataConfig, ModelConfig
-from harmony.losses import mil_nce, nce
+from harmony.model.losses import mil_nce, nce
 
 VATT = pytest.importorskip("harmony.model").VATT
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harmony.losses import asymmetric_nce, masked_mean, mil_nce, nce
+from harmony.model.losses import asymmetric_nce, masked_mean, mil_nce, nce
 
 # Tolerances by dtype (max abs error after scaling by max(1, |reference|)).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -18,7 +18,7 @@ def _lse(values):
 
 
 def reference_nce(anchor, cands, mask=None, cand_mask=None, temperature=0.07):
-    """ℓ [B] of the harmony.losses formula by loops in float64, differentiable by autograd."""
+    """ℓ [B] of the harmony.model.losses formula by loops in float64, differentiable by autograd."""
     e = anchor.double()
     c = cands.double()
     b, n_cand, _ = c.shape

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harmony.losses import asymmetric_nce
+from harmony.model.losses import asymmetric_nce
 
 pytestmark = pytest.mark.distributed
 

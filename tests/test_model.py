@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harmony.config import ConfigError, DataConfig, ModelConfig
-from harmony.losses import masked_mean, mil_nce, nce
+from harmony.model.losses import masked_mean, mil_nce, nce
 from harmony.model import VATT, droptoken_keep
 
 FIELDS = ("z_va_v", "z_va_a", "z_vt_v", "z_vt_t", "feat_v", "feat_a", "feat_t")

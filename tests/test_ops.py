@@ -17,7 +17,9 @@ import os
 import pytest
 import torch
 
-from harmony import backends, ops
+from harmony import ops
+
+from harmony.ops import backends
 from op_reference import (DTYPES, buckets, check_close, combine_expect, ghost_expect, gram_expect, rand,
                           seeded)
 
@@ -318,8 +320,8 @@ def test_dispatch_picks_and_explains(monkeypatch):
 
 
 def test_info_report():
-    """python -m harmony.info: what was built, where the Triton kernels' package is, which backends are usable."""
-    from harmony import info
+    """python -m harmony.ops.info: what was built, where the Triton kernels' package is, which backends are usable."""
+    from harmony.ops import info
     text = info.report()
     print(text)
     assert "kernels    harmony.kernels at " in text and "backend  usable" in text and "automatic choice" in text

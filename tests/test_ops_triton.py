@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmony import backends, ops
+from harmony import ops
+
+from harmony.ops import backends
 from op_reference import DTYPES, buckets, check_close, combine_expect, ghost_expect, gram_expect, rand, seeded
 
 TRITON = "triton"
@@ -154,7 +156,8 @@ _AOT_TRACE = textwrap.dedent("""
     import torch
     from torch._dynamo.backends.common import aot_autograd
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from harmony import backends, ops
+    from harmony import ops
+    from harmony.ops import backends
     ok, why, interpreting = backends._triton_status()
     assert ok and not interpreting, why
     graphs = []

@@ -9,7 +9,7 @@ import torch
 
 from helpers import method_cfg
 from harmony.config import ConfigError
-from harmony.realign import Realignment, RealignState, cosines, realign
+from harmony.method.realign import Realignment, RealignState, cosines, realign
 
 U32 = 2.0 ** -24  # unit round-off of fp32: α, β are returned in fp32
 RULES = ["none", "pcgrad", "project_va", "project_vt", "gradvac"]

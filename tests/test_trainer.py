@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from harmony import checkpoint as ckpt
-from harmony.metrics import Progress, read_jsonl
-from harmony.trainer import Trainer, main, resolve_run_dir
+from harmony.trainer import checkpoint as ckpt
+from harmony.trainer.metrics import Progress, read_jsonl
+from harmony.trainer.loop import Trainer, main, resolve_run_dir
 from harmony.cli import parse_args
 from standins import standin_loader, standin_parts, tiny_args
 
@@ -69,7 +69,7 @@ def test_run_writes_every_output(tmp_path):
 _KILLED_RUN = """
 import os, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from harmony.trainer import main
+from harmony.trainer.loop import main
 from standins import standin_loader, standin_parts, tiny_args
 
 def loader(data_cfg, split, batch_size, rank, world_size, seed, start_step, drop_last=True, sampler=None):
@@ -176,7 +176,7 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, harmonized):
     trainer.fit()
     trainer.close()
 
-    from harmony.losses import masked_mean, mil_nce, nce
+    from harmony.model.losses import masked_mean, mil_nce, nce
 
     micro = standin_loader(cfg.data, "train", 4, 0, 1, cfg.train.seed, 0)
     for _ in range(2):

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from harmony import checkpoint as ckpt
+from harmony.trainer import checkpoint as ckpt
 from harmony import distributed as hd
-from harmony.trainer import main
+from harmony.trainer.loop import main
 from helpers import (COMMON, FEATURE_KEEP, WORLD, compare_resumed, compare_runs, free_ports, max_weight_diff, spawn,
                      train_worker)
 from standins import standin_parts, tiny_args

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from harmony.metrics import read_jsonl
-from harmony.trainer import main
+from harmony.trainer.metrics import read_jsonl
+from harmony.trainer.loop import main
 from helpers import REPO, SMALL, grid_dir
 
 # the real model for a few steps each: seconds per test
@@ -78,7 +78,7 @@ def test_memory_sampler_follows_the_training_step(tmp_path):
     """harmony.memory_use=sampler: the prioritized sampler starts each epoch at the trainer's current step
     (its priorities follow the curriculum's progress); 64 items in batches of 8 start epoch 1 at step 8."""
     from harmony.cli import parse_args
-    from harmony.trainer import Trainer
+    from harmony.trainer.loop import Trainer
 
     cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'mem'}", "--train.steps=10", "--harmony.curriculum=memory",
                          "--harmony.memory_use=sampler", "--harmony.curriculum_start=0", "--eval.final=false",
@@ -149,7 +149,7 @@ def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
     on a loss written out from the logit matrix (brute_force.logits_loss). The magnitude-aware scores follow."""
     from brute_force import logits_loss
     from harmony.cli import parse_args
-    from harmony.trainer import Trainer
+    from harmony.trainer.loop import Trainer
 
     cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'fc'}", "--train.steps=1", "--train.batch_size=7",
                          "--harmony.enabled=false", "--data.noise=0.5", *SMALL[1:]])
@@ -221,7 +221,7 @@ def test_feature_cosine_matches_private_feature_copies_in_float64(tmp_path):
 def test_oracle_drop_masks_exactly_the_flagged_losses(tmp_path):
     from harmony.cli import parse_args
     from harmony.config import ConfigError
-    from harmony.trainer import Trainer
+    from harmony.trainer.loop import Trainer
 
     cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'o'}", "--train.steps=1", "--data.oracle_drop=true", *SMALL])
     trainer = Trainer(cfg)
@@ -276,7 +276,7 @@ def test_noise_auc_follows_the_runs_detector_score(tmp_path, score):
     cosine; with gvt it equals the magnitude-aware score's AUC (computed by the monitor from the same dots); with a
     measure-free loss ranking no cosine is measured."""
     from harmony.cli import parse_args
-    from harmony.trainer import Trainer
+    from harmony.trainer.loop import Trainer
 
     extra = {"cos": ["--harmony.mode=feature", "--harmony.curriculum_score=cos"],
              "gvt": ["--harmony.mode=feature", "--harmony.curriculum=ratio", "--harmony.curriculum_score=gvt"],

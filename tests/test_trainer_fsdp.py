@@ -3,8 +3,8 @@ same global batch, and an exact resume from its sharded (torch.distributed.check
 import pytest
 import torch
 
-from harmony import checkpoint as ckpt
-from harmony.trainer import main
+from harmony.trainer import checkpoint as ckpt
+from harmony.trainer.loop import main
 from helpers import (COMMON, FEATURE_KEEP, compare_resumed, compare_runs, free_ports, max_weight_diff, spawn,
                      train_worker)
 from standins import standin_parts, tiny_args

@@ -4,8 +4,8 @@ real VATT + GradientHarmonizer (ghost, materialize, FSDP2+ghost in bf16) on rand
 import pytest
 import torch
 
-from harmony.metrics import read_jsonl
-from harmony.trainer import Parts, main
+from harmony.trainer.metrics import read_jsonl
+from harmony.trainer.loop import Parts, main
 from standins import standin_parts, tiny_args
 
 pytestmark = pytest.mark.gpu
@@ -63,7 +63,7 @@ def test_bf16_with_profilers(tmp_path):
 def _vatt_parts() -> Parts:
     """The project's model, losses and harmonizer; random batches of the configured shapes (no decoding)."""
     from harmony import GradientHarmonizer
-    from harmony.losses import mil_nce, nce
+    from harmony.model.losses import mil_nce, nce
     from harmony.model import VATT
 
     def loader(dc, split, b, rank, world, seed, start, drop_last=True, sampler=None):

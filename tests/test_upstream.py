@@ -15,9 +15,9 @@ from brute_force import ToyVATT, cmaloss, dots_of, flat, own_grads, path_grads, 
 from harmony import HarmonyConfig
 from helpers import method_cfg
 from harmony.config import ConfigError
-from harmony.grad_sample import PerSampleError
-from harmony.harmonizer import GradientHarmonizer
-from harmony.losses import mil_nce, nce
+from harmony.method.grad_sample import PerSampleError
+from harmony.method.harmonizer import GradientHarmonizer
+from harmony.model.losses import mil_nce, nce
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

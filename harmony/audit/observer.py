@@ -1,5 +1,5 @@
 """From training: RUN_DIR/suspects.jsonl at the end of a run that keeps a per-item score memory
-(harmony.curriculum.ScoreMemory), so the cheapest audit is the training run itself (docs/AUDIT.md "From
+(harmony.method.curriculum.ScoreMemory), so the cheapest audit is the training run itself (docs/AUDIT.md "From
 training").
 
 The memory holds ONE number per item: an EMA, over the epochs, of the score the curriculum ranks by

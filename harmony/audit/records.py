@@ -13,8 +13,8 @@ import torch
 
 from harmony import distributed as hd
 from harmony.audit.scoring import PAIRS, Split, fit_split, misaligned_posterior, suspect_pair, suspicion
-from harmony.evaluate import roc_auc
-from harmony.metrics import dumps
+from harmony.trainer.evaluate import roc_auc
+from harmony.trainer.metrics import dumps
 
 PRECISION_AT = (10, 50, 100)
 

@@ -21,7 +21,7 @@ from harmony.audit.scoring import PAIRS, chance_loss, pair_scores, select_refere
 from harmony.audit.source import (AuditError, load_config, load_model, open_dataset, rank_batches,
                                   verified_checkpoint)
 from harmony.data.batch import add_counts, zero_counts
-from harmony.metrics import Progress, write_json
+from harmony.trainer.metrics import Progress, write_json
 
 USAGE = ("usage: python -m harmony.audit --run RUN_DIR --out OUT_DIR [--top N] [--reference N] [--batch-size N] "
          "[--section.key=value ...] (under torchrun write --run-dir: torchrun's own parser claims --run)")

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmony.curriculum import LossMixture
+from harmony.method.curriculum import LossMixture
 
-TEMPERATURE = 0.07      # harmony.losses' default: the temperature the model was trained with
+TEMPERATURE = 0.07      # harmony.model.losses' default: the temperature the model was trained with
 PAIRS = ("text", "audio")
 SPLIT_ITERS = 200       # EM iterations of the split (the mixture converges in tens on a few thousand losses)
 
@@ -144,7 +144,7 @@ def chance_loss(reference_items: int, candidates: int = 1) -> float:
 
 
 def fit_split(losses: Tensor, chance: float = math.inf) -> Optional[Split]:
-    """Fit the split to the finite losses [N] (harmony.curriculum.LossMixture run to convergence on all of
+    """Fit the split to the finite losses [N] (harmony.method.curriculum.LossMixture run to convergence on all of
     them); None when there are fewer than 4 distinct-enough values. ``chance``: see Split.informative."""
     x = losses.double().reshape(-1)
     x = x[torch.isfinite(x)]

@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from harmony import checkpoint as ckpt
+from harmony.trainer import checkpoint as ckpt
 from harmony.cli import REAL_DATA_VALUES, apply_mapping, set_value
 from harmony.config import Config, ConfigError
 from harmony.data.align import AlignError, read_grid_align
@@ -60,7 +60,7 @@ def _source(cfg: Config) -> tuple:
 
 
 def verified_checkpoint(run_dir: Path) -> Path:
-    """The newest checkpoint of the run that verifies (harmony.checkpoint.find_readable); newer unreadable
+    """The newest checkpoint of the run that verifies (harmony.trainer.checkpoint.find_readable); newer unreadable
     ones are named on stderr. AuditError when there is none, or none readable."""
     found, bad = ckpt.find_readable(Path(run_dir))
     if found is None:

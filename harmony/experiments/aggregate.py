@@ -21,7 +21,7 @@ import yaml
 from harmony.config import config_to_dict
 from harmony.config import Config
 from harmony.experiments.grid import short_name
-from harmony.metrics import read_jsonl
+from harmony.trainer.metrics import read_jsonl
 
 # column -> path into summary.json
 METRICS: Dict[str, Tuple[str, ...]] = {

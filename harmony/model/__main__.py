@@ -11,7 +11,7 @@ import time
 import torch
 
 from harmony.config import DataConfig, ModelConfig
-from harmony.losses import masked_mean, mil_nce, nce
+from harmony.model.losses import masked_mean, mil_nce, nce
 from harmony.model.vatt import VATT
 
 

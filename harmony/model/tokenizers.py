@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from harmony.layers import AddEmbedding, PrependToken
+from harmony.model.layers import AddEmbedding, PrependToken
 
 # Per-channel RGB statistics used to normalise [0, 1] frames (the usual ImageNet values).
 _RGB_MEAN = (0.485, 0.456, 0.406)

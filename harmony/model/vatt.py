@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from harmony.config import ConfigError, DataConfig, ModelConfig
-from harmony.layers import AddEmbedding, PrependToken
+from harmony.model.layers import AddEmbedding, PrependToken
 from harmony.model.heads import FACHead
 from harmony.model.tokenizers import AudioEmbed, TextEmbed, VideoEmbed
 from harmony.model.transformer import Transformer

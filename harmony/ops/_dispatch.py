@@ -11,7 +11,7 @@ Every entry has the op's one out= signature, the schemas of csrc/register.cpp:
   triton       torch.ops.harmony.<op>_triton   harmony.kernels, registered with triton_op on first use
   ref          <op>_ref                        plain PyTorch, taking the same arguments
 
-harmony.backends.backend_for picks the backend; harmony/ops/_checks.py has validated the arguments before.
+harmony.ops.backends.backend_for picks the backend; harmony/ops/_checks.py has validated the arguments before.
 Each op module (gram.py, combine.py, ghost_dots.py) adds its row with ``register``.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def register(op: str, ref: Callable, register_triton: Callable[[], None]) -> Non
 
 def register_triton_ops() -> None:
     """Registers every harmony::<op>_triton not registered yet. Raises what importing triton or the kernels
-    raises (harmony.backends turns that into the reason the triton backend is unusable)."""
+    raises (harmony.ops.backends turns that into the reason the triton backend is unusable)."""
     for op, registrar in _TRITON_REGISTRARS.items():
         if op not in _TRITON_REGISTERED:
             registrar()

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from harmony import _ext
-from harmony.backends import backend_for
+from harmony.ops import _ext
+from harmony.ops.backends import backend_for
 from harmony.ops import _dispatch
 from harmony.ops._checks import as_list, check_buckets, check_coeffs, check_combine_out, op_range
 

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from harmony import _ext
-from harmony.backends import backend_for
+from harmony.ops import _ext
+from harmony.ops.backends import backend_for
 from harmony.ops import _dispatch
 from harmony.ops._checks import check_dots_out, check_ghost, op_range
 
