@@ -643,6 +643,7 @@ def test_real_data_gets_no_injected_noise_unless_asked(tmp_path):
     cfg, _ = parse_args(["--data.kind=manifest", "--data.manifest=m.jsonl", "--data.noise=0.2"])
     assert (cfg.data.noise, cfg.data.noise_audio) == (0.2, 0.0)
     own = tmp_path / "own.yaml"
+    (tmp_path / "m.jsonl").write_text("")  # found beside the config (a missing one is an error when it is read)
     own.write_text("data:\n  kind: manifest\n  manifest: m.jsonl\n  noise_audio: 0.05\n")
     cfg, _ = parse_args(["--config", str(own)])
     assert (cfg.data.noise, cfg.data.noise_audio) == (0.0, 0.05)
