@@ -115,12 +115,32 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     setattr(obj, key, convert(value, types[key], dotted))
 
 
+def _legacy(cfg: Config, pairs: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+    """The score memory's former spelling, read as the composed form: ``harmony.curriculum=memory`` with
+    ``harmony.memory_schedule=RULE`` (default ratio) is ``harmony.score_memory=true`` with
+    ``harmony.curriculum=RULE``; a memory_schedule without the memory had no effect and is dropped. Saved
+    configs (run folders, checkpoints) and older command lines keep working; this is the one place it is read."""
+    schedules = [str(v) for k, v in pairs if k == "harmony.memory_schedule"]
+    memory_here = any(k == "harmony.curriculum" and str(v) == "memory" for k, v in pairs)
+    out: List[Tuple[str, Any]] = []
+    for k, v in pairs:
+        if k == "harmony.curriculum" and str(v) == "memory":
+            out += [("harmony.score_memory", True), ("harmony.curriculum", schedules[-1] if schedules else "ratio")]
+        elif k == "harmony.memory_schedule":
+            if not memory_here and cfg.harmony.score_memory:
+                out.append(("harmony.curriculum", v))
+        else:
+            out.append((k, v))
+    return out
+
+
 def apply_mapping(cfg: Config, mapping: Dict[str, Any], origin: str = "config") -> None:
     """Apply a {section: {key: value}} mapping (a parsed YAML file) to ``cfg``."""
     if mapping is None:
         return
     if not isinstance(mapping, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
+    pairs = []
     for section, values in mapping.items():
         if section not in sections(cfg):
             raise ConfigError(f"{origin}: unknown config section {section!r}; valid sections: {sorted(sections(cfg))}")
@@ -128,8 +148,9 @@ def apply_mapping(cfg: Config, mapping: Dict[str, Any], origin: str = "config") 
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: section {section!r} must be a mapping of key: value")
-        for key, value in values.items():
-            set_value(cfg, f"{section}.{key}", value)
+        pairs += [(f"{section}.{key}", value) for key, value in values.items()]
+    for dotted, value in _legacy(cfg, pairs):
+        set_value(cfg, dotted, value)
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
@@ -192,7 +213,7 @@ def parse_args(argv: Optional[Sequence[str]] = None,
         apply_mapping(cfg, mapping, origin=path)
         if not _is_benchmark_config(path):
             user_set.update({k: path for k in _mapping_keys(mapping)})
-    for dotted, value in overrides:
+    for dotted, value in _legacy(cfg, overrides):
         set_value(cfg, dotted, value)
         user_set[dotted] = ""
     _real_data_defaults(cfg, user_set)

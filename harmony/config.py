@@ -60,7 +60,7 @@ class HarmonyConfig:
     realign: str = _f("none", "realignment rule on conflicting samples (docs/METHOD.md: Realignment rules)",
                       choices=("none", "pcgrad", "project_va", "project_vt", "gradvac"))
     curriculum: str = _f("threshold", "per-sample weighting schedule (docs/METHOD.md: Curriculum)",
-                         choices=("none", "threshold", "ratio", "soft", "memory"))
+                         choices=("none", "threshold", "ratio", "soft"))
     mode: str = _f("feature", "how per-sample dots are computed: exact over the scope's parameters (ghost, "
                    "materialize; auto picks between them by memory_budget_mb) or the cheaper tiers: sketch (unbiased "
                    "estimates from sketch_dim x sketch_dim projections of each Linear's per-sample gradient), "
@@ -119,9 +119,13 @@ class HarmonyConfig:
     memory_decay: float = _f(0.9, "score memory: EMA decay of each item's cosine across epochs", lo=0.0, hi=1.0)
     memory_until: float = _f(1.0, "score memory: fraction of training after which it stops updating (its scores "
                              "are frozen from then on, e.g. before the noisy items are memorized)", lo=0.0, hi=1.0)
-    memory_schedule: str = _f("ratio", "memory curriculum: which schedule is applied to the items' memory scores",
-                              choices=("threshold", "ratio", "soft"))
-    memory_use: str = _f("weights", "memory curriculum: item weights or a prioritized sampler",
+    score_memory: bool = _f(False, "a score source over epochs: fold each item's curriculum score into an EMA across "
+                            "its visits (memory_decay, memory_until) and let the rule compare the items' remembered "
+                            "scores (an item not yet remembered uses its current one); with memory_use=sampler they "
+                            "drive a prioritized sampler instead of weights. (Written curriculum=memory with "
+                            "memory_schedule=RULE before; configs in that form are read as score_memory=true and "
+                            "curriculum=RULE.)")
+    memory_use: str = _f("weights", "score_memory: item weights or a prioritized sampler",
                          choices=("weights", "sampler"))
     buffer_dtype: str = _f("float32", "materialize mode: dtype of the per-sample gradient buffers",
                            choices=("float32", "bfloat16"))
@@ -153,9 +157,9 @@ class HarmonyConfig:
                               "harmony.apply_to=scope has no scope to restrict to; use apply_to=all")
         return self
 
-    # The curriculum is composed of parts: a score source (curriculum_score; curriculum=memory folds it into a
-    # per-item memory across epochs), a rule (threshold, ratio, soft; under memory: memory_schedule) and a target
-    # (triplet, vt, pair). The combinations that mean nothing are refused here, and only here:
+    # The curriculum is composed of parts: a score source (curriculum_score; score_memory folds it into a per-item
+    # memory across epochs), a rule (curriculum: threshold, ratio, soft) and a target (curriculum_target: triplet,
+    # vt, pair). The combinations that mean nothing are refused here, and only here:
     #: rules that can act on each source's scores (a threshold needs a fixed scale)
     SOURCE_RULES = {"cos": ("threshold", "ratio", "soft"), "gmm": ("threshold", "ratio", "soft"),
                     "agree": ("threshold", "ratio", "soft"), "loss_agree": ("threshold", "ratio", "soft"),
@@ -165,15 +169,16 @@ class HarmonyConfig:
 
     def _check_curriculum(self) -> None:
         if self.curriculum == "none":
+            if self.score_memory:
+                raise ConfigError("harmony.score_memory=true is a score source; it needs a rule to act by: "
+                                  "harmony.curriculum=threshold, ratio or soft")
             return
-        memory = self.curriculum == "memory"
-        rule = self.memory_schedule if memory else self.curriculum
-        if rule not in self.SOURCE_RULES[self.curriculum_score]:
+        memory = self.score_memory
+        if self.curriculum not in self.SOURCE_RULES[self.curriculum_score]:
             allowed = " or ".join(self.SOURCE_RULES[self.curriculum_score])
             raise ConfigError(f"harmony.curriculum_score={self.curriculum_score} ranks samples by a score with no "
-                              f"fixed scale for a threshold: use harmony.curriculum={allowed} (or memory with "
-                              f"harmony.memory_schedule={allowed}), not {self.curriculum!r}"
-                              + (f" with memory_schedule={self.memory_schedule!r}" if memory else ""))
+                              f"fixed scale for a threshold: use harmony.curriculum={allowed}, not "
+                              f"{self.curriculum!r}")
         if memory and self.curriculum_target not in self.MEMORY_TARGETS:
             raise ConfigError(f"harmony.curriculum_target={self.curriculum_target} needs a score per pair; the "
                               "score memory keeps one per item: use curriculum=threshold, ratio or soft")

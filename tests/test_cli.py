@@ -166,8 +166,7 @@ def test_curriculum_parts_one_check_over_every_combination():
             ["cos", "gvt", "loss", "gmm", "combo", "agree", "loss_agree"], ["threshold", "ratio", "soft"],
             ["triplet", "vt", "pair"], [False, True]):
         args = [f"--harmony.curriculum_score={score}", f"--harmony.curriculum_target={target}"]
-        args += ["--harmony.curriculum=memory", f"--harmony.memory_schedule={rule}"] if memory else \
-            [f"--harmony.curriculum={rule}"]
+        args += [f"--harmony.curriculum={rule}"] + (["--harmony.score_memory=true"] if memory else [])
         bad_scale = score in unscaled and rule != "ratio"
         bad_target = memory and target == "pair"
         if bad_scale or bad_target:
@@ -178,3 +177,23 @@ def test_curriculum_parts_one_check_over_every_combination():
             parse_args(args, default_config=None)
             accepted += 1
     assert (accepted, refused) == (126 - 51, 36 + 21 - 6)  # unscaled × 2 rules × 3 × 2, memory × pair, both
+
+
+def test_score_memory_is_a_source_and_the_former_spelling_still_reads(tmp_path):
+    """score_memory is a source: it needs a rule; configs written as curriculum=memory (+ memory_schedule) read as
+    the composed form, on the command line and in YAML (saved run folders and checkpoints)."""
+    with pytest.raises(ConfigError, match="needs a rule"):
+        parse_args(["--harmony.curriculum=none", "--harmony.score_memory=true"], default_config=None)
+    new, _ = parse_args(["--harmony.score_memory=true", "--harmony.curriculum=soft",
+                         "--harmony.curriculum_target=vt"], default_config=None)
+    old, _ = parse_args(["--harmony.curriculum=memory", "--harmony.memory_schedule=soft",
+                         "--harmony.curriculum_target=vt"], default_config=None)
+    assert old == new and new.harmony.score_memory and new.harmony.curriculum == "soft"
+    plain_old, _ = parse_args(["--harmony.curriculum=memory", "--harmony.curriculum_target=vt"], default_config=None)
+    assert plain_old.harmony.curriculum == "ratio" and plain_old.harmony.score_memory  # the former default rule
+    saved = tmp_path / "saved.yaml"
+    saved.write_text("harmony:\n  memory_schedule: threshold\n  curriculum: memory\n  curriculum_target: vt\n")
+    cfg, _ = parse_args(["--config", str(saved)], default_config=None)
+    assert cfg.harmony.score_memory and cfg.harmony.curriculum == "threshold"
+    ignored, _ = parse_args(["--harmony.memory_schedule=soft"], default_config=None)  # it had no effect
+    assert ignored == Config()

@@ -17,9 +17,14 @@ ALL = torch.ones(8, dtype=torch.bool)
 T = 100
 
 
+def rule_kw(rule):
+    """A rule, or "memory": the ratio rule on the per-item score memory (score_memory)."""
+    return dict(curriculum="ratio", score_memory=True) if rule == "memory" else dict(curriculum=rule)
+
+
 def cfg_for(rule, **kw):
     """start 0 and ramp 1: step s of T = 100 is progress s/100."""
-    base = dict(curriculum=rule, curriculum_start=0.0, ramp=1.0, min_keep=0.0)
+    base = dict(**rule_kw(rule), curriculum_start=0.0, ramp=1.0, min_keep=0.0)
     base.update(kw)
     return method_cfg(**base)
 
@@ -74,7 +79,7 @@ def test_progress_and_start():
 
 @pytest.mark.parametrize("rule", ["threshold", "ratio", "soft", "memory"])
 def test_no_curriculum_before_start(rule):
-    cfg = method_cfg(curriculum=rule, curriculum_start=0.3, ramp=0.5, memory_use="weights")
+    cfg = method_cfg(**rule_kw(rule), curriculum_start=0.3, ramp=0.5, memory_use="weights")
     mem = ScoreMemory(0.9)
     ids = torch.arange(8)
     for step in (0, 29):
@@ -259,7 +264,7 @@ def test_memory_round_trip():
 @pytest.mark.parametrize("schedule", ["threshold", "ratio", "soft"])
 def test_memory_curriculum_weights(schedule):
     """Seen items are weighted by their memory score, unseen ones by their current cosine."""
-    cfg = cfg_for("memory", memory_schedule=schedule, memory_use="weights", min_keep=0.25, temperature=0.2)
+    cfg = cfg_for(schedule, score_memory=True, memory_use="weights", min_keep=0.25, temperature=0.2)
     mem = ScoreMemory(0.5)
     mem.update(torch.tensor([10, 11, 12]), torch.tensor([-0.5, 0.5, 0.25]), torch.ones(3, dtype=torch.bool))
     ids = torch.tensor([10, 11, 12, 13, 14, 15])
@@ -271,7 +276,7 @@ def test_memory_curriculum_weights(schedule):
         ref = ref_weights(scores, valid.tolist(), step / T, schedule, cfg)
         assert max(abs(a - b) for a, b in zip(w.tolist(), ref)) <= 1e-6, (step, w, ref)
     assert curriculum_weights(cos, valid, 0, T, cfg, ids=ids, memory=mem)[0] < 0.5  # its memory, not its cos
-    sampler_cfg = cfg_for("memory", memory_use="sampler")
+    sampler_cfg = cfg_for("ratio", score_memory=True, memory_use="sampler")
     assert torch.equal(curriculum_weights(cos, valid, 0, T, sampler_cfg, ids=ids, memory=mem), torch.ones(6))
     with pytest.raises(ValueError, match="ScoreMemory"):
         curriculum_weights(cos, valid, 0, T, cfg)
@@ -285,12 +290,12 @@ def seeded_memory(n=40, seed=0):
     return mem
 
 
-SAMPLER_CFG = dict(curriculum="memory", memory_use="sampler", curriculum_start=0.0, ramp=1.0, min_keep=0.25)
+SAMPLER_CFG = dict(score_memory=True, memory_use="sampler", curriculum_start=0.0, ramp=1.0, min_keep=0.25)
 
 
 @pytest.mark.parametrize("replacement", [True, False])
 def test_sampler_deterministic_and_rank_disjoint(replacement):
-    mem, cfg = seeded_memory(), method_cfg(memory_schedule="soft", **SAMPLER_CFG)
+    mem, cfg = seeded_memory(), method_cfg(curriculum="soft", **SAMPLER_CFG)
 
     def draw(rank, world, epoch, seed=7):
         s = PrioritizedSampler(mem, 40, cfg, T, num_samples=36, replacement=replacement, seed=seed,
@@ -314,7 +319,7 @@ def test_sampler_probabilities():
     """With replacement the frequencies follow the priorities: zero-priority items never, unseen at the mean."""
     mem = ScoreMemory(0.9)
     mem.update(torch.tensor([0, 1, 2, 3]), torch.tensor([0.9, 0.5, -0.2, -0.8]), torch.ones(4, dtype=torch.bool))
-    cfg = method_cfg(memory_schedule="ratio", **SAMPLER_CFG)  # p = 0: ρ = 0.5 keeps items 0 and 1
+    cfg = method_cfg(curriculum="ratio", **SAMPLER_CFG)  # p = 0: ρ = 0.5 keeps items 0 and 1
     s = PrioritizedSampler(mem, 6, cfg, T, num_samples=60000, seed=1)
     s.set_epoch(0, 0)
     prio = s.priorities()
@@ -324,7 +329,7 @@ def test_sampler_probabilities():
     z = ((counts - expect).abs() / expect.clamp(min=1).sqrt()).max().item()
     print(f"sampler counts {counts.tolist()}, expected {expect.tolist()}, max z {z:.2f}")
     assert counts[2] == 0 and counts[3] == 0 and z < 5
-    late_cfg = method_cfg(memory_schedule="ratio", **{**SAMPLER_CFG, "curriculum_start": 0.5})
+    late_cfg = method_cfg(curriculum="ratio", **{**SAMPLER_CFG, "curriculum_start": 0.5})
     late = PrioritizedSampler(mem, 6, late_cfg, T, seed=1)
     late.set_epoch(0, step=10)  # before curriculum_start: uniform
     assert late.priorities().tolist() == [1] * 6
@@ -334,7 +339,7 @@ def test_sampler_probabilities():
 
 @pytest.mark.parametrize("replacement", [True, False])
 def test_sampler_resume(replacement):
-    cfg = method_cfg(memory_schedule="threshold", **SAMPLER_CFG)
+    cfg = method_cfg(curriculum="threshold", **SAMPLER_CFG)
     mem = seeded_memory(seed=4)
     s = PrioritizedSampler(mem, 40, cfg, T, replacement=replacement, seed=3, rank=1, world_size=2)
     s.set_epoch(2, step=30)

@@ -244,7 +244,7 @@ def test_disabled_is_plain_training():
 
 
 def test_state_dict_round_trip_and_memory():
-    cfg = method_cfg(realign="gradvac", gradvac_ema=0.5, curriculum="memory", curriculum_start=0.0)
+    cfg = method_cfg(realign="gradvac", gradvac_ema=0.5, curriculum="ratio", score_memory=True, curriculum_start=0.0)
     model = fresh_model()
     h = GradientHarmonizer(model, cfg)
     ids = torch.tensor([3, 9, 4, 0, 12, 7, 5])
@@ -395,7 +395,7 @@ def test_loss_ranked_curriculum_keeps_the_lowest_losses():
     assert torch.equal(st.weights.cpu(), want.float()) and (want == 0).any()
     scores, seen = h.memory.scores(torch.arange(B))
     torch.testing.assert_close(scores[valid].double(), -total[valid], rtol=1e-6, atol=1e-6)
-    for bad in (dict(curriculum="threshold"), dict(curriculum="memory", memory_schedule="soft")):
+    for bad in (dict(curriculum="threshold"), dict(curriculum="soft", score_memory=True)):
         with pytest.raises(ConfigError, match="curriculum_score=loss"):
             method_cfg(curriculum_score="loss", **bad).validate()
 
@@ -563,7 +563,7 @@ def test_pair_target_filters_each_pair_by_its_own_score_on_brute_force_gradients
     torch.testing.assert_close(st.score_audio.double()[valid], -l_va.detach().double()[valid], rtol=1e-6, atol=1e-6)
     check_grads(model, expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt), TOL["grad_fp32_coef"])
     with pytest.raises(ConfigError, match="curriculum_target=pair"):
-        method_cfg(curriculum="memory", curriculum_target="pair").validate()
+        method_cfg(curriculum="ratio", score_memory=True, curriculum_target="pair").validate()
 
 
 @pytest.mark.parametrize("score", ["agree", "loss_agree"])

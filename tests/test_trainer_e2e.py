@@ -80,7 +80,8 @@ def test_memory_sampler_follows_the_training_step(tmp_path):
     from harmony.cli import parse_args
     from harmony.trainer.loop import Trainer
 
-    cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'mem'}", "--train.steps=10", "--harmony.curriculum=memory",
+    cfg, _ = parse_args([f"--log.run_dir={tmp_path / 'mem'}", "--train.steps=10", "--harmony.score_memory=true",
+                         "--harmony.curriculum=ratio",
                          "--harmony.memory_use=sampler", "--harmony.curriculum_start=0", "--eval.final=false",
                          "--log.plots=false", *SMALL])
     trainer = Trainer(cfg)
@@ -100,7 +101,8 @@ def test_window_noise_statistics_are_logged(tmp_path, method):
     """Premise-(a) statistics per log window: the harmonizer's cosine (noise_auc*, frac_conflict_*), the
     pooled-feature cosine (noise_auc_feat*, also without a harmonizer) and the score memory's AUC."""
     run = tmp_path / method
-    arm = ["--harmony.realign=none", "--harmony.curriculum=memory", "--harmony.curriculum_start=0"] \
+    arm = ["--harmony.realign=none", "--harmony.score_memory=true", "--harmony.curriculum=ratio",
+           "--harmony.curriculum_start=0"] \
         if method == "measure" else ["--harmony.enabled=false"]
     main([f"--log.run_dir={run}", "--train.steps=3", "--log.plots=false", "--data.noise=0.5", *arm, *SMALL])
     rows = read_jsonl(run / "metrics.jsonl")
@@ -130,7 +132,8 @@ def test_measure_arm_finds_planted_noise(tmp_path):
     main([*SMALL, f"--log.run_dir={run}", "--train.steps=200", "--train.batch_size=32", "--data.size=4096",
           "--train.lr=0.001", "--train.warmup_steps=10", "--train.weight_decay=0.01", "--train.clip_norm=1.0",
           "--model.droptoken=0.5", "--data.noise=0.3", "--data.noise_audio=0.2", "--data.noise_kind=swap",
-          "--harmony.realign=none", "--harmony.curriculum=memory", "--harmony.curriculum_start=0",
+          "--harmony.realign=none", "--harmony.score_memory=true", "--harmony.curriculum=ratio",
+          "--harmony.curriculum_start=0",
           "--harmony.upstream=path", "--harmony.curriculum_score=cos",
           "--harmony.mode=auto", "--harmony.scope=shared", "--log.every=50", "--log.plots=false",
           "--eval.final=false", "--train.ckpt_every=0", "--train.seed=0", "--data.seed=0"])

@@ -56,8 +56,8 @@ def memory_rows(memory, score_kind: str, dataset=None, num_items: Optional[int] 
 def write_suspects(run_dir: Path, cfg, harmonizer) -> Optional[Path]:
     """Write RUN_DIR/suspects.jsonl from the harmonizer's score memory (rank 0 only; the memory is the same on
     every rank); None when there is no memory or it saw no item."""
-    memory = getattr(harmonizer, "memory", None)
-    if memory is None or not hasattr(memory, "scores"):
+    memory = harmonizer.memory if harmonizer is not None else None  # the trainer's contract: a harmonizer keeps one
+    if memory is None:
         return None
     try:
         dataset = build_dataset(cfg.data, "train")

@@ -122,7 +122,16 @@ _method = Axis("method", presets=METHODS)
 STUDY = {"data.noise_audio": 0.0, "data.noise": 0.4}
 BIAS40 = {**STUDY, "data.noise_kind": "bias"}
 _arms = Axis("method", presets={"measure": MEASURE, **{k: METHODS[k] for k in ("realign", "curriculum", "both")}})
-_memory = {"harmony.enabled": True, "harmony.realign": "none", "harmony.curriculum": "memory"}
+# the score memory (ratio rule on each item's remembered score); the studies call this schedule "memory"
+_memory = {"harmony.enabled": True, "harmony.realign": "none", "harmony.score_memory": True,
+           "harmony.curriculum": "ratio"}
+
+
+def _schedules(*names: str) -> Axis:
+    """The curriculum axis of the ablations: rules by name, and "memory" (the ratio rule on the score memory)."""
+    return Axis("harmony.curriculum", presets={
+        n: ({"harmony.score_memory": True, "harmony.curriculum": "ratio"} if n == "memory" else
+            {"harmony.curriculum": n}) for n in names})
 
 # 2000 steps of 64 (about 16 epochs of the default 8192 items), evaluated every 250 steps, 40% noise.
 LONG = {"train.steps": 2000, "train.batch_size": 64, "train.lr": 1e-3, "train.warmup_steps": 20,
@@ -201,7 +210,7 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
     _grid("ablate_curriculum", "curriculum schedules (no realignment) x ramp length at 40% swapped captions",
           {"data.noise": 0.4, "data.noise_audio": 0.0, "data.noise_kind": "swap", "harmony.enabled": True,
            "harmony.realign": "none"},
-          [Axis("harmony.curriculum", ["threshold", "ratio", "soft", "memory"]),
+          [_schedules("threshold", "ratio", "soft", "memory"),
            Axis("harmony.ramp", [0.25, 0.5, 0.75])]),
     _grid("ablate_scope", "parameters the cosine is measured on, PCGrad + threshold at 40% swapped captions",
           {"data.noise": 0.4, "data.noise_audio": 0.0, "data.noise_kind": "swap", **METHODS["both"]},
@@ -230,7 +239,7 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
                                  for r in ("project_va", "project_vt", "gradvac")})]),
     _grid("study_curriculum", "the other curriculum schedules, no realignment, 40% narrator-bias captions "
           "(threshold: study_text's curriculum arm)", {**BIAS40, "harmony.enabled": True, "harmony.realign": "none"},
-          [Axis("harmony.curriculum", ["ratio", "soft", "memory"])]),
+          [_schedules("ratio", "soft", "memory")]),
     _grid("study_scope", "PCGrad + threshold measured on other scopes, 40% narrator-bias captions (shared: "
           "study_text's both arm)", {**BIAS40, **METHODS["both"]},
           [Axis("harmony.scope", ["backbone", "last_block"])]),

@@ -1,5 +1,5 @@
 """``ScoreMemory``: a score source over epochs, each item's score folded into an EMA across its visits (what
-curriculum=memory ranks by, and what the prioritized sampler draws by)."""
+score_memory=true ranks by, and what the prioritized sampler draws by)."""
 from __future__ import annotations
 
 

@@ -1,4 +1,4 @@
-"""The prioritized sampler over the score memory (curriculum=memory with memory_use=sampler) and the step-aware wrapper
+"""The prioritized sampler over the score memory (score_memory with memory_use=sampler) and the step-aware wrapper
 the trainer's loader uses; the number of training items is passed in."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class PrioritizedSampler(torch.utils.data.Sampler):
     """Draws dataset indices with probability ∝ the memory curriculum's weight of each item.
 
     At each epoch the priorities are ``rule_weights`` of the items' memory scores under
-    ``cfg.memory_schedule`` at the progress of ``set_epoch``'s step (all ones before curriculum_start);
+    the rule ``cfg.curriculum`` at the progress of ``set_epoch``'s step (all ones before curriculum_start);
     items never seen get the mean priority of the seen ones (1 when none is seen: uniform).
     replacement=True: ``num_samples`` draws with replacement (items may repeat); False: a weighted
     random order without replacement (exponential race), zero-priority items last.
@@ -68,7 +68,7 @@ class PrioritizedSampler(torch.utils.data.Sampler):
         if not is_active(self.step, self.total_steps, self.cfg) or not bool(seen.any()):
             return torch.ones(self.num_items, dtype=torch.float64)
         p = progress(self.step, self.total_steps, self.cfg)
-        w = rule_weights(score, seen, p, self.cfg.memory_schedule, self.cfg).double()
+        w = rule_weights(score, seen, p, self.cfg.curriculum, self.cfg).double()
         return torch.where(seen, w, w[seen].mean())
 
     def _generator(self) -> torch.Generator:
@@ -138,12 +138,12 @@ class StepAwareSampler(torch.utils.data.Sampler):
 
 def memory_sampler(cfg, memory: ScoreMemory, num_items: Callable[[], int], rank: int, world_size: int,
                    step_of) -> Optional[StepAwareSampler]:
-    """The training loader's sampler under harmony.curriculum=memory with memory_use=sampler: a
+    """The training loader's sampler under harmony.score_memory with memory_use=sampler: a
     ``PrioritizedSampler`` over ``memory`` (the harmonizer's score memory) and ``num_items()`` training items (the
     data's count, passed in) that follows the trainer's step (``step_of()``); None for every other setting.
     ``cfg``: the whole run config."""
     h = cfg.harmony
-    if not (h.enabled and h.curriculum == "memory" and h.memory_use == "sampler"):
+    if not (h.enabled and h.score_memory and h.curriculum != "none" and h.memory_use == "sampler"):
         return None
     if cfg.data.kind == "shards":
         raise ConfigError("harmony.memory_use='sampler' needs indexable data; data.kind='shards' streams "
