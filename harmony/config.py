@@ -15,8 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what is allowed."""
@@ -427,4 +425,6 @@ def config_to_dict(cfg: Config) -> Dict[str, Dict[str, Any]]:
 
 def dump_yaml(cfg: Config) -> str:
     """The config as YAML, sections and keys in field order (a run folder's config.yaml)."""
+    import yaml  # here, not at the top: ``import harmony`` (e.g. the CUDA build check's load test) needs no YAML
+
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
