@@ -123,15 +123,14 @@ STUDY = {"data.noise_audio": 0.0, "data.noise": 0.4}
 BIAS40 = {**STUDY, "data.noise_kind": "bias"}
 _arms = Axis("method", presets={"measure": MEASURE, **{k: METHODS[k] for k in ("realign", "curriculum", "both")}})
 # the score memory (ratio rule on each item's remembered score); the studies call this schedule "memory"
-_memory = {"harmony.enabled": True, "harmony.realign": "none", "harmony.score_memory": True,
-           "harmony.curriculum": "ratio"}
+_MEMORY_RULE = {"harmony.score_memory": True, "harmony.curriculum": "ratio"}
+_memory = {"harmony.enabled": True, "harmony.realign": "none", **_MEMORY_RULE}
 
 
 def _schedules(*names: str) -> Axis:
     """The curriculum axis of the ablations: rules by name, and "memory" (the ratio rule on the score memory)."""
-    return Axis("harmony.curriculum", presets={
-        n: ({"harmony.score_memory": True, "harmony.curriculum": "ratio"} if n == "memory" else
-            {"harmony.curriculum": n}) for n in names})
+    return Axis("harmony.curriculum",
+                presets={n: _MEMORY_RULE if n == "memory" else {"harmony.curriculum": n} for n in names})
 
 # 2000 steps of 64 (about 16 epochs of the default 8192 items), evaluated every 250 steps, 40% noise.
 LONG = {"train.steps": 2000, "train.batch_size": 64, "train.lr": 1e-3, "train.warmup_steps": 20,

@@ -134,7 +134,7 @@ class Trainer:
             return
         meta = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
                                     self.harmonizer, self.env.device)
-        said = follow_new_total(self.scheduler, self.optimizer, self.cfg.train.steps, int(meta["step"]))
+        said = follow_new_total(self.scheduler, self.cfg.train.steps, int(meta["step"]))
         if said and self.env.is_main:
             print(said, flush=True)
         saved = meta.get("config", {}).get("train", {})

@@ -71,9 +71,10 @@ class NoiseMonitor:
 
         For definition d, g^k_i = ∂L̃_k/∂f_i (the batch loss under d; by the path decomposition sample i's own
         gradient at its own pooled feature). Returns {"feat_cos[_d]": c_i, "feat_gvt[_d]": −‖g^vt_i‖·(1 − c_i),
-        "feat_gva[_d]": −‖g^va_i‖·(1 − c_i)} [b] (higher = more trusted, like the cosine; NaN where a loss is masked
-        or a gradient is zero); the suffix is empty for path. Small backwards through the heads and the losses
-        only; the parameters' .grad is untouched. Not under FSDP2 (its backward hooks)."""
+        "feat_gva[_d]": −‖g^va_i‖·(1 − c_i)} [b] (higher = more trusted, like the cosine; NaN where a loss is masked;
+        a zero gradient has cosine 0, the harmonizer's convention); the suffix is empty for path. Measured on the
+        first call of each log window, NaN (no value) on the others. Small backwards through the heads and the
+        losses only; the parameters' .grad is untouched. Not under FSDP2 (its backward hooks)."""
         feat = fwd.feat_v
         if not (self.cfg.eval.feature_cos and self.cfg.train.parallel != "fsdp" and feat is not None
                 and feat.requires_grad and _has_flags(batch)):
@@ -96,7 +97,7 @@ class NoiseMonitor:
             cos = cosines(dots, self.cfg.harmony.eps).double()  # the harmonizer's cosine and zero convention
             ok = masks[0] & masks[1]
             nan = torch.full_like(cos, float("nan"))
-            sfx = "" if definition == "path" else f"_{definition}"
+            sfx = _suffix(definition)
             out[f"feat_cos{sfx}"] = torch.where(ok, cos, nan).float().cpu()
             out[f"feat_gvt{sfx}"] = torch.where(ok, magnitude_score(dots, cos, "vt"), nan).float().cpu()
             out[f"feat_gva{sfx}"] = torch.where(ok, magnitude_score(dots, cos, "va"), nan).float().cpu()
@@ -115,7 +116,7 @@ class NoiseMonitor:
         if feature is not None:
             entry.update(feature)
             if self.reused is not None and "cos" in entry:  # the harmonizer measured this definition: every step
-                sfx = "" if self.reused == "path" else f"_{self.reused}"
+                sfx = _suffix(self.reused)
                 entry.update({f"feat_cos{sfx}": entry["cos"], f"feat_gvt{sfx}": entry["gvt"],
                               f"feat_gva{sfx}": entry["gva"]})
         if self.bank is not None:
@@ -277,10 +278,15 @@ class NoiseMonitor:
         self.item_flags = d.get("item_flags", self.item_flags)
 
 
+def _suffix(definition: str) -> str:
+    """The key suffix of a per-sample definition's feature-level scores: none for path, else _<definition>."""
+    return "" if definition == "path" else f"_{definition}"
+
+
 def _feature_keys() -> List[str]:
     """The keys ``feature_scores`` fills: three scores per definition and the two reference cosines."""
-    return [f"feat_{s}{'' if d == 'path' else '_' + d}" for d in DEFINITIONS for s in ("cos", "gvt", "gva")] + \
-        ["feat_ref_vt", "feat_ref_va"]
+    return [f"feat_{s}{_suffix(d)}" for d in DEFINITIONS for s in ("cos", "gvt", "gva")] + ["feat_ref_vt",
+                                                                                          "feat_ref_va"]
 
 
 def _cat(entries: List[dict]) -> Dict[str, torch.Tensor]:

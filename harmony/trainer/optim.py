@@ -33,7 +33,7 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
                              foreach=None if fused else True)
 
 
-def follow_new_total(scheduler, optimizer: torch.optim.Optimizer, total_steps: int, step: int) -> Optional[str]:
+def follow_new_total(scheduler, total_steps: int, step: int) -> Optional[str]:
     """The schedule stores its total step count; resuming with another train.steps makes the cosine decay
     follow the new total (an extended run does not continue at the old schedule's final lr). -> a line saying
     so, or None when the total is unchanged."""
