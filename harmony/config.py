@@ -72,7 +72,7 @@ class HarmonyConfig:
     upstream: str = _f("own_pair", "which gradient is sample i's MEASURED gradient (cosine, norms, memory, curriculum "
                        "score): path (∂L_k/∂z_i, incl. i's role as a negative in other rows), own_row (i's own loss "
                        "row through its own embeddings) or own_pair (its positive-pair logits only); the update is "
-                       "always built from the path gradients (docs/METHOD.md)",
+                       "built from the path gradients as harmony.update says (docs/METHOD.md)",
                        choices=("path", "own_row", "own_pair"))
     scope: Any = _f("shared", "parameters the cosine is measured on: shared|backbone|last_block|all "
                     "or an explicit list of parameters (Python API only)")
@@ -83,6 +83,11 @@ class HarmonyConfig:
     renormalize: bool = _f(True, "divide the update by Σw_i/B so curriculum weights keep the step size")
     apply_to: str = _f("all", "parameters the realignment coefficients scale (docs/METHOD.md: Realignment rules)",
                        choices=("all", "scope"))
+    update: str = _f("rows", "how the per-sample coefficients (curriculum weight x realignment coefficient) enter the "
+                     "update: objective (one backward of the coefficient-weighted per-sample losses: a dropped pair's "
+                     "loss term is gone, its embeddings still serve as negatives of the kept ones) or rows (each "
+                     "sample's path gradient at its own loss inputs is scaled: the other rows' terms through it stay; "
+                     "docs/METHOD.md \"How the coefficients enter the update\")", choices=("objective", "rows"))
     eps: float = _f(1e-12, "ε in c_i = d_i / (sqrt(n^a n^t) + ε)", lo=0.0)
     curriculum_score: str = _f("gmm", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
                                "gradient cosine), gvt (−‖g^vt‖·(1 − cos), magnitude-aware), loss (−(ℓ^va + λ·ℓ^vt): "
@@ -150,6 +155,9 @@ class HarmonyConfig:
                               "harmony.curriculum_score=loss, gmm, agree or loss_agree, with apply_to=all (got "
                               f"realign={self.realign}, curriculum_score={self.curriculum_score}, "
                               f"apply_to={self.apply_to})")
+        if self.update == "objective" and self.apply_to != "all":
+            raise ConfigError("harmony.update=objective weights the per-sample losses of the whole objective: "
+                              "harmony.apply_to=scope (plain weights outside a parameter scope) needs update=rows")
         if self.mode == "feature" and self.apply_to != "all":
             raise ConfigError("harmony.mode=feature measures at a representation, not over a parameter scope: "
                               "harmony.apply_to=scope has no scope to restrict to; use apply_to=all")

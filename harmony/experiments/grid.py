@@ -100,11 +100,11 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-# What the grids measured before configs/default.yaml moved to web-like noise, the per-pair filter from step 100 and no
-# per-window detector report: every grid states these, so the new default's data, target, start and instrumentation do
-# not change a grid's runs.
+# What the grids measured before configs/default.yaml moved to web-like noise, the per-pair filter from step 100, no
+# per-window detector report and weights on the loss terms: every grid states these, so the new default's data, target,
+# start, instrumentation and update do not change a grid's runs.
 PINNED = {"data.noise_bias": 0.0, "data.hard": 0.0, "data.imbalance": 1.0, "eval.feature_cos": True,
-          "harmony.curriculum_target": "vt", "harmony.curriculum_start": 0.25}
+          "harmony.curriculum_target": "vt", "harmony.curriculum_start": 0.25, "harmony.update": "rows"}
 
 
 def _grid(name, description, base, axes, seeds=SEEDS3, config=None) -> Grid:
@@ -188,6 +188,12 @@ WEB_ARMS = {
     # the oracle is ahead of plain training from the first evaluation on in the mixed regime
     "gmm-pair-early": {**_PAIR, "harmony.curriculum_score": "gmm", "harmony.curriculum_start": 0.05},
     "comb-pair-early": {**_PAIR, "harmony.curriculum_score": "loss_agree", "harmony.curriculum_start": 0.05},
+    # the same two early filters with their weights on the per-sample loss terms (harmony.update=objective) instead
+    # of on each sample's gradient rows: the rows update collapsed under the long tail (docs/RESULTS.md)
+    "gmm-pair-early-obj": {**_PAIR, "harmony.curriculum_score": "gmm", "harmony.curriculum_start": 0.05,
+                           "harmony.update": "objective"},
+    "comb-pair-early-obj": {**_PAIR, "harmony.curriculum_score": "loss_agree", "harmony.curriculum_start": 0.05,
+                            "harmony.update": "objective"},
     # per-sample PCGrad at the pooled feature (the cheap tier), no filter
     "pcgrad": {**_FEATURE, "harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "none"},
 }

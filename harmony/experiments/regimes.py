@@ -32,7 +32,7 @@ SPLITS = [("swap", "_swap"), ("bias", "_bias"), ("vs hard clean", "_hard"), ("vs
           ("tail concepts", "_tail"), ("head concepts", "_head")]
 LATE = (500, 2000)
 ARM_ORDER = ["plain", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair", "gmm-pair-early", "comb-pair-early",
-             "pcgrad"]
+             "gmm-pair-early-obj", "comb-pair-early-obj", "pcgrad"]
 
 
 def _by_regime(exp_dir: Path) -> Dict[str, Dict[str, List[RunRecord]]]:

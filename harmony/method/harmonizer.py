@@ -65,6 +65,11 @@ class GradientHarmonizer:
         process, every layer has a sampler, and the scope holds at least half of the layers' work), True requires
         it, False never uses it."""
         self.cfg = (cfg if cfg is not None else HarmonyConfig()).validate()
+        if self.cfg.update == "objective":   # its update is a second (weighted) backward, never the bookkeeping
+            if bookkeeping:
+                raise ConfigError("bookkeeping=True forms the update from the measured per-sample gradients' rows: "
+                                  "it needs harmony.update=rows")
+            bookkeeping = False
         self.model = model
         self.inner = hd.unwrap(model)
         self.ddp, self.fsdp = hd.is_ddp(model), hd.is_fsdp(model)
@@ -199,7 +204,10 @@ class GradientHarmonizer:
                 if self.agreement is not None else None
             co = self._coefficients(dots, m_va & m_vt, step, total_steps, ids, losses, emb)
         with nvtx_range("harmonize/update"):
-            strategy.apply(s, co)
+            if cfg.update == "objective":
+                self._objective_backward(l_va, l_vt, m_va, m_vt, co)
+            else:
+                strategy.apply(s, co)
         return self._stats(dots, co, mean_va, mean_vt, strategy.name)
 
     def _strategy(self, B: int, va_inputs, vt_inputs) -> strategies.Strategy:
@@ -226,6 +234,14 @@ class GradientHarmonizer:
         mean), and the global masked means (detached) for the stats; ``hd.global_masked_means``."""
         (L_va, L_vt), (mean_va, mean_vt) = hd.global_masked_means((l_va, m_va), (l_vt, m_vt), world=self.world)
         return L_va, L_vt, mean_va, mean_vt
+
+    def _objective_backward(self, l_va, l_vt, m_va, m_vt, co: dict) -> None:
+        """harmony.update=objective: one backward of Σ_i ca_i·ℓ^va_i and Σ_i cv_i·ℓ^vt_i, each over the global
+        masked count as L_va and L_vt are. With every coefficient equal it is the rows update; otherwise a sample's
+        coefficient scales its own loss term only, while its embeddings stay negatives of the others' terms."""
+        L_va, L_vt, _, _ = self._losses(co["ca"].to(l_va.dtype) * l_va, co["cv"].to(l_vt.dtype) * l_vt, m_va, m_vt)
+        if L_va.requires_grad or L_vt.requires_grad:
+            (L_va + L_vt).backward()
 
     def _upstream(self, L: torch.Tensor, inputs) -> List[torch.Tensor]:
         """∂L/∂input for each input (zeros where L does not depend on it)."""
