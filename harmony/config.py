@@ -83,7 +83,7 @@ class HarmonyConfig:
     renormalize: bool = _f(True, "divide the update by Σw_i/B so curriculum weights keep the step size")
     apply_to: str = _f("all", "parameters the realignment coefficients scale (docs/METHOD.md: Realignment rules)",
                        choices=("all", "scope"))
-    update: str = _f("rows", "how the per-sample coefficients (curriculum weight x realignment coefficient) enter the "
+    update: str = _f("objective", "how the per-sample coefficients (curriculum weight x realignment coefficient) enter the "
                      "update: objective (one backward of the coefficient-weighted per-sample losses: a dropped pair's "
                      "loss term is gone, its embeddings still serve as negatives of the kept ones) or rows (each "
                      "sample's path gradient at its own loss inputs is scaled: the other rows' terms through it stay; "

@@ -35,7 +35,8 @@ SMALL = ["--train.batch_size=8", "--train.warmup_steps=1", "--train.device=cpu",
 # The method settings the harmonizer, curriculum and realignment tests were written for (the VATT paper's method:
 # PCGrad on the exact path gradients, no curriculum unless named); a test of another setting names it.
 PAPER_METHOD = dict(realign="pcgrad", curriculum="none", curriculum_score="cos", curriculum_target="triplet",
-                    curriculum_start=0.1, kappa0=0.0, kappa1=-1.0, min_keep=0.25, mode="auto", upstream="path")
+                    curriculum_start=0.1, kappa0=0.0, kappa1=-1.0, min_keep=0.25, mode="auto", upstream="path",
+                    update="rows")
 
 
 def method_cfg(**kw) -> HarmonyConfig:

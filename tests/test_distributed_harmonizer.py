@@ -42,6 +42,12 @@ CONFIGS = {
                                              mode="feature")),
     "fsdp2_feature_pcgrad": ("fsdp2", dict(realign="pcgrad", curriculum="threshold", curriculum_start=0.0,
                                            kappa0=0.2, mode="feature")),
+    # the coefficients on the per-sample loss terms (update=objective): each pair filtered by its own loss
+    "ddp_feature_objective_pair": ("ddp", dict(realign="pcgrad", curriculum="ratio", curriculum_score="loss",
+                                               curriculum_target="pair", curriculum_start=0.0, rho0=0.5,
+                                               mode="feature", update="objective")),
+    "fsdp2_ghost_objective": ("fsdp2", dict(realign="pcgrad", curriculum="threshold", curriculum_start=0.0,
+                                            kappa0=0.2, mode="ghost", scope="shared", update="objective")),
 }
 SEED = 1
 

@@ -41,6 +41,10 @@ def test_every_grid_expands_into_valid_distinct_runs():
             cfg = _config_of_command(r.command(f"runs/{name}/{r.name}"))  # validates every field
             assert cfg["train"]["seed"] == r.seed and cfg["data"]["seed"] == r.seed
             assert cfg["log"]["run_dir"] == f"runs/{name}/{r.name}"
+            # every grid states how the coefficients enter the update: the rows update it measured before the
+            # default moved to the objective one, unless an arm names the objective update
+            want = "objective" if r.labels.get("arm", "").endswith("-obj") else "rows"
+            assert cfg["harmony"]["update"] == want, (name, r.name)
     noise = expand(get_grid("noise_text"))
     assert {r.labels["method"] for r in noise} == {"baseline", "realign", "curriculum", "both"}
     assert {r.overrides["data.noise"] for r in noise} == {0.0, 0.2, 0.4, 0.6}

@@ -603,3 +603,68 @@ def test_agreement_scores_fit_their_mixtures_to_the_batch_neighbourhoods(score):
     h2.load_state_dict(state)
     assert torch.equal(h2.agreement.ids, h.agreement.ids)
     assert torch.equal(h2.mixtures["agree_va"].values, h.mixtures["agree_va"].values)
+
+
+def _objective_reference(model, ca, cv, temperature: float = 0.07):
+    """{name: ∇_θ [Σ_i ca_i ℓ^va_i / n_va + Σ_i cv_i ℓ^vt_i / n_vt]} on a copy of ``model``, the per-sample losses
+    written out from the logit matrices (brute_force.logits_loss), not the library's; n_k: the valid count."""
+    from brute_force import logits_loss
+    copy = fresh_model()
+    copy.load_state_dict(model.state_dict())
+    B = ca.shape[0]
+    m_va, m_vt = MASKS[B]
+    z_v, z_a, z_vt, z_t = copy(*toy_batch(B, seed=SEED + B))
+    total = 0.0
+    for anchor, cands, mask, coef in ((z_v, z_a[:, None], m_va, ca), (z_vt, z_t, m_vt, cv)):
+        e = torch.nn.functional.normalize(anchor, dim=-1)
+        c = torch.nn.functional.normalize(cands, dim=-1)
+        S = torch.einsum("jd,kld->jkl", e, c) / temperature
+        total = total + (coef.double() * logits_loss(S, mask)).sum() / mask.sum().clamp(min=1)
+    total.backward()
+    return {n: p.grad for n, p in copy.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize", "unmeasured"])
+def test_objective_update_is_the_gradient_of_the_coefficient_weighted_losses(mode):
+    """update=objective: .grad = ∇[Σ_i ca_i ℓ^va_i / n_va + Σ_i cv_i ℓ^vt_i / n_vt] with the step's own
+    coefficients (per-pair loss filter plus PCGrad where measured), on a brute force that writes the losses out
+    from the logits. The rows update of the same coefficients is Σ_i ca_i g^va_i + cv_i g^vt_i (path per-sample
+    gradients), a different vector once the coefficients differ: a dropped pair's term still acts through it.
+    B = 7 with masked pairs (a batch of 2 has one valid caption: nothing to drop)."""
+    B = 7
+    measured = mode != "unmeasured"
+    kw = dict(realign="pcgrad" if measured else "none", curriculum="ratio", curriculum_score="loss",
+              curriculum_target="pair", curriculum_start=0.0, ramp=1.0, rho0=0.5, min_keep=0.0, lam=0.5,
+              mode=mode if measured else "auto", measure=measured)
+    model, h, st, _, _ = step_with_losses(method_cfg(update="objective", **kw).validate(), B)
+    assert h.bookkeeping in (None, False)
+    assert not torch.all(st.coef_vt[MASKS[B][1]] == st.coef_vt[MASKS[B][1]][0])   # the filter dropped some captions
+    check_grads(model, _objective_reference(model, st.coef_va, st.coef_vt), TOL["grad_fp32_coef"])
+    g_va, g_vt = reference(B)
+    rows = expected_update(model, g_va, g_vt, st.coef_va, st.coef_vt)
+    got = torch.cat([p.grad.flatten() for _, p in model.named_parameters()])
+    ref_rows = torch.cat([rows[n].flatten() for n, _ in model.named_parameters()])
+    assert (got - ref_rows).norm() > 1e-3 * ref_rows.norm()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_objective_and_rows_updates_agree_when_every_coefficient_is_one(mode):
+    """curriculum=none, realign=none: every coefficient is 1 (λ on L_vt), so both updates are ∇(L_va + λ L_vt)."""
+    B = 7
+    grads = {}
+    for update in ("objective", "rows"):
+        model, _, st, _, _ = step_with_losses(method_cfg(update=update, realign="none", curriculum="none", lam=0.5,
+                                                         mode=mode).validate(), B)
+        grads[update] = torch.cat([p.grad.flatten() for _, p in model.named_parameters()])
+    check("objective vs rows", grads["objective"], grads["rows"], TOL["grad_fp32_coef"])
+    ones = torch.ones(B, dtype=torch.float64)
+    check_grads(model, _objective_reference(model, ones, 0.5 * ones), TOL["grad_fp32_coef"])
+
+
+def test_objective_update_refuses_what_only_the_rows_update_can_do():
+    """apply_to=scope (plain weights outside a parameter scope) and the bookkeeping update (parameter gradients
+    formed from the measured rows) are the rows update's; update=objective says so instead of ignoring them."""
+    with pytest.raises(ConfigError, match="update=rows"):
+        method_cfg(update="objective", apply_to="scope").validate()
+    with pytest.raises(ConfigError, match="update=rows"):
+        GradientHarmonizer(fresh_model(), method_cfg(update="objective", mode="ghost"), bookkeeping=True)
