@@ -331,6 +331,22 @@ def test_runs_saved_before_a_field_existed_group_with_newer_runs(tmp_path):
     assert res["fields"] == [] and len(res["groups"]) == 1 and len(res["groups"][0].runs) == 2
 
 
+def test_runs_saved_before_the_update_field_read_as_the_rows_update(tmp_path):
+    """harmony.update came with the objective update as the new default; a run saved without it ran the rows
+    update, so it groups with an explicit update=rows run and apart from an objective one."""
+    rng = np.random.default_rng(4)
+    for name, update in (("old", "rows"), ("rows", "rows"), ("objective", "objective")):
+        _write_run(tmp_path, name, [f"--harmony.update={update}", "--train.seed=0"], _random_summary(rng))
+    old = tmp_path / "old" / "config.yaml"
+    cfg = yaml.safe_load(old.read_text())
+    del cfg["harmony"]["update"]
+    old.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = aggregate(tmp_path, plots=False)
+    assert res["fields"] == ["harmony.update"]
+    by_update = {g.fields["harmony.update"]: sorted(r.name for r in g.runs) for g in res["groups"]}
+    assert by_update == {"rows": ["old", "rows"], "objective": ["objective"]}
+
+
 def test_only_selects_runs_by_name(capsys):
     from harmony.experiments.grid import select
 

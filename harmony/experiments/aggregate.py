@@ -101,7 +101,8 @@ def flatten_config(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # What a field meant in the runs saved before it existed (its value then), where today's default differs.
-ABSENT_MEANT = {"data.noise_bias": 0.0, "data.hard": 0.0, "data.imbalance": 1.0, "harmony.curriculum_target": "triplet"}
+ABSENT_MEANT = {"data.noise_bias": 0.0, "data.hard": 0.0, "data.imbalance": 1.0, "harmony.curriculum_target": "triplet",
+                "harmony.update": "rows"}
 
 
 def load_runs(exp_dir: Path) -> List[RunRecord]:
