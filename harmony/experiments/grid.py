@@ -298,6 +298,12 @@ GRIDS: Dict[str, Grid] = {g.name: g for g in [
           {**MEASURE, "train.steps": 300, "eval.every": 0},
           [Axis("noise", presets={"captions-0.3": {"data.noise": 0.3}, "audio-0.3": {"data.noise_audio": 0.3}})],
           config="configs/grid.yaml"),
+    _grid("grid_long", "premise on real clips, run longer: GRID (configs/grid.yaml, 450 training clips) with 30% of "
+          "the training captions and, independently, 30% of the audio tracks swapped between clips; plain training "
+          "measuring every detector per window (the web grid's plain arm), 2000 steps of 32 (about 140 epochs)",
+          {"train.steps": 2000, "eval.every": 500},
+          [Axis("regime", presets={"grid-mix": {"data.noise": 0.3, "data.noise_audio": 0.3}}),
+           Axis("arm", presets={"plain": WEB_ARMS["plain"]})], config="configs/grid.yaml"),
 ]}
 
 
