@@ -194,6 +194,9 @@ WEB_ARMS = {
                            "harmony.update": "objective"},
     "comb-pair-early-obj": {**_PAIR, "harmony.curriculum_score": "loss_agree", "harmony.curriculum_start": 0.05,
                             "harmony.update": "objective"},
+    # plain training measuring the cosine exactly over the shared parameters (the ghost tier, on the kernels) under
+    # own_pair, beside every feature-level detector: does parameter space carry more than the pooled feature
+    "plain-exact": {**MEASURE, "harmony.mode": "ghost", "harmony.upstream": "own_pair", "eval.feature_cos": True},
     # per-sample PCGrad at the pooled feature (the cheap tier), no filter
     "pcgrad": {**_FEATURE, "harmony.enabled": True, "harmony.realign": "pcgrad", "harmony.curriculum": "none"},
 }

@@ -31,7 +31,7 @@ DETECTORS = [("own loss", "loss"), ("loss mixture (NCR)", "lossgmm"), ("2-D loss
 SPLITS = [("swap", "_swap"), ("bias", "_bias"), ("vs hard clean", "_hard"), ("vs easy clean", "_easy"),
           ("tail concepts", "_tail"), ("head concepts", "_head")]
 LATE = (500, 2000)
-ARM_ORDER = ["plain", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair", "gmm-pair-early", "comb-pair-early",
+ARM_ORDER = ["plain", "plain-exact", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair", "gmm-pair-early", "comb-pair-early",
              "gmm-pair-early-obj", "comb-pair-early-obj", "pcgrad"]
 
 
