@@ -437,3 +437,23 @@ def test_regimes_tables_from_run_files(tmp_path):
     # the head / tail split: only the oracle's runs carry it (v2t), the other cells are empty
     assert "| oracle | 2 | 0.950 ± 0.000 | 0.810 ± 0.014 | – | – |" in text
     assert "| plain | 2 | – | – | – | – |" in text
+
+
+def test_regimes_without_a_split_writes_no_empty_table(tmp_path):
+    """Runs that record no noise kind, hardness or concept frequency (real clips) get their detector windows and a
+    line saying there is no split, not a split table without columns."""
+    from harmony.experiments.regimes import regimes
+
+    for seed in (0, 1):
+        d = tmp_path / "web" / f"regime-grid-mix_arm-plain_seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}, "data": {"seed": seed}}))
+        rows = [{"step": s, "noise_auc_loss_text": 0.5 + 0.01 * seed, "noise_auc_loss_audio": 0.55}
+                for s in range(10, 2001, 10)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (d / "summary.json").write_text(json.dumps({"retrieval": {"v2t": {"r1": 0.02}}, "samples_per_s": 10.0}))
+    text = regimes(tmp_path / "web", tmp_path / "out").read_text()
+    print(text)
+    assert "| own loss | text | 0.505 ± 0.007 |" in text and "| own loss | audio | 0.550 ± 0.000 |" in text
+    assert "No split: these runs record no noise kind" in text
+    assert "|  |" not in text and "Split, steps" not in text

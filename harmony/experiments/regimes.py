@@ -108,6 +108,8 @@ def detector_map(regime: str, runs: Sequence[RunRecord]) -> List[str]:
               "(posterior < ½).", ""]
     cols = [(f"{p} {name}", f"{p}{sfx}") for p in sorted(noisy) for name, sfx in SPLITS]
     cols = [(c, k) for c, k in cols if any(_late(runs, f"noise_auc_loss_{k}")[0] is not None for _ in (0,))]
+    if not cols:   # e.g. real clips: no recorded noise kind, hardness or concept frequency to split by
+        return lines[:-3] + ["", "No split: these runs record no noise kind, hardness or concept frequency.", ""]
     lines += ["| detector | " + " | ".join(c for c, _ in cols) + " | FPR hard / easy (text) |",
               "|---|" + "---|" * (len(cols) + 1)]
     for label, det in DETECTORS:
