@@ -83,11 +83,12 @@ class HarmonyConfig:
     renormalize: bool = _f(True, "divide the update by Σw_i/B so curriculum weights keep the step size")
     apply_to: str = _f("all", "parameters the realignment coefficients scale (docs/METHOD.md: Realignment rules)",
                        choices=("all", "scope"))
-    update: str = _f("objective", "how the per-sample coefficients (curriculum weight x realignment coefficient) enter the "
-                     "update: objective (one backward of the coefficient-weighted per-sample losses: a dropped pair's "
-                     "loss term is gone, its embeddings still serve as negatives of the kept ones) or rows (each "
-                     "sample's path gradient at its own loss inputs is scaled: the other rows' terms through it stay; "
-                     "docs/METHOD.md \"How the coefficients enter the update\")", choices=("objective", "rows"))
+    update: str = _f("objective", "how the per-sample coefficients (curriculum weight x realignment coefficient) "
+                     "enter the update: objective (one backward of the coefficient-weighted per-sample losses: a "
+                     "dropped pair's loss term is gone, its embeddings still serve as negatives of the kept ones) or "
+                     "rows (each sample's path gradient at its own loss inputs is scaled: the other rows' terms "
+                     "through it stay; docs/METHOD.md \"How the coefficients enter the update\")",
+                     choices=("objective", "rows"))
     eps: float = _f(1e-12, "ε in c_i = d_i / (sqrt(n^a n^t) + ε)", lo=0.0)
     curriculum_score: str = _f("gmm", "what the curriculum ranks samples by (higher = kept): cos (the per-sample "
                                "gradient cosine), gvt (−‖g^vt‖·(1 − cos), magnitude-aware), loss (−(ℓ^va + λ·ℓ^vt): "

@@ -31,8 +31,8 @@ DETECTORS = [("own loss", "loss"), ("loss mixture (NCR)", "lossgmm"), ("2-D loss
 SPLITS = [("swap", "_swap"), ("bias", "_bias"), ("vs hard clean", "_hard"), ("vs easy clean", "_easy"),
           ("tail concepts", "_tail"), ("head concepts", "_head")]
 LATE = (500, 2000)
-ARM_ORDER = ["plain", "plain-exact", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair", "gmm-pair-early", "comb-pair-early",
-             "gmm-pair-early-obj", "comb-pair-early-obj", "pcgrad"]
+ARM_ORDER = ["plain", "plain-exact", "oracle", "gmm-vt", "gmm-pair", "agree-pair", "comb-pair", "gmm-pair-early",
+             "comb-pair-early", "gmm-pair-early-obj", "comb-pair-early-obj", "pcgrad"]
 
 
 def _by_regime(exp_dir: Path) -> Dict[str, Dict[str, List[RunRecord]]]:
