@@ -102,14 +102,14 @@ def detector_map(regime: str, runs: Sequence[RunRecord]) -> List[str]:
                      for lo, hi in WINDOWS]
             if any(c != "–" for c in cells):
                 lines.append(f"| {label} | {p} | " + " | ".join(cells) + " |")
+    cols = [(f"{p} {name}", f"{p}{sfx}") for p in sorted(noisy) for name, sfx in SPLITS]
+    cols = [(c, k) for c, k in cols if _late(runs, f"noise_auc_loss_{k}")[0] is not None]
+    if not cols:   # e.g. real clips: no recorded noise kind, hardness or concept frequency to split by
+        return lines + ["", "No split: these runs record no noise kind, hardness or concept frequency.", ""]
     lines += ["", f"Split, steps {LATE[0] + 1}–{LATE[1]}: AUC for one kind of noise against all clean samples, and "
               "for all the pair's noisy samples against only the hard or only the easy clean ones, or within the "
               "tail / head concepts; `FPR hard / easy`: share of hard / easy clean samples a mixture calls noisy "
               "(posterior < ½).", ""]
-    cols = [(f"{p} {name}", f"{p}{sfx}") for p in sorted(noisy) for name, sfx in SPLITS]
-    cols = [(c, k) for c, k in cols if any(_late(runs, f"noise_auc_loss_{k}")[0] is not None for _ in (0,))]
-    if not cols:   # e.g. real clips: no recorded noise kind, hardness or concept frequency to split by
-        return lines[:-3] + ["", "No split: these runs record no noise kind, hardness or concept frequency.", ""]
     lines += ["| detector | " + " | ".join(c for c, _ in cols) + " | FPR hard / easy (text) |",
               "|---|" + "---|" * (len(cols) + 1)]
     for label, det in DETECTORS:

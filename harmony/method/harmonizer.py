@@ -182,8 +182,11 @@ class GradientHarmonizer:
             return self._plain_stats(B, dev, mean_va, mean_vt, m_va & m_vt)
         L_va, L_vt, mean_va, mean_vt = self._losses(l_va, l_vt, m_va, m_vt)
         with nvtx_range("harmonize/measure"):
-            u_va = self._upstream(L_va, va_inputs)
-            u_vt = self._upstream(L_vt, vt_inputs)
+            # the path upstream: what the rows update scales, and what is measured when no other definition is
+            # given; the objective update with another measured definition (the default) needs none
+            path_used = cfg.update == "rows" or (cfg.measure and measure_losses is None)
+            u_va = self._upstream(L_va, va_inputs) if path_used else None
+            u_vt = self._upstream(L_vt, vt_inputs) if path_used else None
             mu_va, mu_vt = u_va, u_vt                     # the measured upstream: the path one, or by definition
             if measure_losses is not None and cfg.measure:
                 Lm_va, Lm_vt, _, _ = self._losses(measure_losses[0], measure_losses[1], m_va, m_vt)

@@ -32,10 +32,10 @@ class Step:
 
     va_inputs: Tuple[torch.Tensor, ...]
     vt_inputs: Tuple[torch.Tensor, ...]
-    u_va: List[torch.Tensor]                 # path upstream gradients at the loss inputs (the update)
-    u_vt: List[torch.Tensor]
-    mu_va: List[torch.Tensor]                # measured upstream gradients (the dots)
-    mu_vt: List[torch.Tensor]
+    u_va: Optional[List[torch.Tensor]]       # path upstream gradients at the loss inputs (the rows update; None
+    u_vt: Optional[List[torch.Tensor]]       # when update=objective measures another definition or nothing)
+    mu_va: Optional[List[torch.Tensor]]      # measured upstream gradients (the dots; None when unmeasured)
+    mu_vt: Optional[List[torch.Tensor]]
     B: int
     step: int
     device: torch.device
